@@ -1,0 +1,5 @@
+"""``python -m proxy`` runs the command-line interface."""
+
+from proxy.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,131 @@
+"""The ``xoauth2-proxy`` command: run the daemon, authorise accounts, manage token files.
+
+Exit codes: 0 success, 1 the operation failed, 2 bad usage or configuration, 130 interrupted.
+Heavy imports (MSAL, asyncio servers) happen inside the subcommands, so ``--help`` and
+``check-config`` start fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from proxy import __version__
+from proxy.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load
+
+EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+
+
+class CommandError(Exception):
+    """A failure to report in one line and exit 1 (no traceback)."""
+
+
+def _config_path(args: argparse.Namespace) -> Path:
+    return Path(args.config or os.environ.get("XOAUTH2_PROXY_CONFIG") or DEFAULT_CONFIG_PATH)
+
+
+def _load(args: argparse.Namespace) -> Config:
+    return load(_config_path(args))
+
+
+def cmd_version(args: argparse.Namespace) -> int:
+    print(f"xoauth2-proxy {__version__}")
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    cfg = load(args.file) if args.file else _load(args)
+    print(f"{cfg.path}: OK")
+    print(f"  state directory: {cfg.state_dir}")
+    for li in cfg.listeners:
+        up = cfg.upstreams[li.upstream]
+        print(f"  listener {li.name}: {li.protocol} on {li.listen} (local TLS {li.tls}) -> "
+              f"{up.host}:{up.port} ({up.tls} TLS)")
+    for name, p in cfg.providers.items():
+        secret = ("file " + str(p.client_secret_file) if p.client_secret_file else
+                  "env " + p.client_secret_env if p.client_secret_env else "none (public client)")
+        print(f"  provider {name}: {p.authority_url} client {p.client_id}, secret: {secret}")
+    for a in cfg.accounts.values():
+        extra = f", mailbox {a.upstream_user}" if a.upstream_user else ""
+        print(f"  account {a.name}: {a.flow} via {a.provider}{extra}")
+    if cfg.metrics.listen:
+        print(f"  metrics: http://{cfg.metrics.listen}/metrics")
+    return 0
+
+
+def _not_yet(name: str) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        print(f"xoauth2-proxy {name}: not available in this version yet", file=sys.stderr)
+        return EXIT_FAILED
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="xoauth2-proxy",
+        description="Let mail clients that only know passwords use Microsoft 365: a local "
+                    "IMAP/POP3/SMTP proxy that accepts a local password and logs in upstream "
+                    "with OAuth 2.0 (XOAUTH2).",
+        epilog=f"The config file defaults to $XOAUTH2_PROXY_CONFIG, else {DEFAULT_CONFIG_PATH}.",
+    )
+    parser.add_argument("-c", "--config", metavar="FILE", help="configuration file (TOML)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def add(name: str, func: Callable[[argparse.Namespace], int], help_: str,
+            description: str | None = None) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=description or help_)
+        p.add_argument("-c", "--config", metavar="FILE", default=argparse.SUPPRESS,
+                       help="configuration file (TOML)")
+        p.set_defaults(func=func)
+        return p
+
+    add("run", _not_yet("run"), "serve the configured listeners until stopped",
+        "Serve the configured IMAP/POP3/SMTP listeners until SIGTERM or SIGINT. SIGHUP re-reads "
+        "the config and token files without dropping sessions.")
+    demo = add("demo", _not_yet("demo"), "try it: a fake Microsoft 365 and the proxy, on this machine",
+               "Start the embedded fake Microsoft 365 (identity platform, IMAP, POP3, SMTP), an "
+               "authorised demo account and the proxy in front of it, and print how to point a "
+               "mail client at it. Needs no internet access.")
+    demo.add_argument("--check", action="store_true",
+                      help="run a scripted round trip through the proxy, then exit 0 or 1")
+    login = add("login", _not_yet("login"), "authorise an account with Microsoft and set its local password",
+                "Run the account's OAuth flow (device code: prints a URL and a code to enter in any "
+                "browser), then ask for the local password clients will use and write the "
+                "encrypted token file.")
+    login.add_argument("account", help="account name as in the config, e.g. alice@contoso.com")
+    login.add_argument("--password-file", metavar="FILE",
+                       help="read the local password from FILE ('-' for standard input)")
+    logout = add("logout", _not_yet("logout"), "delete an account's token file")
+    logout.add_argument("account")
+    add("accounts", _not_yet("accounts"), "list accounts and the state of their tokens")
+    passwd = add("passwd", _not_yet("passwd"), "manage an account's local passwords (one per device)",
+                 "Add, remove or list local passwords (key slots) of an account without a new "
+                 "Microsoft login. --add prints a generated password once.")
+    passwd.add_argument("account")
+    group = passwd.add_mutually_exclusive_group(required=True)
+    group.add_argument("--add", metavar="LABEL", help="add a password labelled LABEL")
+    group.add_argument("--remove", metavar="LABEL", help="revoke the password labelled LABEL")
+    group.add_argument("--list", action="store_true", help="list labels and last use")
+    check = add("check-config", cmd_check_config, "validate a config file and summarise it")
+    check.add_argument("file", nargs="?", help="config file (default: --config)")
+    add("version", cmd_version, "print the version")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"xoauth2-proxy: config error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except CommandError as exc:
+        print(f"xoauth2-proxy: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("\nxoauth2-proxy: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED

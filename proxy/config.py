@@ -1,0 +1,459 @@
+"""Typed, validated configuration, loaded from TOML.
+
+``load(path)`` returns a frozen ``Config`` or raises ``ConfigError`` whose message is one line
+naming the file, the key and what is wrong (the CLI prints it and exits 2). The whole file is
+validated at once: cross references (a listener's upstream, an account's provider) are checked
+too, so a config that loads is a config that can run.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import os
+import tomllib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+Protocol = Literal["imap", "pop", "smtp"]
+PROTOCOLS: tuple[Protocol, ...] = ("imap", "pop", "smtp")
+LocalTLS = Literal["none", "starttls", "implicit"]
+UpstreamTLS = Literal["implicit", "starttls"]
+Flow = Literal["device_code", "auth_code", "client_credentials"]
+FLOWS: tuple[Flow, ...] = ("device_code", "auth_code", "client_credentials")
+
+# Microsoft's documented scopes for IMAP, POP and SMTP AUTH with delegated permissions, and the
+# resource's .default scope for app-only access (client credentials).
+DEFAULT_SCOPES: dict[Protocol, tuple[str, ...]] = {
+    "imap": ("https://outlook.office.com/IMAP.AccessAsUser.All",),
+    "pop": ("https://outlook.office.com/POP.AccessAsUser.All",),
+    "smtp": ("https://outlook.office.com/SMTP.Send",),
+}
+DEFAULT_APP_SCOPE = "https://outlook.office365.com/.default"
+DEFAULT_CONFIG_PATH = Path("/etc/xoauth2-proxy/config.toml")
+
+
+class ConfigError(Exception):
+    """A config problem, as one line: ``FILE: KEY: what is wrong``."""
+
+
+@dataclass(frozen=True)
+class Address:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @property
+    def is_loopback(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+
+@dataclass(frozen=True)
+class Upstream:
+    name: str
+    protocol: Protocol
+    host: str
+    port: int
+    tls: UpstreamTLS
+    ca_file: Path | None = None  # trust only this CA (tests, private servers); else system CAs
+    connect_timeout: float = 15.0
+
+
+@dataclass(frozen=True)
+class Listener:
+    name: str
+    protocol: Protocol
+    listen: Address
+    upstream: str
+    tls: LocalTLS = "none"
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    allow_insecure_non_loopback: bool = False
+
+
+@dataclass(frozen=True)
+class Provider:
+    name: str
+    authority: str  # e.g. https://login.microsoftonline.com
+    tenant: str  # tenant id or domain; "organizations" for multi-tenant delegated use
+    client_id: str
+    client_secret_file: Path | None = None
+    client_secret_env: str | None = None
+    ca_file: Path | None = None  # trust only this CA for the identity platform (tests)
+    timeout: float = 10.0
+    scopes: dict[Protocol, tuple[str, ...]] = field(default_factory=lambda: dict(DEFAULT_SCOPES))
+    app_scope: str = DEFAULT_APP_SCOPE
+
+    @property
+    def authority_url(self) -> str:
+        return f"{self.authority.rstrip('/')}/{self.tenant}"
+
+    def client_secret(self) -> str | None:
+        """Read the client secret from its file or environment variable (None if neither)."""
+        if self.client_secret_file is not None:
+            try:
+                return self.client_secret_file.read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise ConfigError(
+                    f"providers.{self.name}.client_secret_file: cannot read "
+                    f"{self.client_secret_file}: {exc.strerror}"
+                ) from None
+        if self.client_secret_env is not None:
+            value = os.environ.get(self.client_secret_env)
+            if not value:
+                raise ConfigError(
+                    f"providers.{self.name}.client_secret_env: environment variable "
+                    f"{self.client_secret_env} is not set"
+                )
+            return value
+        return None
+
+
+@dataclass(frozen=True)
+class Account:
+    name: str  # the user name clients log in with (lower case)
+    provider: str
+    flow: Flow = "device_code"
+    upstream_user: str | None = None  # mailbox name upstream, when it differs from `name`
+    service_key_file: Path | None = None  # unlocks the token file with no client present
+
+    @property
+    def mailbox(self) -> str:
+        return self.upstream_user or self.name
+
+
+@dataclass(frozen=True)
+class Metrics:
+    listen: Address | None = None
+    per_account_labels: bool = False
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    state_dir: Path
+    listeners: tuple[Listener, ...]
+    upstreams: dict[str, Upstream]
+    providers: dict[str, Provider]
+    accounts: dict[str, Account]
+    metrics: Metrics = Metrics()
+    log_level: str = "info"
+    shutdown_grace: float = 30.0
+
+    def account(self, name: str) -> Account | None:
+        return self.accounts.get(name.strip().lower())
+
+    def scopes(self, account: Account, protocol: Protocol) -> tuple[str, ...]:
+        provider = self.providers[account.provider]
+        if account.flow == "client_credentials":
+            return (provider.app_scope,)
+        return provider.scopes[protocol]
+
+    def login_scopes(self, account: Account) -> tuple[str, ...]:
+        """Every scope the account's first authorisation asks for (one consent for all)."""
+        provider = self.providers[account.provider]
+        if account.flow == "client_credentials":
+            return (provider.app_scope,)
+        seen: dict[str, None] = {}
+        for protocol in PROTOCOLS:
+            seen.update(dict.fromkeys(provider.scopes[protocol]))
+        return tuple(seen)
+
+
+# --- reading -------------------------------------------------------------------------------
+
+
+class _Table:
+    """A TOML table being read: remembers its key path and which keys were used."""
+
+    def __init__(self, data: dict[str, Any], path: str, file: Path) -> None:
+        self.data, self.path, self.file = data, path, file
+        self.used: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.path}.{name}" if self.path else name
+
+    def fail(self, name: str | None, message: str) -> ConfigError:
+        where = self.key(name) if name else (self.path or "(top level)")
+        return ConfigError(f"{self.file}: {where}: {message}")
+
+    def get(self, name: str, kind: type | tuple[type, ...], default: Any = ..., *,
+            required_hint: str = "") -> Any:
+        self.used.add(name)
+        if name not in self.data:
+            if default is ...:
+                typo = difflib.get_close_matches(name, [k for k in self.data if k not in self.used], 1)
+                hint = f" (found '{typo[0]}': a typo?)" if typo else (
+                    f" ({required_hint})" if required_hint else "")
+                raise self.fail(name, "is required" + hint)
+            return default
+        value = self.data[name]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if isinstance(value, bool) and bool not in kinds:
+            raise self.fail(name, f"must be {_kind_name(kinds)}, not a boolean")
+        if not isinstance(value, kinds):
+            raise self.fail(name, f"must be {_kind_name(kinds)} (got {value!r})")
+        return value
+
+    def text(self, name: str, default: Any = ..., **kw: Any) -> Any:
+        value = self.get(name, str, default, **kw)
+        if isinstance(value, str) and not value.strip():
+            raise self.fail(name, "must not be empty")
+        return value
+
+    def choice(self, name: str, choices: tuple[str, ...], default: Any = ...) -> Any:
+        value = self.get(name, str, default)
+        if value not in choices and value is not default:
+            raise self.fail(name, f"must be one of {', '.join(choices)} (got {value!r})")
+        return value
+
+    def number(self, name: str, default: float, low: float, high: float) -> float:
+        value = float(self.get(name, (int, float), default))
+        if not low <= value <= high:
+            raise self.fail(name, f"must be between {low:g} and {high:g} (got {value:g})")
+        return value
+
+    def port(self, name: str, default: Any = ...) -> int:
+        value = self.get(name, int, default)
+        if not 1 <= value <= 65535:
+            raise self.fail(name, f"must be a port number from 1 to 65535 (got {value})")
+        return int(value)
+
+    def path_(self, name: str, *, must_exist: bool = False) -> Path | None:
+        value = self.text(name, None)
+        if value is None:
+            return None
+        path = Path(value)
+        if not path.is_absolute():
+            path = (self.file.parent / path).resolve()
+        if must_exist and not path.exists():
+            raise self.fail(name, f"file {path} does not exist")
+        return path
+
+    def table(self, name: str, *, required: bool = False) -> _Table | None:
+        self.used.add(name)
+        if name not in self.data:
+            if required:
+                raise self.fail(name, "is required")
+            return None
+        value = self.data[name]
+        if not isinstance(value, dict):
+            raise self.fail(name, "must be a table")
+        return _Table(value, self.key(name), self.file)
+
+    def subtables(self, name: str) -> Iterator[tuple[str, _Table]]:
+        outer = self.table(name)
+        if outer is None:
+            return
+        for key, value in outer.data.items():
+            outer.used.add(key)
+            if not isinstance(value, dict):
+                raise outer.fail(key, "must be a table")
+            yield key, _Table(value, f"{outer.key(_quote(key))}", self.file)
+
+    def done(self) -> None:
+        """Reject keys that were never read: a typo must not be ignored silently."""
+        for name in self.data:
+            if name not in self.used:
+                close = difflib.get_close_matches(name, sorted(self.used), n=1)
+                hint = f"; did you mean '{close[0]}'?" if close else ""
+                raise self.fail(name, f"unknown key{hint}")
+
+
+def _quote(key: str) -> str:
+    return key if key.replace("-", "").replace("_", "").isalnum() else f'"{key}"'
+
+
+def _kind_name(kinds: tuple[type, ...]) -> str:
+    names = {str: "a string", int: "a whole number", float: "a number", bool: "true or false",
+             list: "a list", dict: "a table"}
+    return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+def parse_address(text: str, table: _Table, name: str) -> Address:
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host:
+        raise table.fail(name, f"must be HOST:PORT, e.g. 127.0.0.1:1143 (got {text!r})")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise table.fail(name, f"port must be 0 to 65535 (got {port_text!r})")
+    return Address(host, int(port_text))
+
+
+def _read_upstream(name: str, t: _Table) -> Upstream:
+    protocol = t.choice("protocol", PROTOCOLS)
+    up = Upstream(
+        name=name,
+        protocol=protocol,
+        host=t.text("host"),
+        port=t.port("port"),
+        tls=t.choice("tls", ("implicit", "starttls"), "starttls" if protocol == "smtp" else "implicit"),
+        ca_file=t.path_("ca_file", must_exist=True),
+        connect_timeout=t.number("connect_timeout", 15.0, 0.1, 300),
+    )
+    if "verify" in t.data:
+        raise t.fail("verify", "upstream TLS is always verified; to trust a private CA, set ca_file")
+    t.done()
+    return up
+
+
+def _read_listener(index: int, t: _Table, upstreams: dict[str, Upstream]) -> Listener:
+    protocol = t.choice("protocol", PROTOCOLS)
+    upstream = t.text("upstream")
+    if upstream not in upstreams:
+        raise t.fail("upstream", f"no [upstreams.{upstream}] is defined")
+    if upstreams[upstream].protocol != protocol:
+        raise t.fail("upstream", f"upstream {upstream!r} speaks {upstreams[upstream].protocol}, "
+                                 f"this listener {protocol}")
+    listener = Listener(
+        name=t.text("name", f"{protocol}{index}"),
+        protocol=protocol,
+        listen=parse_address(t.text("listen"), t, "listen"),
+        upstream=upstream,
+        tls=t.choice("tls", ("none", "starttls", "implicit"), "none"),
+        cert_file=t.path_("cert_file", must_exist=True),
+        key_file=t.path_("key_file", must_exist=True),
+        allow_insecure_non_loopback=t.get("allow_insecure_non_loopback", bool, False),
+    )
+    if listener.tls != "none" and (listener.cert_file is None or listener.key_file is None):
+        raise t.fail("cert_file", f"tls = {listener.tls!r} needs cert_file and key_file")
+    if (listener.tls == "none" and not listener.listen.is_loopback
+            and not listener.allow_insecure_non_loopback):
+        raise t.fail("listen", f"{listener.listen} is not a loopback address and tls = 'none' would "
+                               "send passwords in clear; configure tls, or set "
+                               "allow_insecure_non_loopback = true")
+    t.done()
+    return listener
+
+
+def _read_provider(name: str, t: _Table) -> Provider:
+    scopes = dict(DEFAULT_SCOPES)
+    scope_table = t.table("scopes")
+    if scope_table is not None:
+        for protocol in PROTOCOLS:
+            values = scope_table.get(protocol, list, None)
+            if values is not None:
+                if not values or not all(isinstance(v, str) and v for v in values):
+                    raise scope_table.fail(protocol, "must be a non-empty list of scope strings")
+                scopes[protocol] = tuple(values)
+        scope_table.done()
+    authority = t.text("authority", "https://login.microsoftonline.com")
+    if not authority.startswith("https://"):
+        raise t.fail("authority", "must be an https:// URL")
+    provider = Provider(
+        name=name,
+        authority=authority,
+        tenant=t.text("tenant", required_hint="your tenant id or domain, or 'organizations'"),
+        client_id=t.text("client_id", required_hint="the application (client) id of your app "
+                                                    "registration"),
+        client_secret_file=t.path_("client_secret_file"),
+        client_secret_env=t.text("client_secret_env", None),
+        ca_file=t.path_("ca_file", must_exist=True),
+        timeout=t.number("timeout", 10.0, 0.5, 120),
+        scopes=scopes,
+        app_scope=t.text("app_scope", DEFAULT_APP_SCOPE),
+    )
+    if "client_secret" in t.data:
+        raise t.fail("client_secret", "a secret must not be written in the config; use "
+                                      "client_secret_file or client_secret_env")
+    if provider.client_secret_file and provider.client_secret_env:
+        raise t.fail("client_secret_env", "set client_secret_file or client_secret_env, not both")
+    t.done()
+    return provider
+
+
+def _read_account(name: str, t: _Table, providers: dict[str, Provider]) -> Account:
+    if "@" not in name:
+        raise t.fail(None, "account names are the user names clients log in with, "
+                           "e.g. [accounts.\"alice@contoso.com\"]")
+    provider = t.text("provider", next(iter(providers)) if len(providers) == 1 else ...,
+                      required_hint="which [providers.NAME] issues its tokens")
+    if provider not in providers:
+        raise t.fail("provider", f"no [providers.{provider}] is defined")
+    account = Account(
+        name=name.lower(),
+        provider=provider,
+        flow=t.choice("flow", FLOWS, "device_code"),
+        upstream_user=t.text("upstream_user", None),
+        service_key_file=t.path_("service_key_file"),
+    )
+    p = providers[provider]
+    if account.flow == "client_credentials" and not (p.client_secret_file or p.client_secret_env):
+        raise t.fail("flow", f"client_credentials needs providers.{provider}.client_secret_file or "
+                             "client_secret_env")
+    t.done()
+    return account
+
+
+def parse(data: dict[str, Any], file: Path) -> Config:
+    """Validate a decoded TOML document (``file`` is used in messages and for relative paths)."""
+    top = _Table(data, "", file)
+    state_dir = top.path_("state_dir") or Path("/var/lib/xoauth2-proxy")
+    log_level = top.choice("log_level", ("debug", "info", "warning", "error"), "info")
+    shutdown_grace = top.number("shutdown_grace", 30.0, 0, 3600)
+
+    upstreams = {name: _read_upstream(name, t) for name, t in top.subtables("upstreams")}
+    providers = {name: _read_provider(name, t) for name, t in top.subtables("providers")}
+    if not providers:
+        raise top.fail("providers", "at least one [providers.NAME] table is required")
+    accounts: dict[str, Account] = {}
+    for name, t in top.subtables("accounts"):
+        account = _read_account(name, t, providers)
+        if account.name in accounts:
+            raise t.fail(None, "defined twice (account names are not case-sensitive)")
+        accounts[account.name] = account
+
+    top.used.add("listeners")
+    raw_listeners = data.get("listeners", [])
+    if not isinstance(raw_listeners, list):
+        raise top.fail("listeners", "must be an array of tables: [[listeners]]")
+    listeners = []
+    for i, item in enumerate(raw_listeners):
+        if not isinstance(item, dict):
+            raise top.fail("listeners", "must be an array of tables: [[listeners]]")
+        listeners.append(_read_listener(i, _Table(item, f"listeners[{i}]", file), upstreams))
+    names = [li.name for li in listeners]
+    for i, li in enumerate(listeners):
+        if names.index(li.name) != i:
+            raise top.fail(f"listeners[{i}].name", f"{li.name!r} is used by another listener")
+
+    metrics = Metrics()
+    mt = top.table("metrics")
+    if mt is not None:
+        listen = mt.text("listen", None)
+        metrics = Metrics(
+            listen=parse_address(listen, mt, "listen") if listen else None,
+            per_account_labels=mt.get("per_account_labels", bool, False),
+        )
+        mt.done()
+    top.done()
+    return Config(path=file, state_dir=state_dir, listeners=tuple(listeners), upstreams=upstreams,
+                  providers=providers, accounts=accounts, metrics=metrics, log_level=log_level,
+                  shutdown_grace=shutdown_grace)
+
+
+def load(path: Path | str) -> Config:
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: TOML syntax error: {exc}") from None
+    return parse(data, path.resolve())
