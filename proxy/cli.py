@@ -56,11 +56,31 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def _not_yet(name: str) -> Callable[[argparse.Namespace], int]:
+def _admin(name: str) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
-        print(f"xoauth2-proxy {name}: not available in this version yet", file=sys.stderr)
-        return EXIT_FAILED
+        from proxy import admin
+        return int(getattr(admin, f"cmd_{name}")(_load(args), args))
     return run
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from proxy import logs
+    from proxy.server import daemon
+
+    config = _load(args)
+    logs.setup(args.log_level or config.log_level)
+    try:
+        return asyncio.run(daemon.run(config))
+    except daemon.StartupError as exc:
+        raise CommandError(f"cannot start: {exc}") from None
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from proxy.demo import run as demo_run
+
+    return demo_run.main(Path(args.workdir) if args.workdir else None, check=args.check)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,26 +102,31 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    add("run", _not_yet("run"), "serve the configured listeners until stopped",
-        "Serve the configured IMAP/POP3/SMTP listeners until SIGTERM or SIGINT. SIGHUP re-reads "
-        "the config and token files without dropping sessions.")
-    demo = add("demo", _not_yet("demo"), "try it: a fake Microsoft 365 and the proxy, on this machine",
+    run = add("run", cmd_run, "serve the configured listeners until stopped",
+              "Serve the configured IMAP/POP3/SMTP listeners until SIGTERM or SIGINT (graceful: "
+              "stop accepting, let sessions finish for shutdown_grace seconds).")
+    run.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
+                     help="override log_level from the config")
+    demo = add("demo", cmd_demo, "try it: a fake Microsoft 365 and the proxy, on this machine",
                "Start the embedded fake Microsoft 365 (identity platform, IMAP, POP3, SMTP), an "
                "authorised demo account and the proxy in front of it, and print how to point a "
                "mail client at it. Needs no internet access.")
     demo.add_argument("--check", action="store_true",
                       help="run a scripted round trip through the proxy, then exit 0 or 1")
-    login = add("login", _not_yet("login"), "authorise an account with Microsoft and set its local password",
+    demo.add_argument("--workdir", metavar="DIR",
+                      help="keep the demo's config, certificates and token file in DIR "
+                           "(default: a temporary folder, removed at exit)")
+    login = add("login", _admin("login"), "authorise an account with Microsoft and set its local password",
                 "Run the account's OAuth flow (device code: prints a URL and a code to enter in any "
                 "browser), then ask for the local password clients will use and write the "
                 "encrypted token file.")
     login.add_argument("account", help="account name as in the config, e.g. alice@contoso.com")
     login.add_argument("--password-file", metavar="FILE",
                        help="read the local password from FILE ('-' for standard input)")
-    logout = add("logout", _not_yet("logout"), "delete an account's token file")
+    logout = add("logout", _admin("logout"), "delete an account's token file")
     logout.add_argument("account")
-    add("accounts", _not_yet("accounts"), "list accounts and the state of their tokens")
-    passwd = add("passwd", _not_yet("passwd"), "manage an account's local passwords (one per device)",
+    add("accounts", _admin("accounts"), "list accounts and the state of their tokens")
+    passwd = add("passwd", _admin("passwd"), "manage an account's local passwords (one per device)",
                  "Add, remove or list local passwords (key slots) of an account without a new "
                  "Microsoft login. --add prints a generated password once.")
     passwd.add_argument("account")
@@ -109,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--add", metavar="LABEL", help="add a password labelled LABEL")
     group.add_argument("--remove", metavar="LABEL", help="revoke the password labelled LABEL")
     group.add_argument("--list", action="store_true", help="list labels and last use")
+    passwd.add_argument("--password-file", metavar="FILE",
+                        help="with --add: read an existing password from FILE ('-': stdin)")
     check = add("check-config", cmd_check_config, "validate a config file and summarise it")
     check.add_argument("file", nargs="?", help="config file (default: --config)")
     add("version", cmd_version, "print the version")

@@ -1,0 +1,160 @@
+"""Account administration commands: login, logout, accounts, passwd.
+
+They print for a person (stdout for results, stderr for prompts and progress) and raise
+``CommandError`` with one line on failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import secrets
+import sys
+import time
+from pathlib import Path
+
+from proxy import store
+from proxy.auth import flows
+from proxy.auth.errors import TokenError
+from proxy.cli import CommandError
+from proxy.config import Account, Config
+from proxy.secret import Secret
+
+MIN_PASSWORD = 8
+
+
+def open_store(config: Config) -> store.TokenStore:
+    try:
+        return store.TokenStore(config.state_dir)
+    except store.StoreError as exc:
+        raise CommandError(str(exc)) from None
+    except OSError as exc:
+        raise CommandError(f"state directory {config.state_dir}: {exc.strerror}") from None
+
+
+def find_account(config: Config, name: str) -> Account:
+    account = config.account(name)
+    if account is None:
+        known = ", ".join(sorted(config.accounts)) or "none"
+        raise CommandError(f"no account {name!r} in {config.path} (configured: {known})")
+    return account
+
+
+def read_password(source: str | None, *, confirm: bool, prompt: str = "Local password") -> Secret:
+    """From a file, standard input ('-'), or the terminal (asked twice)."""
+    if source == "-":
+        value = sys.stdin.readline().rstrip("\r\n")
+    elif source:
+        try:
+            value = Path(source).read_text(encoding="utf-8").rstrip("\r\n")
+        except OSError as exc:
+            raise CommandError(f"cannot read password file {source}: {exc.strerror}") from None
+    else:
+        value = getpass.getpass(f"{prompt}: ")
+        if confirm and getpass.getpass(f"{prompt} again: ") != value:
+            raise CommandError("the two passwords differ; nothing was saved")
+    if len(value) < MIN_PASSWORD:
+        raise CommandError(f"the local password must have at least {MIN_PASSWORD} characters")
+    return Secret(value)
+
+
+def service_key(account: Account) -> bytes | None:
+    if account.service_key_file is None:
+        return None
+    try:
+        return store.read_key_file(account.service_key_file)
+    except (store.StoreError, OSError) as exc:
+        raise CommandError(f"service key for {account.name}: {exc}") from None
+
+
+def cmd_login(config: Config, args: argparse.Namespace) -> int:
+    account = find_account(config, args.account)
+    token_store = open_store(config)
+    key = service_key(account)
+    try:
+        # Asked first, so the person is not kept waiting after signing in.
+        password = read_password(args.password_file, confirm=True,
+                                 prompt=f"Local password for {account.name}")
+        result = flows.login(config, account, token_store, password, out=sys.stderr,
+                             service_key=key)
+    except TokenError as exc:
+        raise CommandError(f"login failed for {account.name}: {exc.detail or type(exc).__name__}"
+                           + (f" ({exc.code})" if getattr(exc, "code", None) else "")) from None
+    except store.StoreError as exc:
+        raise CommandError(f"could not save the token file: {exc}") from None
+    who = f" as {result.identity}" if result.identity else " (app-only)"
+    print(f"{account.name}: authorised{who}; token file {token_store.path(account.name)}")
+    if result.replaced_slots:
+        print(f"{account.name}: the password did not open the old token file, so its other "
+              "device passwords were removed; add them again with `xoauth2-proxy passwd`.")
+    return 0
+
+
+def cmd_logout(config: Config, args: argparse.Namespace) -> int:
+    account = find_account(config, args.account)
+    token_store = open_store(config)
+    if not token_store.delete(account.name):
+        raise CommandError(f"{account.name} has no token file")
+    print(f"{account.name}: token file removed; clients can no longer log in as this account")
+    return 0
+
+
+def _when(epoch: float | None) -> str:
+    if not epoch:
+        return "-"
+    left = epoch - time.time()
+    stamp = time.strftime("%Y-%m-%d %H:%M", time.localtime(epoch))
+    return f"{stamp} ({'expired' if left <= 0 else f'in {int(left // 60)} min'})"
+
+
+def cmd_accounts(config: Config, args: argparse.Namespace) -> int:
+    token_store = open_store(config)
+    rows = [("ACCOUNT", "FLOW", "TOKEN FILE", "ACCESS TOKEN EXPIRES", "REFRESH TOKEN", "SLOTS")]
+    for account in config.accounts.values():
+        if not token_store.exists(account.name):
+            rows.append((account.name, account.flow, "missing", "-", "-", "-"))
+            continue
+        try:
+            info = token_store.info(account.name)
+        except store.StoreError as exc:
+            rows.append((account.name, account.flow, f"unreadable: {exc}", "-", "-", "-"))
+            continue
+        state = "needs login" if info.meta.needs_reauth else "present"
+        rows.append((account.name, account.flow, state, _when(info.meta.access_token_expires_at),
+                     "yes" if info.meta.refresh_token_present else "no",
+                     ",".join(s.label for s in info.slots)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
+def cmd_passwd(config: Config, args: argparse.Namespace) -> int:
+    account = find_account(config, args.account)
+    token_store = open_store(config)
+    try:
+        if args.list:
+            for slot in token_store.info(account.name).slots:
+                used = time.strftime("%Y-%m-%d %H:%M", time.localtime(slot.last_used_at)) \
+                    if slot.last_used_at else "never"
+                print(f"{slot.label}\t{slot.kind}\tlast used {used}")
+            return 0
+        if args.remove:
+            token_store.remove_slot(account.name, args.remove)
+            print(f"{account.name}: password {args.remove!r} removed")
+            return 0
+        current = read_password(args.password_file, confirm=False,
+                                prompt=f"An existing local password of {account.name}")
+        unlocked = token_store.unlock(account.name, current)
+        new = Secret(secrets.token_urlsafe(18))
+        token_store.add_password_slot(unlocked, args.add, new)
+    except store.WrongPassword:
+        raise CommandError("that password does not open the token file") from None
+    except store.TokenFileMissing:
+        raise CommandError(f"{account.name} has no token file; run `xoauth2-proxy login "
+                           f"{account.name}` first") from None
+    except store.StoreError as exc:
+        raise CommandError(str(exc)) from None
+    print(f"{account.name}: password for {args.add!r} (shown once, store it in the device now):")
+    print(new.reveal())
+    return 0

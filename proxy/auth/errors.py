@@ -1,0 +1,90 @@
+"""Typed token errors: every MSAL, HTTP and store failure becomes one of these, once.
+
+Each error knows the protocol-neutral ``Failure`` it maps to, a metrics ``result`` label, and
+``user_text``: a sentence a mail client may show its user, which names what to do and never
+holds a secret.
+"""
+
+from __future__ import annotations
+
+import re
+
+from proxy.protocol.events import Failure
+
+_AADSTS = re.compile(r"AADSTS\d+")
+
+
+class TokenError(Exception):
+    failure: Failure = Failure.UNAVAILABLE
+    result: str = "provider_unavailable"
+
+    def __init__(self, account: str, detail: str = "") -> None:
+        super().__init__(f"{account}: {detail}" if detail else account)
+        self.account = account
+        self.detail = detail
+
+    @property
+    def user_text(self) -> str:
+        return "Login failed."
+
+
+class WrongPassword(TokenError):
+    failure, result = Failure.BAD_CREDENTIALS, "bad_password"
+
+    @property
+    def user_text(self) -> str:
+        return "Invalid user name or local password."
+
+
+class UnknownAccount(TokenError):
+    failure, result = Failure.BAD_CREDENTIALS, "unknown_account"
+
+    @property
+    def user_text(self) -> str:  # same text as a wrong password: no account enumeration
+        return "Invalid user name or local password."
+
+
+class AuthorisationNeeded(TokenError):
+    """No usable refresh token: an operator must run ``xoauth2-proxy login ACCOUNT``."""
+
+    failure, result = Failure.AUTHORISATION_NEEDED, "authorisation_needed"
+
+    def __init__(self, account: str, detail: str = "", *, code: str | None = None) -> None:
+        super().__init__(account, detail)
+        self.code = code
+
+    @classmethod
+    def from_response(cls, account: str, response: dict[str, object]) -> AuthorisationNeeded:
+        description = str(response.get("error_description") or response.get("error") or "")
+        first_line = description.splitlines()[0].strip() if description else ""
+        match = _AADSTS.search(description)
+        return cls(account, first_line or "the identity platform refused the refresh token",
+                   code=match.group(0) if match else None)
+
+    @property
+    def user_text(self) -> str:
+        reason = f" ({self.detail})" if self.detail else ""
+        return (f"Authorisation needed for {self.account}: ask the administrator to run "
+                f"`xoauth2-proxy login {self.account}`{reason}.")
+
+
+class ProviderUnavailable(TokenError):
+    failure, result = Failure.UNAVAILABLE, "provider_unavailable"
+
+    @property
+    def user_text(self) -> str:
+        return "The Microsoft identity platform cannot be reached right now; try again later."
+
+
+class AuthConfigError(TokenError):
+    failure, result = Failure.CONTACT_ADMIN, "config_error"
+
+    @property
+    def user_text(self) -> str:
+        return "The proxy is not configured correctly for this account; contact the administrator."
+
+
+class IdentityMismatch(TokenError):
+    """Someone consented with another user than the configured account (login CLI only)."""
+
+    failure, result = Failure.AUTHORISATION_NEEDED, "authorisation_needed"

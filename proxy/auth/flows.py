@@ -1,0 +1,114 @@
+"""First authorisation of an account (``xoauth2-proxy login``): run its OAuth flow with MSAL,
+check who signed in, and write the encrypted token file.
+
+Blocking code for the CLI: device code (prints a URL and a code, polls with a visible
+countdown; Ctrl-C aborts and writes nothing), browser auth code with PKCE on a loopback
+redirect (MSAL's ``acquire_token_interactive``), and client credentials (app-only).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TextIO
+
+import msal
+
+from proxy import store
+from proxy.auth import msal_client
+from proxy.auth.errors import IdentityMismatch
+from proxy.config import Account, Config
+from proxy.secret import Secret
+
+
+@dataclass(frozen=True)
+class LoginResult:
+    account: str
+    identity: str | None
+    access_token_expires_at: float | None
+    refresh_token_present: bool
+    replaced_slots: bool  # the old file could not be unlocked with this password: slots reset
+
+
+def acquire(config: Config, account: Account, cache: msal.SerializableTokenCache, *,
+            out: TextIO, open_browser: bool = True) -> dict[str, Any]:
+    """Run the account's flow; return MSAL's successful result (raises TokenError otherwise)."""
+    app = msal_client.build_app(config, account, cache)
+    scopes = list(config.login_scopes(account))
+    name = account.name
+    if account.flow == "client_credentials":
+        result = msal_client.call(name, lambda: app.acquire_token_for_client(scopes))
+    elif account.flow == "auth_code":
+        assert isinstance(app, msal.PublicClientApplication)
+        out.write(f"Opening a browser to sign in as {account.mailbox} …\n")
+        out.flush()
+        result = msal_client.call(name, lambda: app.acquire_token_interactive(
+            scopes, login_hint=account.mailbox, prompt="select_account", timeout=600,
+            success_template="Signed in. You can close this window and return to xoauth2-proxy."))
+    else:
+        assert isinstance(app, msal.PublicClientApplication)
+        flow = msal_client.call(name, lambda: app.initiate_device_flow(scopes=scopes))
+        if "user_code" not in flow:
+            msal_client.check_result(name, flow if "error" in flow else {"error": "no user code"})
+        out.write(f"To authorise {account.mailbox}: {flow['message']}\n")
+        out.flush()
+        result = msal_client.call(name, lambda: app.acquire_token_by_device_flow(
+            flow, exit_condition=_countdown(flow, out)))
+        out.write("\n")
+    msal_client.check_result(name, result)
+    return dict(result)
+
+
+def _countdown(flow: dict[str, Any], out: TextIO) -> Callable[[dict[str, Any]], bool]:
+    def exit_condition(current: dict[str, Any]) -> bool:
+        left = int(float(current.get("expires_at", 0)) - time.time())
+        if left <= 0:
+            return True
+        if out.isatty():
+            out.write(f"\rWaiting for sign-in: {left // 60}:{left % 60:02d} left (Ctrl-C aborts) ")
+            out.flush()
+        return False
+    return exit_condition
+
+
+def check_identity(account: Account, result: dict[str, Any]) -> str | None:
+    """The signed-in user; refuse when it is not the configured mailbox (delegated flows)."""
+    if account.flow == "client_credentials":
+        return None
+    identity = msal_client.identity_of(result)
+    if identity != account.mailbox.lower():
+        raise IdentityMismatch(
+            account.name, f"signed in as {identity or 'an unknown user'}, but the account is "
+                          f"{account.mailbox}; sign in again with the right user (nothing was saved)")
+    return identity
+
+
+def login(config: Config, account: Account, token_store: store.TokenStore, password: Secret, *,
+          out: TextIO, service_key: bytes | None = None) -> LoginResult:
+    """Authorise ``account`` and save its token file, keeping other device slots if the
+    password unlocks the existing file."""
+    cache = msal.SerializableTokenCache()
+    result = acquire(config, account, cache, out=out)
+    identity = check_identity(account, result)
+    expiry, has_rt = msal_client.cache_summary(cache)
+    meta = store.Meta(identity=identity, flow=account.flow, access_token_expires_at=expiry,
+                      refresh_token_present=has_rt, needs_reauth=None, updated_at=time.time())
+    payload = cache.serialize().encode("utf-8")
+    replaced = False
+    existing = None
+    if token_store.exists(account.name):
+        try:
+            existing = token_store.unlock(account.name, password)
+        except (store.WrongPassword, store.CorruptTokenFile):
+            replaced = True
+    if existing is not None:
+        unlocked = token_store.save(existing, payload, meta)
+    else:
+        unlocked = token_store.create(account.name, payload, meta, password=password,
+                                      replace=replaced)
+    if service_key is not None:
+        labels = {s.label for s in token_store.info(account.name).slots}
+        if "service" not in labels:
+            token_store.add_service_key_slot(unlocked, service_key)
+    return LoginResult(account.name, identity, expiry, has_rt, replaced)

@@ -1,0 +1,322 @@
+"""The token service: a local password in, a fresh access token out.
+
+``access_token(account, password, protocol)`` unlocks the account's token file (the password
+is checked by the file's AES-GCM, nothing else), keeps the account's MSAL cache in memory, and
+returns an access token — from memory when it is still good, else from one MSAL call in a
+worker thread. Per account and scope set there is at most one request to the identity platform
+in flight (single flight): a thousand concurrent logins with an expired token make one request.
+A token close to expiry is refreshed in the background before it runs out.
+
+The MSAL cache is written back to the token file only when MSAL changed it (a rotated refresh
+token). A network error or 5xx never drops a refresh token; only a refused grant
+(``invalid_grant`` and friends) marks the account as needing ``xoauth2-proxy login``. If the
+file cannot be written the service keeps serving from memory and says so in the log and metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field, replace
+
+import msal
+
+from proxy import logs, metrics, store
+from proxy.auth import msal_client
+from proxy.auth.errors import (
+    AuthConfigError,
+    AuthorisationNeeded,
+    ProviderUnavailable,
+    TokenError,
+    UnknownAccount,
+    WrongPassword,
+)
+from proxy.config import Account, Config, Protocol
+from proxy.secret import Secret
+
+log = logging.getLogger("proxy.auth")
+
+Scopes = tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class _Token:
+    value: str
+    expires_at: float
+    lifetime: float
+
+    def remaining(self, now: float) -> float:
+        return self.expires_at - now
+
+    @property
+    def margin(self) -> float:  # below this much life left, never hand the token out
+        return min(60.0, self.lifetime / 4)
+
+    @property
+    def refresh_ahead(self) -> float:  # below this much life left, refresh in the background
+        return min(300.0, self.lifetime / 2)
+
+
+@dataclass
+class _AccountState:
+    account: Account
+    unlocked: store.Unlocked | None = None
+    cache: msal.SerializableTokenCache | None = None
+    app: msal.ClientApplication | None = None
+    tokens: dict[Scopes, _Token] = field(default_factory=dict)
+    flights: dict[Scopes, asyncio.Task[_Token]] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)  # MSAL cache + file writes
+
+
+class TokenService:
+    def __init__(self, config: Config, token_store: store.TokenStore) -> None:
+        self.config = config
+        self.store = token_store
+        self._states: dict[str, _AccountState] = {}
+        self._background: set[asyncio.Task[object]] = set()
+        self._unlocks: dict[bytes, asyncio.Task[store.Unlocked]] = {}
+        self._pepper = secrets.token_bytes(32)
+        self._needs_reauth: set[str] = set()
+
+    # --- public -----------------------------------------------------------------------------
+
+    def account(self, name: str) -> Account:
+        account = self.config.account(name)
+        if account is None:
+            raise UnknownAccount(name.strip().lower()[:200], "no such account in the config")
+        return account
+
+    async def access_token(self, name: str, password: Secret, protocol: Protocol, *,
+                           rejected: str | None = None) -> str:
+        """A valid access token for ``name``'s mailbox on ``protocol``.
+
+        ``rejected``: a token the upstream just refused; a different one is returned (a newer
+        one if another login already refreshed, else a forced refresh).
+        """
+        account = self.account(name)
+        # Concurrent logins with the same password share one unlock (and so one scrypt run).
+        key = hmac.new(self._pepper, f"{account.name}\0{password.reveal()}".encode(),
+                       hashlib.sha256).digest()
+        task = self._unlocks.get(key)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(
+                asyncio.to_thread(self._unlock, account, password), name=f"unlock {account.name}")
+            self._unlocks[key] = task
+            task.add_done_callback(lambda t: self._unlocks.pop(key, None))
+        unlocked = await asyncio.shield(task)
+        return await self._token(account, unlocked, protocol, rejected)
+
+    async def service_token(self, name: str, protocol: Protocol, *,
+                            rejected: str | None = None) -> str:
+        """A token with no client password: the token file's service-key slot unlocks it."""
+        account = self.account(name)
+        if account.service_key_file is None:
+            raise AuthConfigError(account.name, "no service_key_file configured")
+        unlocked = await asyncio.to_thread(self._unlock_service, account)
+        return await self._token(account, unlocked, protocol, rejected)
+
+    async def aclose(self) -> None:
+        tasks = list(self._background)
+        for state in self._states.values():
+            tasks.extend(state.flights.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # --- unlocking (worker thread) --------------------------------------------------------------
+
+    def _unlock(self, account: Account, password: Secret) -> store.Unlocked:
+        with _store_errors(account):
+            return self.store.unlock(account.name, password)
+
+    def _unlock_service(self, account: Account) -> store.Unlocked:
+        assert account.service_key_file is not None
+        with _store_errors(account):
+            key = store.read_key_file(account.service_key_file)
+            return self.store.unlock_with_service_key(account.name, key)
+
+    # --- tokens -------------------------------------------------------------------------------
+
+    async def _token(self, account: Account, unlocked: store.Unlocked, protocol: Protocol,
+                     rejected: str | None) -> str:
+        state = self._adopt(account, unlocked)
+        self._set_needs_reauth(account, bool(unlocked.meta.needs_reauth))
+        if unlocked.meta.needs_reauth:
+            raise AuthorisationNeeded(account.name, unlocked.meta.needs_reauth)
+        scopes = self.config.scopes(account, protocol)
+        now = time.time()
+        token = state.tokens.get(scopes)
+        if token is not None and token.value != rejected and token.remaining(now) > token.margin:
+            if token.remaining(now) < token.refresh_ahead and scopes not in state.flights:
+                self._spawn(self._flight(state, scopes, force=True), f"refresh-ahead {account.name}")
+            return token.value
+        force = rejected is not None and (token is None or token.value == rejected)
+        return (await self._flight(state, scopes, force=force)).value
+
+    def _adopt(self, account: Account, unlocked: store.Unlocked) -> _AccountState:
+        """The account's in-memory state, reloaded if the file holds a cache we have not seen."""
+        state = self._states.get(account.name)
+        if state is None or state.account != account:
+            state = self._states[account.name] = _AccountState(account)
+        current = state.unlocked
+        if current is None or current.key_id != unlocked.key_id or current.payload != unlocked.payload:
+            cache = msal.SerializableTokenCache()
+            if unlocked.payload:
+                cache.deserialize(unlocked.payload.decode("utf-8"))
+            state.cache, state.app, state.tokens = cache, None, {}
+        state.unlocked = unlocked
+        return state
+
+    def _flight(self, state: _AccountState, scopes: Scopes, *, force: bool) -> asyncio.Future[_Token]:
+        task = state.flights.get(scopes)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(
+                self._refresh(state, scopes, force), name=f"token {state.account.name}")
+            state.flights[scopes] = task
+
+            def done(t: asyncio.Task[_Token]) -> None:
+                if state.flights.get(scopes) is t:
+                    del state.flights[scopes]
+                if not t.cancelled():
+                    t.exception()  # retrieved here so that a refresh nobody awaits is not noisy
+            task.add_done_callback(done)
+        return asyncio.shield(task)  # a client that goes away must not cancel the shared refresh
+
+    async def _refresh(self, state: _AccountState, scopes: Scopes, force: bool) -> _Token:
+        started = time.monotonic()
+        try:
+            token, fetched = await asyncio.to_thread(self._acquire, state, scopes, force)
+        except TokenError as exc:
+            metrics.TOKEN_REFRESHES.labels(exc.result).inc()
+            metrics.TOKEN_REFRESH_SECONDS.observe(time.monotonic() - started)
+            logs.event(log, logging.WARNING, "token_refresh", account=state.account.name,
+                       result=exc.result, reason=exc.detail)
+            raise
+        if fetched:
+            metrics.TOKEN_REFRESHES.labels("ok").inc()
+            metrics.TOKEN_REFRESH_SECONDS.observe(time.monotonic() - started)
+            logs.event(log, logging.INFO, "token_refresh", account=state.account.name,
+                       result="ok", expires_in=round(token.remaining(time.time())),
+                       latency=time.monotonic() - started)
+        state.tokens[scopes] = token
+        if self.config.metrics.per_account_labels:
+            metrics.ACCESS_TOKEN_EXPIRY.labels(state.account.name).set(token.expires_at - time.time())
+        return token
+
+    def _acquire(self, state: _AccountState, scopes: Scopes, force: bool) -> tuple[_Token, bool]:
+        """One MSAL call (worker thread). Returns the token and whether the platform was asked."""
+        account = state.account
+        with state.lock:
+            assert state.cache is not None
+            if state.app is None:
+                state.app = msal_client.build_app(self.config, account, state.cache)
+            app = state.app
+            try:
+                if account.flow == "client_credentials":
+                    if force:
+                        for at in state.cache.search(msal.TokenCache.CredentialType.ACCESS_TOKEN,
+                                                     target=list(scopes)):
+                            state.cache.remove_at(at)
+                    result = msal_client.call(account.name, lambda: app.acquire_token_for_client(
+                        list(scopes)))
+                else:
+                    users = app.get_accounts(username=account.mailbox) or app.get_accounts()
+                    if not users:
+                        raise AuthorisationNeeded(account.name, "no signed-in user in the token file")
+                    result = msal_client.call(
+                        account.name, lambda: app.acquire_token_silent_with_error(
+                            list(scopes), account=users[0], force_refresh=force))
+                checked = msal_client.check_result(account.name, result)
+            except AuthorisationNeeded as exc:
+                self._mark_needs_reauth(state, exc)
+                raise
+            if state.cache.has_state_changed:
+                self._persist(state)
+        lifetime = max(1.0, checked.expires_at - time.time())
+        return _Token(checked.access_token, checked.expires_at, lifetime), not checked.from_cache
+
+    def _meta(self, state: _AccountState, needs_reauth: str | None = None) -> store.Meta:
+        assert state.cache is not None and state.unlocked is not None
+        expiry, has_rt = msal_client.cache_summary(state.cache)
+        return replace(state.unlocked.meta, access_token_expires_at=expiry,
+                       refresh_token_present=has_rt, needs_reauth=needs_reauth,
+                       updated_at=time.time())
+
+    def _persist(self, state: _AccountState) -> None:
+        assert state.cache is not None and state.unlocked is not None
+        payload = state.cache.serialize().encode("utf-8")
+        try:
+            state.unlocked = self.store.save(state.unlocked, payload, self._meta(state))
+        except store.FileReplaced:
+            logs.event(log, logging.WARNING, "token_file_replaced", account=state.account.name,
+                       action="keeping the new file; this refresh stays in memory")
+        except (store.StoreError, OSError) as exc:
+            metrics.TOKEN_FILE_WRITE_ERRORS.inc()
+            logs.event(log, logging.ERROR, "token_file_write_failed", account=state.account.name,
+                       reason=str(exc), action="serving from memory; fix the state directory")
+
+    def _mark_needs_reauth(self, state: _AccountState, exc: AuthorisationNeeded) -> None:
+        if state.unlocked is None or state.cache is None:
+            return
+        reason = " ".join(filter(None, [exc.code, exc.detail]))[:300] or "re-authorisation needed"
+        if exc.code is None and "no signed-in user" in exc.detail:
+            return
+        try:
+            state.unlocked = self.store.set_meta(state.unlocked, self._meta(state, reason))
+        except (store.StoreError, OSError) as err:
+            logs.event(log, logging.ERROR, "token_file_write_failed", account=state.account.name,
+                       reason=str(err))
+        self._set_needs_reauth(state.account, True)
+        logs.event(log, logging.ERROR, "authorisation_needed", account=state.account.name,
+                   reason=reason, action=f"run: xoauth2-proxy login {state.account.name}")
+
+    def _set_needs_reauth(self, account: Account, flag: bool) -> None:
+        if flag == (account.name in self._needs_reauth):
+            return
+        (self._needs_reauth.add if flag else self._needs_reauth.discard)(account.name)
+        metrics.ACCOUNTS_NEEDING_REAUTH.set(len(self._needs_reauth))
+        if self.config.metrics.per_account_labels:
+            metrics.ACCOUNT_NEEDS_REAUTH.labels(account.name).set(int(flag))
+
+    def _spawn(self, coro: asyncio.Future[_Token], name: str) -> None:
+        async def run() -> None:
+            try:
+                await coro
+            except TokenError:
+                pass  # logged by _refresh; the next login will see the error itself
+        task = asyncio.get_running_loop().create_task(run(), name=name)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+
+class _store_errors:
+    """Map the token store's errors for an account to token errors (context manager)."""
+
+    def __init__(self, account: Account) -> None:
+        self.account = account
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: object) -> None:
+        if exc is None:
+            return
+        name = self.account.name
+        if isinstance(exc, store.WrongPassword):
+            raise WrongPassword(name, "wrong local password") from None
+        if isinstance(exc, store.TokenFileMissing):
+            raise AuthorisationNeeded(name, "no token file: the account was never authorised") from None
+        if isinstance(exc, store.CorruptTokenFile):
+            raise AuthorisationNeeded(name, f"the token file is damaged ({exc})") from None
+        if isinstance(exc, store.StoreError | OSError):
+            raise AuthConfigError(name, f"token file unusable: {exc}") from None
+
+
+__all__ = ["TokenService", "TokenError", "WrongPassword", "UnknownAccount", "AuthorisationNeeded",
+           "ProviderUnavailable", "AuthConfigError"]

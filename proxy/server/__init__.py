@@ -1,0 +1,1 @@
+"""asyncio side: listeners, the per-connection driver, the byte relay, TLS contexts, SMTP."""

@@ -1,0 +1,205 @@
+"""One side of a proxied connection: an asyncio Protocol with two modes.
+
+Before login a coroutine drives the protocol machine and reads with ``await read()``: incoming
+bytes are buffered (bounded: reading pauses above ``limit``). After login ``relay(a, b)`` joins
+two endpoints: each chunk the kernel hands over is written straight to the peer's transport —
+no per-line or per-byte work, no extra copy — and backpressure is the transports' own: when a
+peer's write buffer passes its high-water mark, ``pause_writing`` pauses reading on this side
+until it drains. A slow client therefore slows only its own upstream read.
+
+Half-close: an EOF from one side is passed on with ``write_eof`` where the transport can (plain
+TCP), else the peer is closed once its pending writes are flushed. Either side closing closes
+the other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Callable
+from typing import Any
+
+READ_LIMIT = 256 * 1024  # pre-login buffer before reading pauses
+HIGH_WATER = 512 * 1024  # per-transport write buffer before the peer's reading pauses
+
+
+class ConnectionClosed(Exception):
+    """The peer closed or reset the connection."""
+
+
+class Endpoint(asyncio.Protocol):
+    def __init__(self, on_connect: Callable[[Endpoint], None] | None = None) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.peer: Endpoint | None = None
+        self.bytes_in = 0
+        self._on_connect = on_connect
+        self._buffer = bytearray()
+        self._eof = False
+        self._closed: asyncio.Future[None] | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._write_paused = False
+        self._drain_waiters: list[asyncio.Future[None]] = []
+        self._count: Callable[[float], None] | None = None
+        self._read_paused = False
+
+    # --- asyncio.Protocol ----------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.set_write_buffer_limits(high=HIGH_WATER)
+        self._closed = asyncio.get_running_loop().create_future()
+        if self._on_connect is not None:
+            self._on_connect(self)
+
+    def data_received(self, data: bytes) -> None:
+        peer = self.peer
+        if peer is not None:  # relaying: the hot path
+            assert peer.transport is not None
+            peer.transport.write(data)
+            if self._count is not None:
+                self._count(len(data))
+            return
+        self._buffer += data
+        if len(self._buffer) > READ_LIMIT and not self._read_paused:
+            assert self.transport is not None
+            self._read_paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self._eof = True
+        peer = self.peer
+        if peer is not None and peer.transport is not None and not peer.transport.is_closing():
+            if peer._eof:  # both directions have ended
+                peer.transport.close()
+                return False
+            if peer.transport.can_write_eof():
+                peer.transport.write_eof()
+            else:
+                peer.transport.close()
+        self._wake()
+        # Keep our side open for writing (half-close); TLS transports cannot do that.
+        return self.extra("sslcontext") is None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._eof = True
+        if self._closed is not None and not self._closed.done():
+            self._closed.set_result(None)
+        self._wake()
+        for waiter in self._drain_waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        self._drain_waiters.clear()
+        peer = self.peer
+        if peer is not None and peer.transport is not None:
+            peer.transport.close()  # flushes what was already written to it
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.resume_reading()
+        for waiter in self._drain_waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        self._drain_waiters.clear()
+
+    # --- coroutine side (before relaying) ----------------------------------------------------
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def read(self) -> bytes:
+        """The bytes received so far (waiting for some); ``b""`` once the peer has closed."""
+        while not self._buffer and not self._eof:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        data = bytes(self._buffer)
+        self._buffer.clear()
+        if self._read_paused and self.transport is not None:
+            self._read_paused = False
+            self.transport.resume_reading()
+        return data
+
+    def write(self, data: bytes) -> None:
+        if self.transport is None or self.transport.is_closing():
+            raise ConnectionClosed("connection closed")
+        self.transport.write(data)
+
+    async def drain(self) -> None:
+        if self._write_paused and not self.is_closed:
+            waiter = asyncio.get_running_loop().create_future()
+            self._drain_waiters.append(waiter)
+            await waiter
+
+    @property
+    def is_closed(self) -> bool:
+        return self._closed is None or self._closed.done()
+
+    async def wait_closed(self) -> None:
+        if self._closed is not None:
+            await asyncio.shield(self._closed)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    async def start_tls(self, context: ssl.SSLContext, *, server_side: bool,
+                        server_hostname: str | None = None, timeout: float = 30.0) -> None:
+        """Upgrade to TLS in place; bytes received before the upgrade are discarded."""
+        assert self.transport is not None
+        self._buffer.clear()
+        loop = asyncio.get_running_loop()
+        transport = await loop.start_tls(self.transport, self, context, server_side=server_side,
+                                         server_hostname=server_hostname,
+                                         ssl_handshake_timeout=timeout)
+        if transport is None:
+            raise ConnectionClosed("closed during the TLS handshake")
+        self.transport = transport
+        transport.set_write_buffer_limits(high=HIGH_WATER)
+
+    def extra(self, name: str) -> Any:
+        return self.transport.get_extra_info(name) if self.transport is not None else None
+
+
+async def relay(client: Endpoint, upstream: Endpoint, *,
+                count_up: Callable[[float], None] | None = None,
+                count_down: Callable[[float], None] | None = None) -> None:
+    """Join two endpoints and return when both are closed."""
+    for side, peer, count in ((client, upstream, count_up), (upstream, client, count_down)):
+        side._count = count
+        pending = bytes(side._buffer)
+        side._buffer.clear()
+        side.peer = peer
+        if pending and peer.transport is not None and not peer.transport.is_closing():
+            peer.transport.write(pending)
+            if count is not None:
+                count(len(pending))
+        if side._read_paused and side.transport is not None:
+            side._read_paused = False
+            side.transport.resume_reading()
+    for side, peer in ((client, upstream), (upstream, client)):
+        if side._eof and peer.transport is not None and not peer.transport.is_closing():
+            # this side ended before the relay started: pass the end on
+            if peer.transport.can_write_eof():
+                peer.transport.write_eof()
+            else:
+                peer.transport.close()
+        if side._write_paused and peer.transport is not None:
+            peer.transport.pause_reading()
+        if side.is_closed and peer.transport is not None:
+            peer.transport.close()
+    await asyncio.gather(client.wait_closed(), upstream.wait_closed())

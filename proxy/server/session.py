@@ -1,0 +1,304 @@
+"""The per-connection driver for IMAP and POP3: one mechanism for both protocols.
+
+It runs the protocol's sans-I/O client machine until the client gives credentials, asks the
+token service for an access token, logs in upstream with the protocol's XOAUTH2 machine (over
+verified TLS), hands the verdict back to the client machine, and then relays bytes.
+
+Everything that can go wrong in one connection ends in that connection: a reply the client can
+act on where the protocol allows one, a log line with the peer, and a closed socket. No
+exception leaves ``Session.run``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from proxy import logs, metrics
+from proxy.auth.errors import TokenError
+from proxy.auth.service import TokenService
+from proxy.config import Listener, Upstream
+from proxy.protocol.events import (
+    Authenticate,
+    CloseConnection,
+    Failure,
+    SendToClient,
+    SendToServer,
+    StartClientTLS,
+    StartRelay,
+    StartServerTLS,
+    UpstreamBroken,
+    UpstreamLoggedIn,
+    UpstreamRejected,
+)
+from proxy.secret import Secret
+from proxy.server.endpoint import ConnectionClosed, Endpoint, relay
+
+log = logging.getLogger("proxy.session")
+
+PREAUTH_IDLE = 60.0  # seconds of silence allowed before login
+PREAUTH_TOTAL = 300.0  # seconds allowed from connect to login
+UPSTREAM_LOGIN_TIMEOUT = 30.0
+TLS_HANDSHAKE_TIMEOUT = 15.0
+
+Outcome = UpstreamLoggedIn | UpstreamRejected | UpstreamBroken
+
+
+class ClientMachine(Protocol):
+    def greeting(self) -> Sequence[object]: ...
+    def receive(self, data: bytes) -> Sequence[object]: ...
+    def tls_started(self) -> Sequence[object]: ...
+    def login_succeeded(self, capabilities: str | None, server_bytes: bytes = b"") -> Sequence[object]: ...
+    def login_failed(self, failure: Failure, text: str) -> Sequence[object]: ...
+
+
+class UpstreamMachine(Protocol):
+    def receive(self, data: bytes) -> Sequence[object]: ...
+    def tls_started(self) -> Sequence[object]: ...
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What differs between IMAP and POP3: the two machines and a goodbye for timeouts."""
+
+    protocol: str
+    client_machine: Callable[..., ClientMachine]
+    upstream_machine: Callable[..., UpstreamMachine]
+    timeout_reply: bytes
+
+
+class UpstreamUnavailable(Exception):
+    """Could not connect to, or complete TLS with, the upstream server."""
+
+
+@dataclass
+class Context:
+    """What every session of one listener shares."""
+
+    spec: Spec
+    listener: Listener
+    upstream: Upstream
+    tokens: TokenService
+    upstream_tls: ssl.SSLContext
+    server_tls: ssl.SSLContext | None
+
+    def __post_init__(self) -> None:
+        p = self.spec.protocol
+        self.count_up = metrics.BYTES_RELAYED.labels(p, "client_to_upstream").inc
+        self.count_down = metrics.BYTES_RELAYED.labels(p, "upstream_to_client").inc
+
+
+async def connect_upstream(upstream: Upstream, context: ssl.SSLContext) -> Endpoint:
+    """A connected (and, for implicit TLS, verified) upstream endpoint."""
+    loop = asyncio.get_running_loop()
+    implicit = upstream.tls == "implicit"
+    try:
+        async with asyncio.timeout(upstream.connect_timeout):
+            _, endpoint = await loop.create_connection(
+                Endpoint, upstream.host, upstream.port,
+                ssl=context if implicit else None,
+                server_hostname=upstream.host if implicit else None,
+                ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT if implicit else None)
+    except TimeoutError:
+        raise UpstreamUnavailable(f"connecting to {upstream.host}:{upstream.port} timed out") from None
+    except ssl.SSLCertVerificationError as exc:
+        raise UpstreamUnavailable(f"TLS certificate of {upstream.host} not trusted: "
+                                  f"{exc.verify_message}") from None
+    except (OSError, ssl.SSLError) as exc:
+        raise UpstreamUnavailable(f"cannot connect to {upstream.host}:{upstream.port}: "
+                                  f"{exc.strerror or exc}") from None
+    return endpoint
+
+
+class Session:
+    def __init__(self, ctx: Context, client: Endpoint) -> None:
+        self.ctx = ctx
+        self.client = client
+        self.upstream: Endpoint | None = None
+        peer = client.extra("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "?")
+        self.peer_host = peer[0] if isinstance(peer, tuple) else ""
+        self.account: str | None = None
+
+    async def run(self) -> None:
+        labels = (self.ctx.spec.protocol, self.ctx.listener.name)
+        metrics.CONNECTIONS.labels(*labels).inc()
+        metrics.CONNECTIONS_ACTIVE.labels(*labels).inc()
+        started = time.monotonic()
+        try:
+            await self._serve()
+        except (ConnectionClosed, ConnectionError, ssl.SSLError) as exc:
+            logs.event(log, logging.DEBUG, "connection_closed", peer=self.peer,
+                       reason=type(exc).__name__)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a bug: this connection ends, the daemon does not
+            log.exception("session_failed", extra={"fields": {"peer": self.peer}})
+        finally:
+            metrics.CONNECTIONS_ACTIVE.labels(*labels).dec()
+            for endpoint in (self.client, self.upstream):
+                if endpoint is not None:
+                    endpoint.close()
+            if self.account is not None:
+                logs.event(log, logging.INFO, "session_end", protocol=self.ctx.spec.protocol,
+                           account=self.account, peer=self.peer,
+                           duration=time.monotonic() - started)
+
+    async def _serve(self) -> None:
+        ctx, client = self.ctx, self.client
+        machine = ctx.spec.client_machine(
+            starttls=ctx.listener.tls == "starttls",
+            tls_active=ctx.listener.tls == "implicit",
+            login_disabled=self._login_disabled())
+        work: deque[object] = deque(machine.greeting())
+        deadline = asyncio.get_running_loop().time() + PREAUTH_TOTAL
+        while True:
+            while work:
+                cmd = work.popleft()
+                if isinstance(cmd, SendToClient):
+                    client.write(cmd.data)
+                elif isinstance(cmd, Authenticate):
+                    work.extend(await self._login(machine, cmd))
+                elif isinstance(cmd, StartRelay):
+                    await self._relay(cmd.client_bytes)
+                    return
+                elif isinstance(cmd, StartClientTLS):
+                    assert ctx.server_tls is not None
+                    await client.drain()
+                    await client.start_tls(ctx.server_tls, server_side=True,
+                                           timeout=TLS_HANDSHAKE_TIMEOUT)
+                    work.extend(machine.tls_started())
+                elif isinstance(cmd, CloseConnection):
+                    await client.drain()
+                    return
+                else:
+                    raise AssertionError(f"unexpected command {cmd!r}")
+            await client.drain()
+            left = deadline - asyncio.get_running_loop().time()
+            try:
+                async with asyncio.timeout(max(0.0, min(PREAUTH_IDLE, left))):
+                    data = await client.read()
+            except TimeoutError:
+                with contextlib.suppress(ConnectionClosed):
+                    client.write(ctx.spec.timeout_reply)
+                logs.event(log, logging.INFO, "preauth_timeout", protocol=ctx.spec.protocol,
+                           peer=self.peer)
+                return
+            work.extend(machine.receive(data))
+
+    def _login_disabled(self) -> bool:
+        li = self.ctx.listener
+        if li.tls == "implicit" or li.allow_insecure_non_loopback:
+            return False
+        return not _is_loopback(self.peer_host)
+
+    async def _login(self, machine: ClientMachine, cmd: Authenticate) -> Sequence[object]:
+        ctx = self.ctx
+        protocol = ctx.spec.protocol
+        started = time.monotonic()
+
+        def finish(result: str, reason: str = "", **fields: Any) -> None:
+            metrics.LOGINS.labels(protocol, result).inc()
+            if result == "ok":
+                metrics.UPSTREAM_LOGIN_SECONDS.labels(protocol).observe(time.monotonic() - started)
+            logs.event(log, logging.INFO if result == "ok" else logging.WARNING, "login",
+                       protocol=protocol, listener=ctx.listener.name, account=cmd.username[:200],
+                       peer=self.peer, mechanism=cmd.mechanism, result=result,
+                       reason=reason or None, latency=time.monotonic() - started, **fields)
+
+        try:
+            token = await ctx.tokens.access_token(cmd.username, cmd.password, protocol)  # type: ignore[arg-type]
+            account = ctx.tokens.account(cmd.username)
+        except TokenError as exc:
+            finish(exc.result, exc.detail)
+            return machine.login_failed(exc.failure, exc.user_text)
+        for attempt in (1, 2):
+            try:
+                upstream, outcome = await self._upstream_login(account.mailbox, token)
+            except UpstreamUnavailable as exc:
+                finish("upstream_unavailable", str(exc))
+                return machine.login_failed(
+                    Failure.UNAVAILABLE, f"The mail server {ctx.upstream.host} cannot be reached "
+                                         "right now; try again later.")
+            if isinstance(outcome, UpstreamLoggedIn):
+                self.upstream, self.account = upstream, account.name
+                finish("ok", attempt=attempt if attempt > 1 else None)
+                return machine.login_succeeded(outcome.capabilities, outcome.server_bytes)
+            upstream.close()
+            if isinstance(outcome, UpstreamBroken):
+                finish("upstream_unavailable", outcome.text)
+                return machine.login_failed(
+                    Failure.UNAVAILABLE, f"The mail server {ctx.upstream.host} did not complete "
+                                         "the login; try again later.")
+            if attempt == 1:  # a token the service thought valid was refused: refresh once
+                try:
+                    token = await ctx.tokens.access_token(cmd.username, cmd.password, protocol,  # type: ignore[arg-type]
+                                                          rejected=token)
+                except TokenError as exc:
+                    finish(exc.result, exc.detail)
+                    return machine.login_failed(exc.failure, exc.user_text)
+                continue
+            finish("upstream_rejected", outcome.text)
+            return machine.login_failed(
+                Failure.UPSTREAM_REJECTED,
+                f"The mail server refused the login for {account.mailbox}: {outcome.text} "
+                "(check the mailbox's permissions for IMAP/POP/SMTP AUTH)")
+        raise AssertionError("unreachable")
+
+    async def _upstream_login(self, user: str, token: str) -> tuple[Endpoint, Outcome]:
+        ctx = self.ctx
+        started = time.monotonic()
+        upstream = await connect_upstream(ctx.upstream, ctx.upstream_tls)
+        metrics.UPSTREAM_CONNECT_SECONDS.labels(ctx.spec.protocol).observe(time.monotonic() - started)
+        machine = ctx.spec.upstream_machine(user=user, token=Secret(token),
+                                            starttls=ctx.upstream.tls == "starttls")
+        try:
+            async with asyncio.timeout(UPSTREAM_LOGIN_TIMEOUT):
+                while True:
+                    work: deque[object] = deque(machine.receive(await upstream.read()))
+                    while work:
+                        cmd = work.popleft()
+                        if isinstance(cmd, SendToServer):
+                            upstream.write(cmd.data)
+                        elif isinstance(cmd, StartServerTLS):
+                            await upstream.start_tls(ctx.upstream_tls, server_side=False,
+                                                     server_hostname=ctx.upstream.host,
+                                                     timeout=TLS_HANDSHAKE_TIMEOUT)
+                            work.extend(machine.tls_started())
+                        elif isinstance(cmd, UpstreamLoggedIn | UpstreamRejected | UpstreamBroken):
+                            return upstream, cmd
+        except TimeoutError:
+            return upstream, UpstreamBroken("the server did not answer the login in time")
+        except ssl.SSLCertVerificationError as exc:
+            upstream.close()
+            raise UpstreamUnavailable(f"TLS certificate of {ctx.upstream.host} not trusted: "
+                                      f"{exc.verify_message}") from None
+        except (ConnectionClosed, ConnectionError, ssl.SSLError) as exc:
+            return upstream, UpstreamBroken(f"connection failed during login: {exc}")
+
+    async def _relay(self, client_bytes: bytes) -> None:
+        upstream = self.upstream
+        assert upstream is not None
+        if client_bytes:
+            upstream.write(client_bytes)
+            self.ctx.count_up(len(client_bytes))
+        await relay(self.client, upstream, count_up=self.ctx.count_up,
+                    count_down=self.ctx.count_down)
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+    try:
+        address = ipaddress.ip_address(host.split("%")[0])
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback
+    return address.is_loopback
