@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import msal
+import msal.exceptions
 import requests
 
 from proxy.auth.errors import AuthConfigError, AuthorisationNeeded, ProviderUnavailable, TokenError
@@ -89,6 +90,8 @@ def call(account: str, func: Callable[[], T]) -> T:
     except requests.RequestException as exc:
         raise ProviderUnavailable(account, f"identity platform unreachable: "
                                            f"{type(exc).__name__}") from None
+    except msal.exceptions.MsalServiceError as exc:  # 5xx and other HTTP errors
+        raise ProviderUnavailable(account, f"identity platform error: {exc}"[:200]) from None
     except ValueError as exc:  # MSAL: discovery failed, or a reply that is not JSON
         text = str(exc)
         if "HTTP status: 4" in text:

@@ -1,0 +1,268 @@
+"""Token service and login CLI against the fake Entra ID over HTTPS, with real MSAL."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from proxy import store
+from proxy.auth.errors import (
+    AuthorisationNeeded,
+    IdentityMismatch,
+    ProviderUnavailable,
+    UnknownAccount,
+    WrongPassword,
+)
+from proxy.auth.service import TokenService
+from proxy.demo.process import DemoUpstream, http_session
+from proxy.secret import Secret
+from tests.proxyenv import PASSWORD, USER, authorise, make_config, open_store, write_config
+
+IMAP_SCOPE = "https://outlook.office.com/IMAP.AccessAsUser.All"
+
+
+def introspect(upstream: DemoUpstream, token: str) -> dict[str, object]:
+    session = http_session(upstream.ca_file)
+    reply = session.post(f"{upstream.authority}/oauth2/v2.0/introspect", data={"token": token})
+    reply.raise_for_status()
+    return dict(reply.json())
+
+
+def cache_secrets(token_store: store.TokenStore, user: str, password: str) -> tuple[list[str], list[str]]:
+    """Access and refresh tokens inside the account's encrypted MSAL cache."""
+    doc = json.loads(token_store.unlock(user, Secret(password)).payload)
+    ats = [entry["secret"] for entry in doc.get("AccessToken", {}).values()]
+    rts = [entry["secret"] for entry in doc.get("RefreshToken", {}).values()]
+    return ats, rts
+
+
+def cli(config: Path, *args: str, stdin: str | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "proxy", "-c", str(config), *args],
+                          input=stdin, capture_output=True, text=True, timeout=timeout)
+
+
+def token_requests(upstream: DemoUpstream) -> int:
+    return int(upstream.stats()["token_requests"])
+
+
+async def test_cli_device_code_login_writes_sealed_file(tmp_path: Path, demo_upstream: DemoUpstream) -> None:
+    config = write_config(tmp_path, demo_upstream)
+    (tmp_path / "state").mkdir(mode=0o700)
+    proc = subprocess.Popen([sys.executable, "-m", "proxy", "-c", str(config), "login", USER,
+                             "--password-file", "-"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stdin is not None and proc.stderr is not None
+    proc.stdin.write(PASSWORD + "\n")
+    proc.stdin.close()
+    line = proc.stderr.readline()  # "To authorise …: To sign in, use … enter the code XXXX …"
+    match = re.search(r"code (\S+) to authenticate", line)
+    assert match, line
+    demo_upstream.approve(match.group(1), USER)  # the person signs in at the fake Entra
+    assert proc.wait(timeout=60) == 0, proc.stderr.read()
+    assert proc.stdout is not None
+    out = proc.stdout.read()
+    assert "authorised as alice@contoso.example" in out
+
+    cfg = make_config(tmp_path, demo_upstream)
+    token_store = open_store(cfg)
+    path = token_store.path(USER)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    raw = path.read_bytes()
+    ats, rts = cache_secrets(token_store, USER, PASSWORD)
+    assert ats and rts
+    for secret in [*ats, *rts, PASSWORD, "demo-client-secret"]:
+        assert secret.encode() not in raw
+    assert b"RefreshToken" not in raw and b"secret" not in raw
+
+    service = TokenService(cfg, token_store)
+    token = await service.access_token(USER, Secret(PASSWORD), "imap")
+    assert introspect(demo_upstream, token)["active"] is True
+    assert introspect(demo_upstream, token)["username"] == USER
+
+    before = token_requests(demo_upstream)
+    with pytest.raises(WrongPassword):
+        await service.access_token(USER, Secret(PASSWORD + "x"), "imap")
+    with pytest.raises(UnknownAccount):
+        await service.access_token("nobody@contoso.example", Secret(PASSWORD), "imap")
+    assert token_requests(demo_upstream) == before
+
+
+async def test_silent_refresh_persists_rotated_refresh_token(tmp_path: Path,
+                                                             demo_upstream_factory: object) -> None:
+    upstream = demo_upstream_factory(access_token_lifetime=2, strict_rotation=True)  # type: ignore[operator]
+    cfg = make_config(tmp_path, upstream)
+    token_store = authorise(cfg, upstream)
+    _, (first_rt,) = cache_secrets(token_store, USER, PASSWORD)
+    service = TokenService(cfg, token_store)
+    first = await service.access_token(USER, Secret(PASSWORD), "imap")
+    deadline = time.monotonic() + 10
+    second = first
+    while second == first and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)  # the token's lifetime is what is being waited for
+        second = await service.access_token(USER, Secret(PASSWORD), "imap")
+    assert second != first and introspect(upstream, second)["active"] is True
+    _, (rotated,) = cache_secrets(token_store, USER, PASSWORD)
+    assert rotated != first_rt  # the new refresh token reached the file
+    # A fresh process (new service, same file) still refreshes: the used token was not kept.
+    restarted = TokenService(cfg, store.TokenStore(cfg.state_dir))
+    third = await restarted.access_token(USER, Secret(PASSWORD), "imap")
+    assert introspect(upstream, third)["active"] is True
+
+
+async def test_concurrent_logins_share_one_refresh(tmp_path: Path, demo_upstream_factory: object) -> None:
+    upstream = demo_upstream_factory(access_token_lifetime=1)  # type: ignore[operator]
+    cfg = make_config(tmp_path, upstream)
+    token_store = authorise(cfg, upstream)
+    service = TokenService(cfg, token_store)
+    await service.access_token(USER, Secret(PASSWORD), "imap")  # warm: app built, key derived
+    await asyncio.sleep(1.1)  # let the 1-second access token expire
+    upstream.reset_stats()
+    tokens = await asyncio.gather(*(service.access_token(USER, Secret(PASSWORD), "imap")
+                                    for _ in range(200)))
+    assert token_requests(upstream) == 1
+    assert len(set(tokens)) == 1
+
+
+async def test_revoked_refresh_token_needs_login(tmp_path: Path, demo_upstream_factory: object) -> None:
+    upstream = demo_upstream_factory(access_token_lifetime=1)  # type: ignore[operator]
+    cfg = make_config(tmp_path, upstream)
+    token_store = authorise(cfg, upstream)
+    service = TokenService(cfg, token_store)
+    await service.access_token(USER, Secret(PASSWORD), "imap")
+    upstream.revoke(USER)
+    await asyncio.sleep(1.1)
+    with pytest.raises(AuthorisationNeeded) as info:
+        await service.access_token(USER, Secret(PASSWORD), "imap")
+    assert info.value.code == "AADSTS50173"
+    assert f"xoauth2-proxy login {USER}" in info.value.user_text
+    # The file still decrypts, keeps its refresh token, and says why it needs a login.
+    unlocked = token_store.unlock(USER, Secret(PASSWORD))
+    assert unlocked.meta.needs_reauth and "AADSTS50173" in unlocked.meta.needs_reauth
+    assert unlocked.meta.refresh_token_present
+    before = token_requests(upstream)
+    with pytest.raises(AuthorisationNeeded):  # no more requests until someone logs in again
+        await TokenService(cfg, token_store).access_token(USER, Secret(PASSWORD), "imap")
+    assert token_requests(upstream) == before
+    authorise(cfg, upstream)  # a new login clears it
+    token = await TokenService(cfg, token_store).access_token(USER, Secret(PASSWORD), "imap")
+    assert introspect(upstream, token)["active"] is True
+
+
+@pytest.mark.parametrize("mode", ["503", "hang", "garbage"])
+async def test_provider_down_is_unavailable_and_file_untouched(
+        tmp_path: Path, demo_upstream_factory: object, mode: str) -> None:
+    upstream = demo_upstream_factory(access_token_lifetime=1)  # type: ignore[operator]
+    cfg = make_config(tmp_path, upstream)
+    token_store = authorise(cfg, upstream)
+    service = TokenService(cfg, token_store)
+    await service.access_token(USER, Secret(PASSWORD), "imap")
+    raw = token_store.path(USER).read_bytes()
+    upstream.configure(token_endpoint_mode=mode)
+    await asyncio.sleep(1.1)
+    started = time.monotonic()
+    with pytest.raises(ProviderUnavailable):
+        await service.access_token(USER, Secret(PASSWORD), "imap")
+    assert time.monotonic() - started < cfg.providers["demo"].timeout + 3
+    assert token_store.path(USER).read_bytes() == raw
+    upstream.configure(token_endpoint_mode="ok")
+    if mode == "503":
+        # MSAL answers a 5xx from its throttle cache for 60 s (public clients) before it asks
+        # the platform again; a new service (as after a restart) asks at once.
+        service = TokenService(cfg, token_store)
+    token = await service.access_token(USER, Secret(PASSWORD), "imap")  # recovers by itself
+    assert introspect(upstream, token)["active"] is True
+
+
+async def test_wrong_identity_is_refused_and_nothing_written(tmp_path: Path, demo_upstream: DemoUpstream) -> None:
+    cfg = make_config(tmp_path, demo_upstream)
+    demo_upstream.configure(auto_approve_user="mallory@contoso.example")
+    token_store = open_store(cfg)
+    from proxy.auth import flows
+    account = cfg.account(USER)
+    assert account is not None
+    import io
+    with pytest.raises(IdentityMismatch, match="signed in as mallory@contoso.example"):
+        flows.login(cfg, account, token_store, Secret(PASSWORD), out=io.StringIO())
+    assert not token_store.exists(USER)
+    assert list(cfg.state_dir.iterdir()) == [] or all(p.name.startswith(".") for p in cfg.state_dir.iterdir())
+
+
+async def test_wrong_passwords_leave_file_identical(tmp_path: Path, demo_upstream: DemoUpstream) -> None:
+    cfg = make_config(tmp_path, demo_upstream)
+    token_store = authorise(cfg, demo_upstream)
+    raw = token_store.path(USER).read_bytes()
+    service = TokenService(cfg, token_store)
+    for i in range(10):
+        with pytest.raises(WrongPassword):
+            await service.access_token(USER, Secret(f"wrong {i}"), "imap")
+    assert token_store.path(USER).read_bytes() == raw
+
+
+async def test_passwd_add_and_remove_device_password(tmp_path: Path, demo_upstream: DemoUpstream) -> None:
+    config = write_config(tmp_path, demo_upstream)
+    cfg = make_config(tmp_path, demo_upstream)
+    token_store = authorise(cfg, demo_upstream)
+    added = cli(config, "passwd", USER, "--add", "scanner-2nd-floor", "--password-file", "-",
+                stdin=PASSWORD + "\n")
+    assert added.returncode == 0, added.stderr
+    device_password = added.stdout.strip().splitlines()[-1]
+    assert len(device_password) >= 16
+    listed = cli(config, "passwd", USER, "--list")
+    assert "scanner-2nd-floor" in listed.stdout and "default" in listed.stdout
+    service = TokenService(cfg, store.TokenStore(cfg.state_dir))
+    token = await service.access_token(USER, Secret(device_password), "smtp")
+    assert introspect(demo_upstream, token)["active"] is True
+    removed = cli(config, "passwd", USER, "--remove", "scanner-2nd-floor")
+    assert removed.returncode == 0, removed.stderr
+    with pytest.raises(WrongPassword):
+        await TokenService(cfg, store.TokenStore(cfg.state_dir)).access_token(
+            USER, Secret(device_password), "smtp")
+    assert await service.access_token(USER, Secret(PASSWORD), "smtp")  # the other still works
+    assert token_store.exists(USER)
+
+
+async def test_client_credentials_app_only(tmp_path: Path, demo_upstream: DemoUpstream) -> None:
+    app_user = "scanner@contoso.example"
+    cfg = make_config(tmp_path, demo_upstream,
+                      accounts={app_user: {"provider": "demo", "flow": "client_credentials"}})
+    token_store = authorise(cfg, demo_upstream, user=app_user)
+    token = await TokenService(cfg, token_store).access_token(app_user, Secret(PASSWORD), "smtp")
+    info = introspect(demo_upstream, token)
+    assert info["active"] is True and "/.default" in str(info["scope"])
+
+
+async def test_accounts_and_logout_cli(tmp_path: Path, demo_upstream: DemoUpstream) -> None:
+    config = write_config(tmp_path, demo_upstream)
+    cfg = make_config(tmp_path, demo_upstream)
+    authorise(cfg, demo_upstream)
+    table = cli(config, "accounts")
+    assert table.returncode == 0, table.stderr
+    row = next(line for line in table.stdout.splitlines() if line.startswith(USER))
+    assert "device_code" in row and "present" in row and "yes" in row and "default" in row
+    assert cli(config, "logout", USER).returncode == 0
+    assert "missing" in cli(config, "accounts").stdout
+    assert cli(config, "logout", USER).returncode == 1
+
+
+def test_requests_env_does_not_change_trust(tmp_path: Path, demo_upstream: DemoUpstream,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CA bundle variable in the environment must not replace the configured CA."""
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", "/nonexistent/ca.pem")
+    monkeypatch.setenv("CURL_CA_BUNDLE", "/nonexistent/ca.pem")
+    cfg = make_config(tmp_path, demo_upstream)
+    token_store = authorise(cfg, demo_upstream)
+    assert token_store.exists(USER)
+    assert os.environ["REQUESTS_CA_BUNDLE"]
+    with pytest.raises(OSError):  # requests trusting the environment fails (SSLError is one)
+        requests.get(demo_upstream.entra_url, timeout=5)

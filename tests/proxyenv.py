@@ -1,0 +1,131 @@
+"""A proxy in front of the demo upstream, for integration tests: config, authorised accounts,
+and a running daemon on the test's own event loop (listeners on 127.0.0.1, port 0)."""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from proxy import config as config_mod
+from proxy import store
+from proxy.auth import flows
+from proxy.demo.process import DemoUpstream
+from proxy.secret import Secret
+from proxy.server.daemon import Daemon
+
+USER = "alice@contoso.example"
+PASSWORD = 'pa ss "w\\ord" ünï'  # spaces, quotes, a backslash and non-ASCII on purpose
+CLIENT_SECRET = "demo-client-secret"
+
+
+def config_dict(tmp_path: Path, upstream: DemoUpstream, *, protocols: tuple[str, ...] = ("imap", "pop", "smtp"),
+                accounts: dict[str, dict[str, Any]] | None = None,
+                listener_extra: dict[str, dict[str, Any]] | None = None,
+                upstream_ports: dict[str, int] | None = None) -> dict[str, Any]:
+    ca = upstream.ca_file
+    ports = {"imap": upstream.ports["imaps"], "pop": upstream.ports["pop3s"],
+             "smtp": upstream.ports["submission"], **(upstream_ports or {})}
+    tls = {"imap": "implicit", "pop": "implicit", "smtp": "starttls"}
+    secret_file = tmp_path / "client-secret"
+    secret_file.write_text(CLIENT_SECRET)
+    state = tmp_path / "state"
+    return {
+        "state_dir": str(state),
+        "shutdown_grace": 2,
+        "providers": {"demo": {"authority": upstream.entra_url, "tenant": "demo-tenant",
+                               "client_id": "11111111-2222-3333-4444-555555555555",
+                               "ca_file": ca, "timeout": 5,
+                               "client_secret_file": str(secret_file)}},
+        "upstreams": {p: {"protocol": p, "host": "127.0.0.1", "port": ports[p], "tls": tls[p],
+                          "ca_file": ca, "connect_timeout": 5} for p in protocols},
+        "listeners": [{"name": p, "protocol": p, "listen": "127.0.0.1:0", "upstream": p,
+                       **(listener_extra or {}).get(p, {})} for p in protocols],
+        "accounts": accounts if accounts is not None else {USER: {"provider": "demo"}},
+    }
+
+
+def make_config(tmp_path: Path, upstream: DemoUpstream, **kw: Any) -> config_mod.Config:
+    return config_mod.parse(config_dict(tmp_path, upstream, **kw), tmp_path / "config.toml")
+
+
+def open_store(cfg: config_mod.Config) -> store.TokenStore:
+    cfg.state_dir.mkdir(mode=0o700, exist_ok=True)
+    os.chmod(cfg.state_dir, 0o700)
+    return store.TokenStore(cfg.state_dir)
+
+
+def authorise(cfg: config_mod.Config, upstream: DemoUpstream, user: str = USER,
+              password: str = PASSWORD) -> store.TokenStore:
+    """Log ``user`` in through the real device-code flow, approved at once by the fake Entra."""
+    account = cfg.account(user)
+    assert account is not None
+    upstream.configure(auto_approve_user=account.mailbox)
+    token_store = open_store(cfg)
+    flows.login(cfg, account, token_store, Secret(password), out=io.StringIO())
+    return token_store
+
+
+@dataclass
+class ProxyEnv:
+    upstream: DemoUpstream
+    config: config_mod.Config
+    store: store.TokenStore
+    daemon: Daemon
+    user: str = USER
+    password: str = PASSWORD
+
+    @property
+    def ports(self) -> dict[str, int]:
+        return self.daemon.ports()
+
+
+async def start_proxy(tmp_path: Path, upstream: DemoUpstream, **kw: Any) -> ProxyEnv:
+    cfg = make_config(tmp_path, upstream, **kw)
+    token_store = authorise(cfg, upstream) if USER in cfg.accounts else open_store(cfg)
+    daemon = Daemon(cfg)
+    await daemon.start()
+    return ProxyEnv(upstream, cfg, token_store, daemon)
+
+
+def to_toml(data: dict[str, Any]) -> str:
+    """Enough TOML for test configs: strings, numbers, booleans, lists, tables, [[arrays]]."""
+
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, int | float):
+            return repr(v)
+        if isinstance(v, list):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+    def key(k: str) -> str:
+        return k if k.replace("-", "").replace("_", "").isalnum() else value(k)
+
+    lines: list[str] = []
+
+    def table(prefix: str, d: dict[str, Any]) -> None:
+        for k, v in d.items():
+            if not isinstance(v, dict) and not (isinstance(v, list) and v and isinstance(v[0], dict)):
+                lines.append(f"{key(k)} = {value(v)}")
+        for k, v in d.items():
+            name = f"{prefix}.{key(k)}" if prefix else key(k)
+            if isinstance(v, dict):
+                lines.append(f"[{name}]")
+                table(name, v)
+            elif isinstance(v, list) and v and isinstance(v[0], dict):
+                for item in v:
+                    lines.append(f"[[{name}]]")
+                    table(name, item)
+
+    table("", data)
+    return "\n".join(lines) + "\n"
+
+
+def write_config(tmp_path: Path, upstream: DemoUpstream, **kw: Any) -> Path:
+    path = tmp_path / "config.toml"
+    path.write_text(to_toml(config_dict(tmp_path, upstream, **kw)))
+    return path
