@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+from typing import Any
 
 
 class Secret:
@@ -28,8 +29,8 @@ class Secret:
             return NotImplemented
         return hmac.compare_digest(self._value.encode(), other._value.encode())
 
-    def __hash__(self) -> int:
-        return hash(self._value)
+    def __hash__(self) -> int:  # equal secrets have equal lengths; the value stays out of it
+        return hash(("Secret", len(self._value)))
 
-    def __reduce__(self) -> object:
+    def __reduce__(self) -> str | tuple[Any, ...]:
         raise TypeError("a Secret is not to be pickled")

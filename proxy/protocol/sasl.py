@@ -68,6 +68,8 @@ def xoauth2_response(user: str, token: str) -> bytes:
     """The raw (not base64) XOAUTH2 initial client response."""
     if any(c in user for c in "\x01\r\n"):
         raise SaslError("user name has control characters")
+    if any(c in token for c in "\x01\r\n"):
+        raise SaslError("token has control characters")
     return f"user={user}\x01auth=Bearer {token}\x01\x01".encode()
 
 
@@ -75,15 +77,24 @@ def xoauth2_b64(user: str, token: str) -> bytes:
     return b64encode(xoauth2_response(user, token))
 
 
+def _printable(value: object, limit: int = 200) -> str:
+    """One line of server-supplied text: control characters become spaces, length capped."""
+    text = "".join(c if c.isprintable() else " " for c in str(value))
+    return " ".join(text.split())[:limit]
+
+
 def xoauth2_error(challenge: bytes) -> str:
-    """Describe an RFC 7628 error challenge (base64 JSON) sent by a server after a rejection."""
+    """Describe an RFC 7628 error challenge (base64 JSON) sent by a server after a rejection.
+
+    The result is one printable line (no CR/LF): it may end up in a reply to the client.
+    """
     try:
         doc = json.loads(b64decode_strict(challenge))
-    except (SaslError, ValueError):
+    except (SaslError, ValueError, RecursionError):
         return "the server rejected the token"
     if not isinstance(doc, dict):
         return "the server rejected the token"
-    status = doc.get("status", "?")
-    scope = doc.get("scope")
+    status = _printable(doc.get("status", "?"), 40) or "?"
+    scope = _printable(doc.get("scope") or "")
     text = f"the server rejected the token (status {status}"
     return text + (f", scope {scope})" if scope else ")")

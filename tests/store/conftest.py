@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from storetools import ACCOUNT, FAST_N, META, PASSWORD, PAYLOAD, ScryptCounter
+from tests.store.storetools import ACCOUNT, FAST_N, META, PASSWORD, PAYLOAD, ScryptCounter
 
 from proxy.store import TokenStore, Unlocked
 from proxy.store import slots as slots_mod

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from storetools import ACCOUNT, FAST_N, META, PASSWORD, PAYLOAD, SERVICE_KEY
+from tests.store.storetools import ACCOUNT, FAST_N, META, PASSWORD, PAYLOAD, SERVICE_KEY
 
 from proxy.secret import Secret
 from proxy.store import StoreWriteError, TokenStore, Unlocked

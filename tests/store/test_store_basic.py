@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from storetools import (
+from tests.store.storetools import (
     ACCOUNT,
     FAST_N,
     META,

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from storetools import ACCOUNT, FAST_N, META, PASSWORD, PAYLOAD, SERVICE_KEY, doctor, join_file
+from tests.store.storetools import ACCOUNT, FAST_N, META, PASSWORD, PAYLOAD, SERVICE_KEY, doctor, join_file
 
 from proxy.secret import Secret
 from proxy.store import (

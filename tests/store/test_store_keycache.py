@@ -6,7 +6,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from storetools import ACCOUNT, FAST_N, META, PASSWORD, PAYLOAD, ScryptCounter, split_file
+from tests.store.storetools import ACCOUNT, FAST_N, META, PASSWORD, PAYLOAD, ScryptCounter, split_file
 
 from proxy.secret import Secret
 from proxy.store import TokenStore, Unlocked, WrongPassword

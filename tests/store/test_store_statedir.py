@@ -7,7 +7,7 @@ import stat
 from pathlib import Path
 
 import pytest
-from storetools import FAST_N
+from tests.store.storetools import FAST_N
 
 from proxy.store import InsecureStateDir, TokenStore
 
