@@ -24,7 +24,8 @@ CLIENT_SECRET = "demo-client-secret"
 def config_dict(tmp_path: Path, upstream: DemoUpstream, *, protocols: tuple[str, ...] = ("imap", "pop", "smtp"),
                 accounts: dict[str, dict[str, Any]] | None = None,
                 listener_extra: dict[str, dict[str, Any]] | None = None,
-                upstream_ports: dict[str, int] | None = None) -> dict[str, Any]:
+                upstream_ports: dict[str, int] | None = None,
+                limits: dict[str, Any] | None = None) -> dict[str, Any]:
     ca = upstream.ca_file
     ports = {"imap": upstream.ports["imaps"], "pop": upstream.ports["pop3s"],
              "smtp": upstream.ports["submission"], **(upstream_ports or {})}
@@ -35,6 +36,8 @@ def config_dict(tmp_path: Path, upstream: DemoUpstream, *, protocols: tuple[str,
     return {
         "state_dir": str(state),
         "shutdown_grace": 2,
+        # Fast failure replies keep tests quick; tests of throttling set their own limits.
+        "limits": {"failure_delay": 0.05, "max_failure_delay": 0.2, **(limits or {})},
         "providers": {"demo": {"authority": upstream.entra_url, "tenant": "demo-tenant",
                                "client_id": "11111111-2222-3333-4444-555555555555",
                                "ca_file": ca, "timeout": 5,

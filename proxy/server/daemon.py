@@ -1,8 +1,16 @@
-"""The daemon: listeners from the config, one task per connection, graceful stop.
+"""The daemon: listeners from the config, one task per connection, reload, graceful stop.
 
-``Daemon.start()`` opens every listener (a large backlog, so a burst of connects all get a
-greeting), ``Daemon.stop(grace)`` stops accepting, lets sessions finish for ``grace`` seconds,
-then cancels the rest. ``run()`` wires the signals: SIGTERM/SIGINT stop.
+``Daemon.start()`` opens the metrics endpoint (if configured) and then every listener (a large
+backlog, so a burst of connects all get a greeting); it is *ready* once all of them accept.
+``Daemon.reload(config)`` swaps in a new config without dropping a session, and
+``Daemon.stop(grace)`` stops accepting, lets sessions finish for ``grace`` seconds, then
+cancels the rest. ``state`` goes starting → ready (⇄ reloading) → draining → stopped, and the
+``/readyz`` probe answers 200 in ready and reloading only.
+
+``run()`` is the process around it, as systemd sees it (``proxy.systemd``): sockets passed by
+socket activation are used instead of binding; ``READY=1`` once every listener accepts;
+SIGHUP reloads between ``RELOADING=1`` and ``READY=1``; SIGTERM/SIGINT send ``STOPPING=1``
+and drain; ``WATCHDOG=1`` goes out from the event loop itself, so a stuck loop is restarted.
 """
 
 from __future__ import annotations
@@ -12,15 +20,20 @@ import logging
 import signal
 import socket
 import ssl
+import time
 from collections.abc import Callable
+from typing import Literal
 
-from proxy import logs, metrics, store
+from proxy import config as config_mod
+from proxy import logs, metrics, store, systemd
 from proxy.auth.service import TokenService
 from proxy.config import Config, Listener, Upstream
 from proxy.protocol.imap import ImapClientSide, ImapUpstreamSide
 from proxy.protocol.pop import PopClientSide, PopUpstreamSide
 from proxy.server import tls
 from proxy.server.endpoint import Endpoint
+from proxy.server.http import MetricsServer, log_listening
+from proxy.server.limits import PreauthLimiter, Throttle
 from proxy.server.session import TLS_HANDSHAKE_TIMEOUT, Context, Session, Spec
 
 log = logging.getLogger("proxy.daemon")
@@ -28,14 +41,25 @@ BACKLOG = 4096
 
 SPECS = {
     "imap": Spec("imap", ImapClientSide, ImapUpstreamSide,
-                 b"* BYE Idle too long before login; connection closed\r\n"),
+                 b"* BYE Idle too long before login; connection closed\r\n",
+                 b"* BYE [UNAVAILABLE] Too many connections; try again later\r\n"),
     "pop": Spec("pop", PopClientSide, PopUpstreamSide,
-                b"-ERR [SYS/TEMP] Idle too long before login; connection closed\r\n"),
+                b"-ERR [SYS/TEMP] Idle too long before login; connection closed\r\n",
+                b"-ERR [SYS/TEMP] Too many connections; try again later\r\n"),
 }
+
+
+METRICS_SOCKET_NAME = "metrics"  # FileDescriptorName= of a socket-activated metrics endpoint
+
+State = Literal["starting", "ready", "reloading", "draining", "stopped"]
 
 
 class StartupError(Exception):
     """The daemon cannot start (one line, for the operator)."""
+
+
+class ReloadError(Exception):
+    """A reloaded config cannot be used; the daemon keeps the one it has (one line)."""
 
 
 class ListenerRuntime:
@@ -110,31 +134,143 @@ class Daemon:
         except OSError as exc:
             raise StartupError(f"state directory {config.state_dir}: {exc.strerror}") from None
         self.tokens = TokenService(config, self.store)
+        # Shared by every listener: failures and pre-login connections count across protocols.
+        self.throttle = Throttle(config.limits)
+        self.preauth = PreauthLimiter(config.limits)
         self.listeners: list[ListenerRuntime] = []
         self.extra_servers: list[Callable[[], object]] = []
+        self.metrics_server: MetricsServer | None = None
+        self.state: State = "starting"
+        # The context an implicit-TLS server was created with: asyncio keeps it for the
+        # server's life, so a reload makes it hand each new handshake to the current context.
+        self._bound_tls: dict[str, ssl.SSLContext] = {}
 
-    async def start(self, sockets: dict[str, socket.socket] | None = None) -> None:
+    @property
+    def ready(self) -> bool:
+        """Every listener accepts connections (what ``/readyz`` reports)."""
+        return self.state in ("ready", "reloading")
+
+    @property
+    def metrics_port(self) -> int | None:
+        return self.metrics_server.port if self.metrics_server is not None else None
+
+    async def start(self, sockets: dict[str, socket.socket] | None = None, *,
+                    metrics_socket: socket.socket | None = None) -> None:
+        """Open the metrics endpoint, then every listener (on ``sockets[name]`` if given)."""
         sockets = sockets or {}
-        for li in self.config.listeners:
-            up = self.config.upstreams[li.upstream]
-            if li.protocol == "smtp":
-                from proxy.server.smtp import SmtpListener  # aiosmtpd only when SMTP is used
-                runtime: ListenerRuntime = SmtpListener(self.config, li, up, self.tokens,  # type: ignore[assignment]
-                                                        _upstream_tls(up), _server_tls(li))
-            else:
-                runtime = ListenerRuntime(Context(SPECS[li.protocol], li, up, self.tokens,
-                                                  _upstream_tls(up), _server_tls(li)))
-            await runtime.start(sockets.get(li.name))
-            self.listeners.append(runtime)
-            logs.event(log, logging.INFO, "listening", listener=li.name, protocol=li.protocol,
-                       address=f"{li.listen.host}:{runtime.port}", tls=li.tls,
-                       upstream=f"{up.host}:{up.port}")
+        self._prepare_metrics(self.config)
+        try:
+            await self._start_metrics(metrics_socket)
+            for li in self.config.listeners:
+                await self._start_listener(li, sockets.get(li.name))
+        except BaseException:
+            for runtime in self.listeners:
+                runtime.stop_accepting()
+            self.listeners.clear()
+            if self.metrics_server is not None:
+                await self.metrics_server.stop()
+            self.state = "stopped"
+            raise
+        await asyncio.to_thread(self._seed_account_metrics)
+        self.state = "ready"
         metrics.LISTENERS_READY.set(1)
+        metrics.RELOAD_TIME.set(time.time())
+
+    async def _start_metrics(self, sock: socket.socket | None) -> None:
+        listen = self.config.metrics.listen
+        if listen is None and sock is None:
+            return
+        server = MetricsServer(lambda: self.ready)
+        try:
+            await server.start(listen.host if listen else "", listen.port if listen else 0, sock)
+        except OSError as exc:
+            raise StartupError(f"metrics: cannot listen on {listen}: "
+                               f"{exc.strerror or exc}") from None
+        self.metrics_server = server
+        host = listen.host if listen else str(server.server.sockets[0].getsockname()[0])  # type: ignore[union-attr]
+        log_listening(str(config_mod.Address(host, server.port)))
+
+    async def _start_listener(self, li: Listener, sock: socket.socket | None) -> None:
+        up = self.config.upstreams[li.upstream]
+        server_tls = _server_tls(li)
+        if li.protocol == "smtp":
+            from proxy.server.smtp import SmtpListener  # aiosmtpd only when SMTP is used
+            runtime: ListenerRuntime = SmtpListener(self.config, li, up, self.tokens,  # type: ignore[assignment]
+                                                    _upstream_tls(up), server_tls)
+        else:
+            runtime = ListenerRuntime(Context(SPECS[li.protocol], li, up, self.tokens,
+                                              _upstream_tls(up), server_tls,
+                                              throttle=self.throttle, preauth=self.preauth))
+        await runtime.start(sock)
+        self.listeners.append(runtime)
+        if li.tls == "implicit" and server_tls is not None:
+            self._bound_tls[li.name] = server_tls
+        logs.event(log, logging.INFO, "listening", listener=li.name, protocol=li.protocol,
+                   address=f"{li.listen.host}:{runtime.port}", tls=li.tls,
+                   upstream=f"{up.host}:{up.port}", activated=True if sock is not None else None)
 
     def ports(self) -> dict[str, int]:
         return {runtime.name: runtime.port for runtime in self.listeners}
 
+    async def reload(self, config: Config) -> list[str]:
+        """Use ``config`` from now on, without dropping a session.
+
+        Applied at once: the token service's config (token files are read again on next use),
+        each listener's upstream and TLS contexts (a renewed certificate is served to new
+        connections, implicit TLS and STARTTLS alike), metrics label settings. What needs a
+        restart (a listener added, removed or moved, another state directory or metrics
+        address) is kept as it was and returned as notes for the log. Raises ``ReloadError``
+        — and changes nothing — if a certificate, key or CA file cannot be loaded.
+        """
+        old = self.config
+        notes: list[str] = []
+        wanted = {li.name: li for li in config.listeners}
+        kept: list[tuple[ListenerRuntime, Listener]] = []
+        for runtime in self.listeners:
+            current, new = runtime.ctx.listener, wanted.get(runtime.name)
+            if new is None:
+                notes.append(f"listener {runtime.name} was removed from the config: it keeps "
+                             "serving until a restart")
+            elif (new.protocol, new.listen, new.tls) != (current.protocol, current.listen,
+                                                           current.tls):
+                notes.append(f"listener {runtime.name}: a new protocol, address or tls mode "
+                             "needs a restart; it keeps its old settings")
+            else:
+                kept.append((runtime, new))
+        running = {runtime.name for runtime in self.listeners}
+        notes.extend(f"listener {name} is new: a restart opens it"
+                     for name in wanted if name not in running)
+        if config.state_dir != old.state_dir:
+            notes.append(f"state_dir changed to {config.state_dir}: a restart applies it; "
+                         f"token files are still read from {old.state_dir}")
+        if config.metrics.listen != old.metrics.listen:
+            notes.append("metrics.listen changed: a restart applies it")
+
+        def build() -> list[tuple[ssl.SSLContext, ssl.SSLContext | None]]:
+            return [(_upstream_tls(config.upstreams[li.upstream]), _server_tls(li))
+                    for _, li in kept]
+        try:
+            contexts = await asyncio.to_thread(build)
+        except StartupError as exc:
+            raise ReloadError(str(exc)) from None
+
+        # Apply: nothing below awaits, so no session sees half a reload.
+        self.config = config
+        self.tokens.reconfigure(config)
+        self.throttle.limits = self.preauth.limits = config.limits
+        for (runtime, li), (upstream_tls, server_tls) in zip(kept, contexts, strict=True):
+            ctx = runtime.ctx
+            ctx.listener, ctx.upstream = li, config.upstreams[li.upstream]
+            ctx.upstream_tls, ctx.server_tls = upstream_tls, server_tls
+            bound = self._bound_tls.get(li.name)
+            if bound is not None and server_tls is not None:
+                bound.sni_callback = _use_context(server_tls)
+        self._prepare_metrics(config)
+        await asyncio.to_thread(self._seed_account_metrics)
+        return notes
+
     async def stop(self, grace: float | None = None) -> None:
+        self.state = "draining"
         metrics.LISTENERS_READY.set(0)
         grace = self.config.shutdown_grace if grace is None else grace
         for runtime in self.listeners:
@@ -147,19 +283,171 @@ class Daemon:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
         await self.tokens.aclose()
+        if self.metrics_server is not None:
+            await self.metrics_server.stop()
+        self.state = "stopped"
+
+    def _prepare_metrics(self, config: Config) -> None:
+        metrics.prepare(((li.protocol, li.name) for li in config.listeners),
+                        per_account_labels=config.metrics.per_account_labels,
+                        accounts=config.accounts)
+
+    def _seed_account_metrics(self) -> None:
+        """Token facts from the token files' clear metadata (no password needed), so that an
+        account needing authorisation shows before any client tries it (worker thread)."""
+        for name in self.config.accounts:
+            try:
+                meta = self.store.info(name).meta
+            except (store.TokenFileMissing, store.CorruptTokenFile):
+                metrics.ACCOUNTS.set_needs_reauth(name, True)
+                continue
+            except (store.StoreError, OSError, ValueError):
+                continue
+            metrics.ACCOUNTS.set_needs_reauth(name, bool(meta.needs_reauth))
+            metrics.ACCOUNTS.set_expiry(name, access=meta.access_token_expires_at)
 
 
-async def run(config: Config, *, on_ready: Callable[[Daemon], None] | None = None) -> int:
-    daemon = Daemon(config)
-    stop = asyncio.Event()
+SniCallback = Callable[[ssl.SSLObject, str | None, ssl.SSLContext], None]
+
+
+def _use_context(context: ssl.SSLContext) -> SniCallback:
+    def switch(ssl_object: ssl.SSLObject, server_name: str | None, _: ssl.SSLContext) -> None:
+        ssl_object.context = context  # called for every ClientHello, with or without SNI
+    return switch
+
+
+# --- the process ---------------------------------------------------------------------------
+
+
+def _activated_sockets(config: Config, passed: dict[str, list[socket.socket]]
+                       ) -> tuple[dict[str, socket.socket], socket.socket | None]:
+    """Match sockets from socket activation to listeners by name (``FileDescriptorName=``)."""
+    names = {li.name for li in config.listeners}
+    sockets: dict[str, socket.socket] = {}
+    for name, socks in passed.items():
+        if name not in names and name != METRICS_SOCKET_NAME:
+            raise StartupError(
+                f"socket activation passed a socket named {name!r}, but no listener has that "
+                f"name (set FileDescriptorName= to one of: {', '.join(sorted(names))}, or "
+                f"{METRICS_SOCKET_NAME!r} for the metrics endpoint)")
+        if len(socks) != 1:
+            raise StartupError(f"socket activation passed {len(socks)} sockets named {name!r}; "
+                               "one per listener")
+        try:
+            systemd.check_listening(socks[0], f"socket {name!r}")
+        except systemd.ActivationError as exc:
+            raise StartupError(str(exc)) from None
+        sockets[name] = socks[0]
+    return sockets, sockets.pop(METRICS_SOCKET_NAME, None)
+
+
+class _Process:
+    """Signals, service-manager notifications and reloads around one ``Daemon``."""
+
+    def __init__(self, daemon: Daemon, notifier: systemd.Notifier, log_level: str | None) -> None:
+        self.daemon, self.notifier, self.log_level = daemon, notifier, log_level
+        self.stop = asyncio.Event()
+        self.hup = asyncio.Event()
+
+    def status(self, prefix: str = "ready") -> str:
+        ports = ", ".join(f"{name} {port}" for name, port in self.daemon.ports().items())
+        return f"{prefix}: listening ({ports})" if ports else f"{prefix}: no listeners"
+
+    async def watchdog(self, interval: float) -> None:
+        while True:  # from the event loop itself: if the loop hangs, the pings stop
+            self.notifier.watchdog()
+            await asyncio.sleep(interval)
+
+    async def reloader(self) -> None:
+        while True:
+            await self.hup.wait()
+            self.hup.clear()  # SIGHUPs during a reload make one more reload
+            await self.reload()
+
+    async def reload(self) -> None:
+        daemon = self.daemon
+        path = daemon.config.path
+        daemon.state = "reloading"
+        self.notifier.reloading(f"reloading {path}")
+        logs.event(log, logging.INFO, "reload", config=str(path))
+        status = self.status()
+        try:
+            config = await asyncio.to_thread(config_mod.load, path)
+            notes = await daemon.reload(config)
+        except Exception as exc:  # a bad config (or a bug) must not end the daemon
+            metrics.RELOADS.labels("failed").inc()
+            metrics.RELOAD_OK.set(0)
+            expected = isinstance(exc, config_mod.ConfigError | ReloadError)
+            logs.event(log, logging.ERROR, "reload_failed", config=str(path),
+                       reason=str(exc) if expected else f"{type(exc).__name__}: {exc}",
+                       action="fix the config and reload again; still running with the "
+                              "previous one")
+            status = self.status("ready, with the previous config (reload failed)")
+        else:
+            metrics.RELOADS.labels("ok").inc()
+            metrics.RELOAD_OK.set(1)
+            metrics.RELOAD_TIME.set(time.time())
+            logs.set_level(self.log_level or config.log_level)
+            for note in notes:
+                logs.event(log, logging.WARNING, "restart_required", reason=note)
+            logs.event(log, logging.INFO, "reloaded", config=str(path),
+                       restart_required=len(notes) or None)
+        finally:
+            if daemon.state == "reloading":
+                daemon.state = "ready"
+            if not self.stop.is_set():  # else STOPPING=1 has been sent: no READY=1 after it
+                self.notifier.ready(status)
+
+
+async def run(config: Config, *, on_ready: Callable[[Daemon], None] | None = None,
+              log_level: str | None = None) -> int:
+    """Serve until SIGTERM/SIGINT; reload on SIGHUP. ``log_level``: the command line's override
+    of ``config.log_level`` (kept across reloads)."""
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await daemon.start()
-    if on_ready is not None:
-        on_ready(daemon)
-    logs.event(log, logging.INFO, "ready", listeners=len(daemon.listeners))
-    await stop.wait()
-    logs.event(log, logging.INFO, "stopping")
-    await daemon.stop()
+    notifier = systemd.Notifier.from_env()
+    try:
+        passed = systemd.listen_fds()
+    except systemd.ActivationError as exc:
+        raise StartupError(str(exc)) from None
+    signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    tasks: list[asyncio.Task[None]] = []
+    try:
+        try:
+            sockets, metrics_socket = _activated_sockets(config, passed)
+            notifier.status("starting")
+            daemon = Daemon(config)
+            process = _Process(daemon, notifier, log_level)
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, process.stop.set)
+            loop.add_signal_handler(signal.SIGHUP, process.hup.set)
+            await daemon.start(sockets, metrics_socket=metrics_socket)
+        except StartupError as exc:
+            notifier.status(f"cannot start: {exc}")
+            for sock in (sock for socks in passed.values() for sock in socks):
+                sock.close()
+            raise
+        reloader = loop.create_task(process.reloader(), name="reloader")
+        tasks.append(reloader)
+        interval = systemd.watchdog_interval()
+        if interval is not None:
+            tasks.append(loop.create_task(process.watchdog(interval), name="watchdog"))
+        if on_ready is not None:
+            on_ready(daemon)
+        notifier.ready(process.status())
+        logs.event(log, logging.INFO, "ready", listeners=len(daemon.listeners),
+                   systemd=True if notifier.enabled else None, watchdog=interval)
+        await process.stop.wait()
+        notifier.stopping("stopping: draining sessions")
+        logs.event(log, logging.INFO, "stopping")
+        reloader.cancel()  # a reload in progress stops where it waits (reading files)
+        await asyncio.gather(reloader, return_exceptions=True)
+        await daemon.stop()
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+        notifier.close()
+    logs.event(log, logging.INFO, "stopped")
     return 0

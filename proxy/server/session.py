@@ -18,13 +18,13 @@ import ssl
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from proxy import logs, metrics
 from proxy.auth.errors import TokenError
 from proxy.auth.service import TokenService
-from proxy.config import Listener, Upstream
+from proxy.config import Limits, Listener, Upstream
 from proxy.protocol.events import (
     Authenticate,
     CloseConnection,
@@ -40,11 +40,10 @@ from proxy.protocol.events import (
 )
 from proxy.secret import Secret
 from proxy.server.endpoint import ConnectionClosed, Endpoint, relay
+from proxy.server.limits import PreauthLimiter, Throttle, is_loopback
 
 log = logging.getLogger("proxy.session")
 
-PREAUTH_IDLE = 60.0  # seconds of silence allowed before login
-PREAUTH_TOTAL = 300.0  # seconds allowed from connect to login
 UPSTREAM_LOGIN_TIMEOUT = 30.0
 TLS_HANDSHAKE_TIMEOUT = 15.0
 
@@ -72,6 +71,7 @@ class Spec:
     client_machine: Callable[..., ClientMachine]
     upstream_machine: Callable[..., UpstreamMachine]
     timeout_reply: bytes
+    busy_reply: bytes
 
 
 class UpstreamUnavailable(Exception):
@@ -88,6 +88,8 @@ class Context:
     tokens: TokenService
     upstream_tls: ssl.SSLContext
     server_tls: ssl.SSLContext | None
+    throttle: Throttle = field(default_factory=lambda: Throttle(Limits()))
+    preauth: PreauthLimiter = field(default_factory=lambda: PreauthLimiter(Limits()))
 
     def __post_init__(self) -> None:
         p = self.spec.protocol
@@ -126,6 +128,7 @@ class Session:
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "?")
         self.peer_host = peer[0] if isinstance(peer, tuple) else ""
         self.account: str | None = None
+        self.preauth_slot = False  # holds one of the pre-login connection slots
 
     async def run(self) -> None:
         labels = (self.ctx.spec.protocol, self.ctx.listener.name)
@@ -133,6 +136,12 @@ class Session:
         metrics.CONNECTIONS_ACTIVE.labels(*labels).inc()
         started = time.monotonic()
         try:
+            if not self.ctx.preauth.admit(self.peer_host):
+                logs.event(log, logging.WARNING, "connection_refused", protocol=self.ctx.spec.protocol,
+                           peer=self.peer, reason="too many connections before login")
+                self.client.write(self.ctx.spec.busy_reply)
+                return
+            self.preauth_slot = True
             await self._serve()
         except (ConnectionClosed, ConnectionError, ssl.SSLError) as exc:
             logs.event(log, logging.DEBUG, "connection_closed", peer=self.peer,
@@ -142,6 +151,7 @@ class Session:
         except Exception:  # a bug: this connection ends, the daemon does not
             log.exception("session_failed", extra={"fields": {"peer": self.peer}})
         finally:
+            self._release_preauth()
             metrics.CONNECTIONS_ACTIVE.labels(*labels).dec()
             for endpoint in (self.client, self.upstream):
                 if endpoint is not None:
@@ -158,7 +168,8 @@ class Session:
             tls_active=ctx.listener.tls == "implicit",
             login_disabled=self._login_disabled())
         work: deque[object] = deque(machine.greeting())
-        deadline = asyncio.get_running_loop().time() + PREAUTH_TOTAL
+        limits = ctx.tokens.config.limits
+        deadline = asyncio.get_running_loop().time() + limits.preauth_total
         while True:
             while work:
                 cmd = work.popleft()
@@ -183,7 +194,7 @@ class Session:
             await client.drain()
             left = deadline - asyncio.get_running_loop().time()
             try:
-                async with asyncio.timeout(max(0.0, min(PREAUTH_IDLE, left))):
+                async with asyncio.timeout(max(0.0, min(limits.preauth_idle, left))):
                     data = await client.read()
             except TimeoutError:
                 with contextlib.suppress(ConnectionClosed):
@@ -197,7 +208,12 @@ class Session:
         li = self.ctx.listener
         if li.tls == "implicit" or li.allow_insecure_non_loopback:
             return False
-        return not _is_loopback(self.peer_host)
+        return not is_loopback(self.peer_host)
+
+    def _release_preauth(self) -> None:
+        if self.preauth_slot:
+            self.preauth_slot = False
+            self.ctx.preauth.release(self.peer_host)
 
     async def _login(self, machine: ClientMachine, cmd: Authenticate) -> Sequence[object]:
         ctx = self.ctx
@@ -213,12 +229,22 @@ class Session:
                        peer=self.peer, mechanism=cmd.mechanism, result=result,
                        reason=reason or None, latency=time.monotonic() - started, **fields)
 
+        locked = ctx.throttle.locked(cmd.username, self.peer_host)
+        if locked > 0:
+            finish("throttled", "locked out after repeated failures")
+            return machine.login_failed(
+                Failure.THROTTLED, f"Too many failed logins; try again in {int(locked) + 1} seconds.")
         try:
             token = await ctx.tokens.access_token(cmd.username, cmd.password, protocol)  # type: ignore[arg-type]
             account = ctx.tokens.account(cmd.username)
         except TokenError as exc:
+            if exc.failure is Failure.BAD_CREDENTIALS:
+                # Answer after the same delay whatever failed (no timing oracle), longer each time.
+                delay = ctx.throttle.failure(cmd.username, self.peer_host)
+                await asyncio.sleep(max(0.0, started + delay - time.monotonic()))
             finish(exc.result, exc.detail)
             return machine.login_failed(exc.failure, exc.user_text)
+        ctx.throttle.success(cmd.username, self.peer_host)
         for attempt in (1, 2):
             try:
                 upstream, outcome = await self._upstream_login(account.mailbox, token)
@@ -229,6 +255,7 @@ class Session:
                                          "right now; try again later.")
             if isinstance(outcome, UpstreamLoggedIn):
                 self.upstream, self.account = upstream, account.name
+                self._release_preauth()
                 finish("ok", attempt=attempt if attempt > 1 else None)
                 return machine.login_succeeded(outcome.capabilities, outcome.server_bytes)
             upstream.close()
@@ -292,13 +319,5 @@ class Session:
         await relay(self.client, upstream, count_up=self.ctx.count_up,
                     count_down=self.ctx.count_down)
 
-
-def _is_loopback(host: str) -> bool:
-    import ipaddress
-    try:
-        address = ipaddress.ip_address(host.split("%")[0])
-    except ValueError:
-        return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped.is_loopback
-    return address.is_loopback
+# Kept for callers that still use the old private name.
+_is_loopback = is_loopback
