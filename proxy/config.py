@@ -132,9 +132,25 @@ class Account:
 
 
 @dataclass(frozen=True)
+class Limits:
+    """Login throttling and pre-login limits (``[limits]``)."""
+
+    failure_delay: float = 1.0  # seconds before the first failure is answered
+    max_failure_delay: float = 15.0
+    lockout_after: int = 10  # failures in a row (per account or per source)
+    lockout_seconds: float = 300.0
+    forget_after: float = 900.0  # a quiet key starts again from zero
+    max_preauth_per_source: int = 1024
+    max_preauth_total: int = 8192
+    preauth_idle: float = 60.0  # seconds of silence allowed before login
+    preauth_total: float = 300.0  # seconds from connect to login
+
+
+@dataclass(frozen=True)
 class Metrics:
-    listen: Address | None = None
-    per_account_labels: bool = False
+    listen: Address | None = None  # where /metrics, /healthz and /readyz are served; off if None
+    per_account_labels: bool = False  # account names as labels on the per-account token series
+    allow_non_loopback: bool = False  # the endpoint is unauthenticated: loopback unless allowed
 
 
 @dataclass(frozen=True)
@@ -146,6 +162,7 @@ class Config:
     providers: dict[str, Provider]
     accounts: dict[str, Account]
     metrics: Metrics = Metrics()
+    limits: Limits = Limits()
     log_level: str = "info"
     shutdown_grace: float = 30.0
 
@@ -434,11 +451,35 @@ def parse(data: dict[str, Any], file: Path) -> Config:
         metrics = Metrics(
             listen=parse_address(listen, mt, "listen") if listen else None,
             per_account_labels=mt.get("per_account_labels", bool, False),
+            allow_non_loopback=mt.get("allow_non_loopback", bool, False),
         )
+        if (metrics.listen is not None and not metrics.listen.is_loopback
+                and not metrics.allow_non_loopback):
+            raise mt.fail("listen", f"{metrics.listen} is not a loopback address and the metrics "
+                                    "endpoint has no authentication; listen on 127.0.0.1 or ::1 "
+                                    "(scrape through a tunnel or a local agent), or set "
+                                    "allow_non_loopback = true")
         mt.done()
+    limits = Limits()
+    lt = top.table("limits")
+    if lt is not None:
+        limits = Limits(
+            failure_delay=lt.number("failure_delay", limits.failure_delay, 0, 60),
+            max_failure_delay=lt.number("max_failure_delay", limits.max_failure_delay, 0, 600),
+            lockout_after=int(lt.number("lockout_after", limits.lockout_after, 1, 10_000)),
+            lockout_seconds=lt.number("lockout_seconds", limits.lockout_seconds, 0, 86_400),
+            forget_after=lt.number("forget_after", limits.forget_after, 1, 86_400),
+            max_preauth_per_source=int(lt.number("max_preauth_per_source",
+                                                 limits.max_preauth_per_source, 1, 1_000_000)),
+            max_preauth_total=int(lt.number("max_preauth_total", limits.max_preauth_total, 1,
+                                            1_000_000)),
+            preauth_idle=lt.number("preauth_idle", limits.preauth_idle, 0.1, 3600),
+            preauth_total=lt.number("preauth_total", limits.preauth_total, 0.1, 86_400),
+        )
+        lt.done()
     top.done()
     return Config(path=file, state_dir=state_dir, listeners=tuple(listeners), upstreams=upstreams,
-                  providers=providers, accounts=accounts, metrics=metrics, log_level=log_level,
+                  providers=providers, accounts=accounts, metrics=metrics, limits=limits, log_level=log_level,
                   shutdown_grace=shutdown_grace)
 
 
