@@ -278,3 +278,44 @@ async def test_50mb_message_byte_identical(env: ProxyEnv) -> None:
         client.logout()
 
     await asyncio.to_thread(session)
+
+
+async def test_upstream_rejection_refreshes_once(env: ProxyEnv) -> None:
+    """The mail server stops honouring the proxy's cached token: refresh once, then log in."""
+
+    def session() -> None:
+        client = connect(env)
+        login(client, USER, PASSWORD)
+        client.logout()
+
+    await asyncio.to_thread(session)  # the proxy now holds a token it believes valid
+    env.upstream.revoke(USER, access_tokens=True, refresh_tokens=False)
+    env.upstream.reset_stats()
+    await asyncio.to_thread(session)
+    assert env.upstream.stats()["grant_types"] == {"refresh_token": 1}
+
+
+async def test_upstream_keeps_rejecting(env: ProxyEnv) -> None:
+    """A token refused again after a refresh: the server's own text reaches the client."""
+    env.upstream.configure(access_token_lifetime=3600)
+
+    def attempt(user: str) -> str:
+        client = connect(env)
+        try:
+            login(client, user, PASSWORD)
+        except imaplib.IMAP4.error as exc:
+            return str(exc)
+        finally:
+            client.shutdown()
+        return "OK"
+
+    # The account's mailbox name upstream differs from the user the tokens are for.
+    from proxy.config import Account
+    account = env.config.accounts[USER]
+    env.config.accounts[USER] = Account(account.name, account.provider, account.flow,
+                                        upstream_user="someone-else@contoso.example")
+    try:
+        text = await asyncio.to_thread(attempt, USER)
+    finally:
+        env.config.accounts[USER] = account
+    assert "[AUTHENTICATIONFAILED]" in text and "AUTHENTICATE failed" in text
