@@ -44,6 +44,9 @@ AUTH_CODE_LIFETIME = 600
 DEVICE_CODE_LIFETIME = 900
 DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
 
+# Entra's access tokens are JWTs of 1.5-3 KB; tokens as long make long-line handling count.
+ACCESS_TOKEN_BYTES = 1200
+
 
 def now() -> float:
     return time.time()
@@ -225,7 +228,7 @@ class TokenAuthority:
         issued = now()
         life = self.knobs.access_token_lifetime if lifetime is None else lifetime
         token = AccessToken(
-            secrets.token_urlsafe(48), username, client_id, scopes, issued, issued + life
+            secrets.token_urlsafe(ACCESS_TOKEN_BYTES), username, client_id, scopes, issued, issued + life
         )
         self.access_tokens[token.token] = token
         return token

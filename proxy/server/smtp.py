@@ -1,0 +1,663 @@
+"""The SMTP listener: aiosmtpd in front, one aiosmtplib XOAUTH2 session behind each client.
+
+aiosmtpd's ``SMTP`` protocol runs on the daemon's own loop (``loop.create_server``, no threaded
+``Controller``). It speaks EHLO, STARTTLS, AUTH and the mail commands; ``ConnectionHandler``
+(one per connection) supplies the async ``auth_PLAIN``/``auth_LOGIN`` mechanisms and the
+``handle_*`` hooks:
+
+- AUTH PLAIN/LOGIN with the *local* password → token service → ``UpstreamSession.open``
+  (verified TLS, EHLO, AUTH XOAUTH2, one retry with a fresh token if the upstream refuses the
+  first). The AUTH reply is the verdict of that whole chain: 235, ``535 5.7.8`` (password,
+  authorisation, refused token), ``454 4.7.0`` (identity platform or upstream unreachable: a
+  device retries later) or ``454 4.3.5`` (proxy misconfigured for the account).
+- MAIL, RCPT, RSET, NOOP go to the upstream as the client sent them and the upstream's reply
+  goes back unchanged. DATA: aiosmtpd collects the message, the upstream gets DATA and the
+  exact bytes, and the client hears the upstream's reply to the final dot — so a ``250`` the
+  client sees is a message the upstream accepted. QUIT ends both sessions.
+- An upstream that drops or stalls mid-session gets the client ``421 4.4.2`` and a close.
+
+AUTH before TLS is offered only to loopback peers (or with ``allow_insecure_non_loopback``),
+decided per connection here rather than by aiosmtpd's ``auth_require_tls``, which would also
+hide AUTH on implicit-TLS listeners. aiosmtpd's own logger (``mail.log``) logs every command
+line at INFO and every DATA line at DEBUG; it is filtered down to errors (``quiet_aiosmtpd``),
+so no content and no AUTH payload reaches a log. One log line per message: envelope only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import collections
+import logging
+import re
+import socket
+import ssl
+import time
+from collections.abc import Callable
+from typing import Any
+
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session, TLSSetupException
+
+from proxy import __version__, logs, metrics
+from proxy.auth.errors import TokenError
+from proxy.auth.service import TokenService
+from proxy.config import Config, Listener, Upstream
+from proxy.protocol.events import Failure
+from proxy.protocol.sasl import SaslError, b64decode_strict, decode_plain
+from proxy.secret import Secret
+from proxy.server.daemon import BACKLOG, StartupError
+from proxy.server.limits import PreauthLimiter, Throttle, is_loopback
+from proxy.server.session import TLS_HANDSHAKE_TIMEOUT
+from proxy.server.smtp_upstream import (
+    DATA_END_TIMEOUT,
+    Reply,
+    UpstreamLost,
+    UpstreamRejected,
+    UpstreamSession,
+    UpstreamUnavailable,
+    queue_id,
+)
+
+log = logging.getLogger("proxy.smtp")
+
+CLIENT_IDLE = 300.0  # seconds of client silence before the connection is closed (RFC 5321: 5 min)
+MAX_MESSAGE_SIZE = 64 * 1024 * 1024  # advertised SIZE; lowered to the upstream's after login
+_REPLY_TEXT_LIMIT = 400  # an SMTP reply line is at most 512 octets
+
+_FAILURE_REPLY = {
+    Failure.BAD_CREDENTIALS: "535 5.7.8",
+    Failure.AUTHORISATION_NEEDED: "535 5.7.8",
+    Failure.UPSTREAM_REJECTED: "535 5.7.8",
+    Failure.UNAVAILABLE: "454 4.7.0",
+    Failure.THROTTLED: "454 4.7.0",
+    Failure.CONTACT_ADMIN: "454 4.3.5",
+}
+_USERNAME_CHALLENGE = b"VXNlcm5hbWU6"  # "Username:"
+_PASSWORD_CHALLENGE = b"UGFzc3dvcmQ6"  # "Password:"
+
+
+def _text(text: str) -> str:
+    """One reply line of our own: printable, no CR/LF, length capped."""
+    flat = " ".join("".join(c if c.isprintable() else " " for c in text).split())
+    return flat[:_REPLY_TEXT_LIMIT]
+
+
+def failure_reply(failure: Failure, text: str) -> str:
+    return f"{_FAILURE_REPLY[failure]} {_text(text)}"
+
+
+class _QuietFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR
+
+
+_QUIET = _QuietFilter()
+
+
+def quiet_aiosmtpd() -> None:
+    """Keep aiosmtpd's ``mail.log`` to errors: it logs commands at INFO (addresses), DATA lines
+    at DEBUG (content) and a deprecation warning per AUTH. A filter, so that setting the level
+    to DEBUG (caplog, ``log_level = "debug"``) cannot bring the lines back."""
+    mail_log = logging.getLogger("mail.log")
+    if _QUIET not in mail_log.filters:
+        mail_log.addFilter(_QUIET)
+    if mail_log.level < logging.WARNING:  # also skips building the records (per DATA line)
+        mail_log.setLevel(logging.WARNING)
+
+
+def _local_name() -> str:
+    name = socket.gethostname()
+    return name if re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,252})", name) else "localhost"
+
+
+class SmtpContext:
+    """What every connection of one SMTP listener shares."""
+
+    def __init__(self, listener: Listener, upstream: Upstream, tokens: TokenService,
+                 upstream_tls: ssl.SSLContext, server_tls: ssl.SSLContext | None,
+                 throttle: Throttle, preauth: PreauthLimiter) -> None:
+        self.listener, self.upstream, self.tokens = listener, upstream, tokens
+        self.upstream_tls, self.server_tls = upstream_tls, server_tls
+        self.throttle, self.preauth = throttle, preauth
+        self.hostname = _local_name()
+
+
+class ProxySMTP(SMTP):
+    """aiosmtpd's protocol with what the proxy needs on top of the public hooks.
+
+    - a per-connection life task (``ConnectionHandler.life``) the daemon can wait for;
+    - the idle timer restarts on every byte received, so a slow 20 MB DATA is not cut off at
+      CLIENT_IDLE (aiosmtpd restarts it per command only), and can be held while the upstream
+      takes its time over a message;
+    - DATA after every recipient was refused: ``554 5.5.1`` (RFC 2920), not ``503``;
+    - ``command_size_limits`` per instance (aiosmtpd shares one dict across all connections
+      and grows it on every EHLO).
+    """
+
+    event_handler: ConnectionHandler
+
+    def __init__(self, handler: ConnectionHandler, **kwargs: Any) -> None:
+        self.command_size_limits = collections.defaultdict(lambda: SMTP.command_size_limit)
+        super().__init__(handler, **kwargs)
+        self._proxy_started = False
+        self._refused = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        first = not self._proxy_started
+        self._proxy_started = True
+        if first and not self.event_handler.admit(transport):
+            self._refused = True  # too many connections before login: say so, never greet
+            assert isinstance(transport, asyncio.WriteTransport)
+            transport.write(b"421 4.7.0 Too many connections; try again later\r\n")
+            transport.close()
+            return
+        super().connection_made(transport)  # called again after STARTTLS, with the TLS transport
+        if first:
+            self.event_handler.connected(self, transport)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self._refused:
+            return
+        try:
+            super().connection_lost(error)
+        finally:
+            self.event_handler.lost()
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return
+        self._reset_timeout()
+        super().data_received(data)
+
+    def hold_idle_timer(self, seconds: float | None) -> None:
+        """Give the client ``seconds`` of silence from now (None: back to CLIENT_IDLE)."""
+        if self.transport is not None:
+            self._reset_timeout(seconds)
+
+    def close_soon(self) -> None:
+        """Close after the reply being sent now (pushed before the loop runs callbacks)."""
+        transport = self.transport
+        if transport is not None:
+            self.loop.call_soon(transport.close)
+
+    async def smtp_AUTH(self, arg: str) -> None:
+        if arg:  # mechanism names are case-insensitive (RFC 4954); aiosmtpd matches them exactly
+            mechanism, sep, rest = arg.partition(" ")
+            arg = mechanism.upper() + sep + rest
+        await super().smtp_AUTH(arg)
+
+    async def smtp_DATA(self, arg: str) -> None:
+        envelope = self.envelope
+        if (envelope is not None and envelope.mail_from and not envelope.rcpt_tos
+                and self.event_handler.rcpt_refused and not arg
+                and self.session is not None and self.session.authenticated):
+            await self.push("554 5.5.1 No valid recipients")
+            return
+        await super().smtp_DATA(arg)
+
+
+class ConnectionHandler:
+    """One client connection: aiosmtpd's handler (auth mechanisms and hooks) and its state."""
+
+    def __init__(self, ctx: SmtpContext,
+                 on_connect: Callable[[ConnectionHandler], None] | None = None) -> None:
+        self.ctx = ctx
+        self.on_connect = on_connect
+        self.server: ProxySMTP | None = None
+        self.peer = "?"
+        self.peer_host = ""
+        self.account: str | None = None
+        self.credentials: tuple[str, Secret] | None = None
+        self.upstream: UpstreamSession | None = None
+        self.in_transaction = False  # the upstream accepted MAIL and has not seen the final dot
+        self.rcpt_refused = 0
+        self.messages = 0
+        self.started = time.monotonic()
+        self._gone: asyncio.Future[None] | None = None
+        self.preauth_slot = False  # holds one of the pre-login connection slots
+
+    def admit(self, transport: asyncio.BaseTransport) -> bool:
+        peer = transport.get_extra_info("peername")
+        host = peer[0] if isinstance(peer, tuple) else ""
+        if not self.ctx.preauth.admit(host):
+            logs.event(log, logging.WARNING, "connection_refused", protocol="smtp",
+                       peer=host, reason="too many connections before login")
+            return False
+        self.preauth_slot = True
+        return True
+
+    def release_preauth(self) -> None:
+        if self.preauth_slot:
+            self.preauth_slot = False
+            self.ctx.preauth.release(self.peer_host)
+
+    # --- life -----------------------------------------------------------------------------
+
+    def connected(self, server: ProxySMTP, transport: asyncio.BaseTransport) -> None:
+        self.server = server
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "?")
+        self.peer_host = peer[0] if isinstance(peer, tuple) else ""
+        self._gone = server.loop.create_future()
+        labels = ("smtp", self.ctx.listener.name)
+        metrics.CONNECTIONS.labels(*labels).inc()
+        metrics.CONNECTIONS_ACTIVE.labels(*labels).inc()
+        if self.on_connect is not None:
+            self.on_connect(self)
+
+    def lost(self) -> None:
+        self.release_preauth()
+        if self._gone is not None and not self._gone.done():
+            self._gone.set_result(None)
+
+    async def life(self) -> None:
+        """Runs while the client is connected; cancelling it (daemon stop) says 421 and closes."""
+        assert self._gone is not None and self.server is not None
+        try:
+            await self._gone
+        except asyncio.CancelledError:
+            transport = self.server.transport
+            if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
+                transport.write(b"421 4.3.2 Proxy shutting down; try again later\r\n")
+                transport.close()
+            raise
+        finally:
+            if self.upstream is not None:
+                self.upstream.close()
+            metrics.CONNECTIONS_ACTIVE.labels("smtp", self.ctx.listener.name).dec()
+            if self.account is not None:
+                logs.event(log, logging.INFO, "session_end", protocol="smtp",
+                           account=self.account, peer=self.peer, messages=self.messages,
+                           duration=time.monotonic() - self.started)
+
+    # --- AUTH -----------------------------------------------------------------------------
+
+    def _tls_active(self, server: SMTP) -> bool:
+        return self.ctx.listener.tls == "implicit" or (
+            server.session is not None and server.session.ssl is not None)
+
+    def _auth_allowed(self, server: SMTP) -> bool:
+        return (self._tls_active(server) or self.ctx.listener.allow_insecure_non_loopback
+                or is_loopback(self.peer_host))
+
+    async def _refuse_without_tls(self, server: SMTP) -> bool:
+        if self._auth_allowed(server):
+            return False
+        hint = "; use STARTTLS first" if server.tls_context else ""
+        await server.push(f"538 5.7.11 Encryption required for requested authentication "
+                          f"mechanism{hint}")
+        return True
+
+    async def auth_PLAIN(self, server: SMTP, args: list[str]) -> AuthResult:
+        if await self._refuse_without_tls(server):
+            return AuthResult(success=False, handled=True)
+        if len(args) == 1:
+            raw = await server.challenge_auth(b"", encode_to_b64=False)  # "334 "
+            if raw is MISSING:  # aiosmtpd has answered (501 for "*" or bad base64)
+                return AuthResult(success=False, handled=True)
+            assert isinstance(raw, bytes)
+            response = base64.b64encode(raw)
+        else:
+            response = args[1].encode("utf-8", "surrogateescape")
+        try:
+            user, password = decode_plain(response)
+        except SaslError as exc:
+            await server.push(f"501 5.5.2 {exc}")
+            return AuthResult(success=False, handled=True)
+        return await self._login(server, user, password, "PLAIN")
+
+    async def auth_LOGIN(self, server: SMTP, args: list[str]) -> AuthResult:
+        if await self._refuse_without_tls(server):
+            return AuthResult(success=False, handled=True)
+        try:
+            if len(args) == 2:
+                raw_user: object = b64decode_strict(args[1].encode("utf-8", "surrogateescape"))
+            else:
+                raw_user = await server.challenge_auth(_USERNAME_CHALLENGE, encode_to_b64=False)
+            if raw_user is MISSING:
+                return AuthResult(success=False, handled=True)
+            raw_password = await server.challenge_auth(_PASSWORD_CHALLENGE, encode_to_b64=False)
+            if raw_password is MISSING:
+                return AuthResult(success=False, handled=True)
+            assert isinstance(raw_user, bytes) and isinstance(raw_password, bytes)
+            user = raw_user.decode("utf-8").strip()
+            password = Secret(raw_password.decode("utf-8"))
+        except SaslError:
+            await server.push("501 5.5.2 Can't decode base64")
+            return AuthResult(success=False, handled=True)
+        except UnicodeDecodeError:
+            await server.push("501 5.5.2 User name and password must be UTF-8")
+            return AuthResult(success=False, handled=True)
+        if not user or not password.reveal():
+            await server.push("501 5.5.2 Empty user name or password")
+            return AuthResult(success=False, handled=True)
+        return await self._login(server, user, password, "LOGIN")
+
+    async def _login(self, server: SMTP, user: str, password: Secret,
+                     mechanism: str) -> AuthResult:
+        started = time.monotonic()
+
+        def finish(result: str, reason: str = "", **fields: Any) -> None:
+            metrics.LOGINS.labels("smtp", result).inc()
+            if result == "ok":
+                metrics.UPSTREAM_LOGIN_SECONDS.labels("smtp").observe(time.monotonic() - started)
+            logs.event(log, logging.INFO if result == "ok" else logging.WARNING, "login",
+                       protocol="smtp", listener=self.ctx.listener.name, account=user[:200],
+                       peer=self.peer, mechanism=mechanism, result=result,
+                       reason=reason or None, latency=time.monotonic() - started, **fields)
+
+        throttle = self.ctx.throttle
+        locked = throttle.locked(user, self.peer_host)
+        if locked > 0:
+            finish("throttled", "locked out after repeated failures")
+            return _refused(failure_reply(
+                Failure.THROTTLED, f"Too many failed logins; try again in {int(locked) + 1} seconds."))
+        try:
+            upstream, account, attempt = await self._open_upstream(user, password)
+        except TokenError as exc:
+            if exc.failure is Failure.BAD_CREDENTIALS:
+                # Answer after the same delay whatever failed (no timing oracle), longer each time.
+                delay = throttle.failure(user, self.peer_host)
+                await asyncio.sleep(max(0.0, started + delay - time.monotonic()))
+            finish(exc.result, exc.detail)
+            return _refused(failure_reply(exc.failure, exc.user_text))
+        except UpstreamUnavailable as exc:
+            finish("upstream_unavailable", str(exc))
+            return _refused(failure_reply(
+                Failure.UNAVAILABLE, f"The mail server {self.ctx.upstream.host} cannot be reached "
+                                     "right now; try again later."))
+        except _Refused as exc:
+            finish("upstream_rejected", exc.text)
+            return _refused(failure_reply(
+                Failure.UPSTREAM_REJECTED,
+                f"The mail server refused the login for {exc.mailbox}: {exc.text} (check the "
+                "mailbox's permission for SMTP AUTH)"))
+        if self.upstream is not None:  # AUTH again after STARTTLS: the old session is done
+            self.upstream.close()
+        self.upstream, self.account, self.credentials = upstream, account, (user, password)
+        self.in_transaction = False
+        self._adopt_size(server, upstream)
+        throttle.success(user, self.peer_host)
+        self.release_preauth()
+        finish("ok", attempt=attempt if attempt > 1 else None)
+        return AuthResult(success=True, auth_data=account)
+
+    async def _open_upstream(self, user: str, password: Secret) -> tuple[UpstreamSession, str, int]:
+        """Token, then upstream login; a refused token is replaced once (``rejected=``)."""
+        ctx = self.ctx
+        token = await ctx.tokens.access_token(user, password, "smtp")
+        account = ctx.tokens.account(user)
+        for attempt in (1, 2):
+            try:
+                session = await UpstreamSession.open(ctx.upstream, ctx.upstream_tls,
+                                                     account.mailbox, token,
+                                                     local_name=ctx.hostname)
+                return session, account.name, attempt
+            except UpstreamRejected as exc:
+                if attempt == 2:
+                    raise _Refused(account.mailbox, str(exc)) from None
+                token = await ctx.tokens.access_token(user, password, "smtp", rejected=token)
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def _adopt_size(server: SMTP, upstream: UpstreamSession) -> None:
+        if upstream.size_limit and (not server.data_size_limit
+                                    or upstream.size_limit < server.data_size_limit):
+            server.data_size_limit = upstream.size_limit
+
+    # --- session hooks --------------------------------------------------------------------
+
+    async def handle_EHLO(self, server: SMTP, session: Session, envelope: Envelope,
+                          hostname: str, responses: list[str]) -> list[str]:
+        session.host_name = hostname  # aiosmtpd leaves this to a 5-argument EHLO hook
+        await self._abandon_transaction()
+        allowed = self._auth_allowed(server)
+        out = [r for r in responses if allowed or not r.startswith("250-AUTH ")]
+        out.insert(len(out) - 1, "250-PIPELINING")
+        return out
+
+    async def handle_HELO(self, server: SMTP, session: Session, envelope: Envelope,
+                          hostname: str) -> str:
+        session.host_name = hostname
+        await self._abandon_transaction()
+        return f"250 {server.hostname}"
+
+    async def handle_RSET(self, server: ProxySMTP, session: Session, envelope: Envelope) -> Any:
+        self.in_transaction = False
+        return await self._forward(server, session, b"RSET") or "250 2.0.0 OK"
+
+    async def handle_NOOP(self, server: ProxySMTP, session: Session, envelope: Envelope,
+                          arg: str) -> Any:
+        return await self._forward(server, session, b"NOOP") or "250 2.0.0 OK"
+
+    async def handle_QUIT(self, server: SMTP, session: Session, envelope: Envelope) -> Any:
+        upstream, self.upstream = self.upstream, None
+        reply = await upstream.quit() if upstream is not None else None
+        return reply.wire() if reply is not None and reply.code == 221 else "221 2.0.0 Bye"
+
+    async def handle_MAIL(self, server: ProxySMTP, session: Session, envelope: Envelope,
+                          address: str, options: list[str]) -> Any:
+        if not session.authenticated:
+            return "530 5.7.0 Authentication required"
+        if self.upstream is None or not self.upstream.connected:
+            failed = await self._reconnect(server)
+            if failed is not None:
+                return failed
+        await self._abandon_transaction()
+        self.rcpt_refused = 0
+        args = [b"MAIL", b"FROM:<" + _raw(address) + b">", *(_raw(o) for o in options)]
+        reply = await self._command(server, *args)
+        if isinstance(reply, Reply) and reply.positive:
+            envelope.mail_from = address
+            envelope.mail_options.extend(options)
+            self.in_transaction = True
+        return reply.wire() if isinstance(reply, Reply) else reply
+
+    async def handle_RCPT(self, server: ProxySMTP, session: Session, envelope: Envelope,
+                          address: str, options: list[str]) -> Any:
+        args = [b"RCPT", b"TO:<" + _raw(address) + b">", *(_raw(o) for o in options)]
+        reply = await self._command(server, *args)
+        if not isinstance(reply, Reply):
+            return reply
+        if reply.positive:
+            envelope.rcpt_tos.append(address)
+            envelope.rcpt_options.extend(options)
+            metrics.SMTP_RECIPIENTS.labels("accepted").inc()
+        else:
+            self.rcpt_refused += 1
+            metrics.SMTP_RECIPIENTS.labels("rejected").inc()
+        return reply.wire()
+
+    async def handle_DATA(self, server: ProxySMTP, session: Session, envelope: Envelope) -> Any:
+        content = envelope.original_content or b""
+        started = time.monotonic()
+        if self.upstream is None:
+            return self._lost(server, UpstreamLost("no upstream session"))
+        server.hold_idle_timer(DATA_END_TIMEOUT + 60)  # the client waits for the upstream
+        try:
+            reply, sent = await self.upstream.data(content)
+        except UpstreamLost as exc:
+            self._message_logged(envelope, content, None, "failed", started, reason=str(exc))
+            return self._lost(server, exc)
+        finally:
+            server.hold_idle_timer(None)
+        # After the final dot the upstream's transaction is over, whatever the reply; a refused
+        # DATA leaves it open (aiosmtpd resets ours), so the next MAIL resets it first.
+        self.in_transaction = not sent
+        result = ("accepted" if reply.positive else "deferred" if reply.code < 500
+                  else "rejected")
+        self._message_logged(envelope, content, reply, result, started)
+        if reply.code == 421:
+            server.close_soon()
+        return reply.wire()
+
+    async def handle_exception(self, error: Exception) -> str:
+        if isinstance(error, TLSSetupException):
+            logs.event(log, logging.INFO, "tls_failed", protocol="smtp", peer=self.peer,
+                       reason=repr(error.__cause__))
+            return "454 4.7.0 TLS handshake failed"
+        log.error("smtp_session_failed", exc_info=error,
+                  extra={"fields": {"peer": self.peer, "account": self.account}})
+        if self.server is not None:
+            self.server.close_soon()
+        return "421 4.3.0 Internal error in the proxy; closing connection"
+
+    # --- helpers --------------------------------------------------------------------------
+
+    async def _forward(self, server: ProxySMTP, session: Session, verb: bytes) -> Any:
+        """Forward a session command once logged in; None before (aiosmtpd's own answer)."""
+        if not session.authenticated or self.upstream is None or not self.upstream.connected:
+            return None
+        reply = await self._command(server, verb)
+        return reply.wire() if isinstance(reply, Reply) else reply
+
+    async def _command(self, server: ProxySMTP, *args: bytes) -> Reply | str:
+        """One command upstream; the reply, or (upstream lost) a 421 for the client."""
+        if self.upstream is None:
+            return self._lost(server, UpstreamLost("no upstream session"))
+        try:
+            reply = await self.upstream.command(*args)
+        except UpstreamLost as exc:
+            return self._lost(server, exc)
+        if reply.code == 421:  # the upstream is closing: so does this connection
+            server.close_soon()
+        return reply
+
+    def _lost(self, server: ProxySMTP, exc: UpstreamLost) -> str:
+        logs.event(log, logging.WARNING, "upstream_lost", protocol="smtp", account=self.account,
+                   peer=self.peer, reason=str(exc))
+        if self.upstream is not None:
+            self.upstream.close()
+        self.upstream, self.in_transaction = None, False
+        server.close_soon()
+        return ("421 4.4.2 Connection to the mail server lost; any message in progress was not "
+                "sent, try again")
+
+    async def _abandon_transaction(self) -> None:
+        """The client's transaction ended without the upstream knowing (EHLO, a refused DATA,
+        aiosmtpd's own 552): reset the upstream's, quietly."""
+        if self.in_transaction and self.upstream is not None and self.upstream.connected:
+            self.in_transaction = False
+            try:
+                await self.upstream.command(b"RSET")
+            except UpstreamLost:
+                self.upstream.close()
+        self.in_transaction = False
+
+    async def _reconnect(self, server: ProxySMTP) -> str | None:
+        """The upstream closed an idle session: log in again with the client's credentials."""
+        if self.credentials is None:
+            return self._lost(server, UpstreamLost("no upstream session"))
+        user, password = self.credentials
+        try:
+            upstream, _, _ = await self._open_upstream(user, password)
+        except (TokenError, UpstreamUnavailable, _Refused) as exc:
+            logs.event(log, logging.WARNING, "upstream_reconnect_failed", protocol="smtp",
+                       account=self.account, peer=self.peer, reason=str(exc))
+            server.close_soon()
+            return "421 4.4.2 The mail server cannot be reached again right now; try again later"
+        self.upstream, self.in_transaction = upstream, False
+        logs.event(log, logging.INFO, "upstream_reconnected", protocol="smtp",
+                   account=self.account, peer=self.peer)
+        return None
+
+    def _message_logged(self, envelope: Envelope, content: bytes, reply: Reply | None,
+                        result: str, started: float, reason: str | None = None) -> None:
+        if result == "accepted":
+            self.messages += 1
+        metrics.SMTP_MESSAGES.labels(result).inc()
+        logs.event(log, logging.INFO if result == "accepted" else logging.WARNING, "message",
+                   protocol="smtp", listener=self.ctx.listener.name, account=self.account,
+                   peer=self.peer, sender=envelope.mail_from, recipients=len(envelope.rcpt_tos),
+                   rejected_recipients=self.rcpt_refused or None, size=len(content),
+                   queue_id=queue_id(reply.text) if reply is not None and reply.positive else None,
+                   result=result, reply=str(reply)[:300] if reply is not None else None,
+                   reason=reason, latency=time.monotonic() - started)
+
+
+class _Refused(Exception):
+    """The upstream refused the login twice (a fresh token included)."""
+
+    def __init__(self, mailbox: str, text: str) -> None:
+        super().__init__(text)
+        self.mailbox, self.text = mailbox, text
+
+
+def _refused(status: str) -> AuthResult:
+    return AuthResult(success=False, handled=False, message=status)
+
+
+def _raw(text: str) -> bytes:
+    """aiosmtpd decoded the command with surrogateescape (SMTPUTF8): the bytes again."""
+    return text.encode("utf-8", "surrogateescape")
+
+
+class SmtpListener:
+    """One SMTP listener; the daemon drives it like its IMAP/POP listeners."""
+
+    def __init__(self, config: Config, listener: Listener, upstream: Upstream,
+                 tokens: TokenService, upstream_tls: ssl.SSLContext,
+                 server_tls: ssl.SSLContext | None, throttle: Throttle | None = None,
+                 preauth: PreauthLimiter | None = None) -> None:
+        self.ctx = SmtpContext(listener, upstream, tokens, upstream_tls, server_tls,
+                               throttle or Throttle(config.limits),
+                               preauth or PreauthLimiter(config.limits))
+        self.server: asyncio.Server | None = None
+        self.sessions: set[asyncio.Task[None]] = set()
+        quiet_aiosmtpd()
+
+    @property
+    def name(self) -> str:
+        return self.ctx.listener.name
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def start(self, sock: socket.socket | None = None) -> None:
+        li = self.ctx.listener
+        loop = asyncio.get_running_loop()
+        implicit = self.ctx.server_tls if li.tls == "implicit" else None
+        kwargs: dict[str, Any] = dict(
+            backlog=BACKLOG, ssl=implicit,
+            ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT if implicit else None)
+        try:
+            if sock is not None:
+                self.server = await loop.create_server(self._factory, sock=sock, **kwargs)
+            else:
+                self.server = await loop.create_server(self._factory, li.listen.host,
+                                                       li.listen.port, reuse_address=True,
+                                                       **kwargs)
+        except OSError as exc:
+            raise StartupError(f"listener {li.name}: cannot listen on {li.listen}: "
+                               f"{exc.strerror or exc}") from None
+
+    def _factory(self) -> ProxySMTP:
+        ctx = self.ctx
+        handler = ConnectionHandler(ctx, on_connect=self._spawn)
+        return ProxySMTP(
+            handler,
+            data_size_limit=MAX_MESSAGE_SIZE,
+            enable_SMTPUTF8=True,
+            decode_data=False,
+            hostname=ctx.hostname,
+            ident=f"ESMTP xoauth2-proxy {__version__}",
+            tls_context=ctx.server_tls if ctx.listener.tls == "starttls" else None,
+            timeout=CLIENT_IDLE,
+            auth_required=False,  # checked in handle_MAIL (aiosmtpd would warn per connection)
+            auth_require_tls=False,  # decided per connection: ConnectionHandler._auth_allowed
+            loop=asyncio.get_running_loop(),
+        )
+
+    def _spawn(self, handler: ConnectionHandler) -> None:
+        task = asyncio.get_running_loop().create_task(handler.life(), name=f"{self.name} session")
+        self.sessions.add(task)
+        task.add_done_callback(self.sessions.discard)
+
+    def stop_accepting(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+
+__all__ = ["SmtpListener", "ConnectionHandler", "ProxySMTP", "quiet_aiosmtpd", "failure_reply"]

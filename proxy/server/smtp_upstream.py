@@ -1,0 +1,276 @@
+"""The upstream half of the SMTP proxy: one aiosmtplib session per authenticated client.
+
+``UpstreamSession.open`` connects (implicit TLS, or STARTTLS; always verified), says EHLO and
+logs in with SASL XOAUTH2. Afterwards ``command`` forwards one SMTP command line and ``data``
+one message; both return the upstream's reply as it came (``Reply``), whatever its code.
+
+aiosmtplib knows XOAUTH2 but raises on every non-2xx reply of its high-level methods, and its
+DATA rewrites bare CR/LF; so only ``execute_command`` and the protocol's ``write`` /
+``read_response`` are used, and the message goes out byte for byte (dot-stuffed, nothing else).
+
+Library exceptions are translated here, once (STYLE 10): ``UpstreamUnavailable`` (cannot
+connect, finish TLS, or the server answered the login with a temporary error: try later),
+``UpstreamRejected`` (the token was refused), ``UpstreamLost`` (the session broke after login:
+closed, reset, timed out, or an unreadable reply).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import ssl
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import aiosmtplib
+
+from proxy import metrics
+from proxy.config import Upstream
+from proxy.protocol import sasl
+
+COMMAND_TIMEOUT = 300.0  # RFC 5321 4.5.3.2: MAIL and RCPT 5 minutes, DATA initiation 2
+DATA_END_TIMEOUT = 600.0  # RFC 5321 4.5.3.2.6: 10 minutes for the reply to the final dot
+TLS_HANDSHAKE_TIMEOUT = 15.0
+QUIT_TIMEOUT = 5.0
+
+_QUEUE_ID = (
+    re.compile(r"queued as\s+([^\s;,\]]+)", re.I),  # Postfix, Exim, Sendmail
+    re.compile(r"<([^<>\s]+)>"),  # Microsoft 365: "2.0.0 OK <id@host> [Hostname=…]"
+    re.compile(r"^\d\.\d{1,3}\.\d{1,3}\s+(?:ok|queued)\W*\s*([A-Za-z0-9][\w.@-]{5,})", re.I),
+)
+
+
+class UpstreamUnavailable(Exception):
+    """The upstream cannot be reached or did not complete the login; the message says why."""
+
+
+class UpstreamRejected(Exception):
+    """The upstream refused the token; the message is its reply (code and text)."""
+
+
+class UpstreamLost(Exception):
+    """The upstream session broke after login; the message says how."""
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One SMTP reply; ``text`` keeps the lines of a multi-line reply separated by LF."""
+
+    code: int
+    text: str
+
+    @property
+    def positive(self) -> bool:
+        return 200 <= self.code < 400
+
+    def wire(self) -> bytes:
+        """The reply as it goes to the client (aiosmtpd's ``push`` appends the final CRLF)."""
+        lines = [_one_line(line) for line in self.text.split("\n")]
+        head = [b"%d-%s" % (self.code, line) for line in lines[:-1]]
+        return b"\r\n".join([*head, b"%d %s" % (self.code, lines[-1])]).rstrip(b" ")
+
+    def __str__(self) -> str:
+        return f"{self.code} {' / '.join(self.text.splitlines())}"
+
+
+def _one_line(text: str) -> bytes:
+    """The bytes the upstream sent (aiosmtplib decoded them with surrogateescape), minus any
+    control character that could end or forge a reply line."""
+    data = text.encode("utf-8", "surrogateescape")
+    return bytes(b if b >= 0x20 and b != 0x7F else 0x20 for b in data)
+
+
+def queue_id(text: str) -> str | None:
+    """The queue id in a reply to the final dot (M365 ``<id@host>``, Postfix ``queued as X``)."""
+    for pattern in _QUEUE_ID:
+        match = pattern.search(text)
+        if match:
+            return match.group(1)[:200]
+    return None
+
+
+def stuff(message: bytes) -> bytes:
+    """Dot-stuff a message whose lines end in CRLF and append the end-of-data line.
+
+    The exact inverse of aiosmtpd's un-stuffing (it splits lines on CRLF only), so the upstream
+    receives the bytes the client meant, bare CR or LF included."""
+    if message and not message.endswith(b"\r\n"):
+        message += b"\r\n"
+    stuffed = message.replace(b"\r\n.", b"\r\n..")
+    if stuffed.startswith(b"."):
+        stuffed = b"." + stuffed
+    return stuffed + b".\r\n"
+
+
+@contextlib.contextmanager
+def _login_errors(up: Upstream) -> Iterator[None]:
+    where = f"{up.host}:{up.port}"
+    try:
+        yield
+    except (UpstreamUnavailable, UpstreamRejected):
+        raise
+    except ssl.SSLCertVerificationError as exc:
+        raise UpstreamUnavailable(f"TLS certificate of {up.host} not trusted: "
+                                  f"{exc.verify_message}") from None
+    except aiosmtplib.SMTPConnectTimeoutError:
+        raise UpstreamUnavailable(f"connecting to {where} timed out") from None
+    except aiosmtplib.SMTPConnectResponseError as exc:
+        raise UpstreamUnavailable(f"{where} refused the session: {exc.code} "
+                                  f"{_flat(exc.message)}") from None
+    except aiosmtplib.SMTPConnectError as exc:
+        cause = exc.__cause__
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            raise UpstreamUnavailable(f"TLS certificate of {up.host} not trusted: "
+                                      f"{cause.verify_message}") from None
+        detail = (cause.strerror if isinstance(cause, OSError) else None) or cause or exc
+        raise UpstreamUnavailable(f"cannot connect to {where}: {detail}") from None
+    except aiosmtplib.SMTPTimeoutError:
+        raise UpstreamUnavailable(f"{where} did not answer in time during login") from None
+    except aiosmtplib.SMTPServerDisconnected:
+        raise UpstreamUnavailable(f"{where} closed the connection during login") from None
+    except aiosmtplib.SMTPResponseException as exc:
+        raise UpstreamUnavailable(f"{where} answered {exc.code} {_flat(exc.message)} "
+                                  "during login") from None
+    except (aiosmtplib.SMTPException, ssl.SSLError, OSError) as exc:
+        raise UpstreamUnavailable(f"{where}: {exc}") from None
+
+
+@contextlib.contextmanager
+def _session_errors(up: Upstream) -> Iterator[None]:
+    try:
+        yield
+    except aiosmtplib.SMTPTimeoutError:
+        raise UpstreamLost(f"{up.host} did not answer in time") from None
+    except aiosmtplib.SMTPServerDisconnected:
+        raise UpstreamLost(f"{up.host} closed the connection") from None
+    except aiosmtplib.SMTPResponseException as exc:  # an unparseable or oversized reply
+        raise UpstreamLost(f"{up.host} sent a bad reply: {_flat(exc.message)}") from None
+    except (aiosmtplib.SMTPException, ssl.SSLError, OSError, ValueError) as exc:
+        raise UpstreamLost(f"{up.host}: {exc}") from None
+
+
+def _flat(text: str) -> str:
+    return " / ".join(line.strip() for line in text.splitlines())[:300]
+
+
+class UpstreamSession:
+    """A logged-in SMTP session to the upstream; one per client connection."""
+
+    def __init__(self, upstream: Upstream, client: aiosmtplib.SMTP) -> None:
+        self.upstream = upstream
+        self.client = client
+        self.size_limit: int | None = _size(client)
+
+    @classmethod
+    async def open(cls, upstream: Upstream, context: ssl.SSLContext, mailbox: str, token: str,
+                   *, local_name: str) -> UpstreamSession:
+        """Connect, secure, EHLO and log in; raise ``UpstreamUnavailable``/``UpstreamRejected``."""
+        implicit = upstream.tls == "implicit"
+        client = aiosmtplib.SMTP(hostname=upstream.host, port=upstream.port, use_tls=implicit,
+                                 start_tls=False, tls_context=context, local_hostname=local_name,
+                                 timeout=COMMAND_TIMEOUT)
+        started = time.monotonic()
+        try:
+            with _login_errors(upstream):
+                await client.connect(timeout=upstream.connect_timeout)
+                if not implicit:
+                    await client.ehlo(timeout=upstream.connect_timeout)
+                    if not client.supports_extension("starttls"):
+                        raise UpstreamUnavailable(f"{upstream.host}:{upstream.port} does not offer "
+                                                  "STARTTLS (upstream TLS is required)")
+                    await client.starttls(server_hostname=upstream.host,
+                                          timeout=TLS_HANDSHAKE_TIMEOUT)
+                metrics.UPSTREAM_CONNECT_SECONDS.labels("smtp").observe(time.monotonic() - started)
+                await client.ehlo(timeout=upstream.connect_timeout)
+                await _xoauth2(client, upstream, mailbox, token)
+        except BaseException:
+            client.close()
+            raise
+        return cls(upstream, client)
+
+    @property
+    def connected(self) -> bool:
+        return self.client.is_connected
+
+    async def command(self, *args: bytes, timeout: float = COMMAND_TIMEOUT) -> Reply:
+        """Send one command line; return the reply whatever its code (raise ``UpstreamLost``)."""
+        with _session_errors(self.upstream):
+            response = await self.client.execute_command(*args, timeout=timeout)
+        return Reply(response.code, response.message)
+
+    async def data(self, message: bytes) -> tuple[Reply, bool]:
+        """DATA, then the message byte for byte. Returns the reply and whether the message was
+        sent: the reply to the final dot, or (False) the refusal of DATA itself."""
+        reply = await self.command(b"DATA")
+        if reply.code != 354:
+            return reply, False
+        protocol = self.client.protocol
+        if protocol is None:
+            raise UpstreamLost(f"{self.upstream.host} closed the connection")
+        with _session_errors(self.upstream):
+            try:
+                # write and read_response back to back: no reply can slip in between
+                protocol.write(stuff(message))
+                response = await protocol.read_response(timeout=DATA_END_TIMEOUT)
+            except BaseException:
+                self.client.close()  # a lost or late reply leaves the session out of step
+                raise
+        if response.code == 421:
+            self.client.close()
+        return Reply(response.code, response.message), True
+
+    async def quit(self) -> Reply | None:
+        """QUIT politely (briefly) and close; None when the upstream did not answer."""
+        try:
+            if self.client.is_connected:
+                return await self.command(b"QUIT", timeout=QUIT_TIMEOUT)
+            return None
+        except UpstreamLost:
+            return None
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self.client.close()
+
+
+# RFC 5321 caps a command line at 512 octets; RFC 4954 lets AUTH go further, but servers differ
+# (Postfix cuts at 2048), and real access tokens are 1.5-3 KB. Longer responses go after a 334.
+MAX_INITIAL_RESPONSE_LINE = 510
+
+
+async def _xoauth2(client: aiosmtplib.SMTP, up: Upstream, mailbox: str, token: str) -> None:
+    """AUTH XOAUTH2, with the response on the command line when it fits, else after the empty
+    ``334`` challenge. A ``334`` error challenge after the response (RFC 7628, as Gmail and
+    Dovecot send) is answered with an empty line to get the final reply; M365 answers ``535``
+    at once."""
+    b64 = sasl.xoauth2_b64(mailbox, token)
+    if len(b"AUTH XOAUTH2 ") + len(b64) <= MAX_INITIAL_RESPONSE_LINE:
+        response = await client.execute_command(b"AUTH", b"XOAUTH2", b64,
+                                                timeout=up.connect_timeout)
+    else:
+        response = await client.execute_command(b"AUTH", b"XOAUTH2", timeout=up.connect_timeout)
+        if response.code != 334:
+            raise UpstreamUnavailable(f"{up.host}:{up.port} answered AUTH XOAUTH2 with "
+                                      f"{response.code} {_flat(response.message)}")
+        response = await client.execute_command(b64, timeout=up.connect_timeout)
+    detail = ""
+    if response.code == 334:
+        detail = f" ({sasl.xoauth2_error(response.message.encode('utf-8', 'surrogateescape'))})"
+        response = await client.execute_command(b"", timeout=up.connect_timeout)
+    if response.code == 235:
+        return
+    text = f"{response.code} {_flat(response.message)}{detail}"
+    if 500 <= response.code < 600:
+        raise UpstreamRejected(text)
+    raise UpstreamUnavailable(f"{up.host}:{up.port} answered the login with {text}")
+
+
+def _size(client: aiosmtplib.SMTP) -> int | None:
+    value = client.esmtp_extensions.get("size", "")
+    return int(value) if value.strip().isdigit() and int(value) > 0 else None
+
+
+__all__ = ["Reply", "UpstreamSession", "UpstreamUnavailable", "UpstreamRejected", "UpstreamLost",
+           "queue_id", "stuff", "COMMAND_TIMEOUT", "DATA_END_TIMEOUT"]
