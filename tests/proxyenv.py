@@ -25,7 +25,10 @@ def config_dict(tmp_path: Path, upstream: DemoUpstream, *, protocols: tuple[str,
                 accounts: dict[str, dict[str, Any]] | None = None,
                 listener_extra: dict[str, dict[str, Any]] | None = None,
                 upstream_ports: dict[str, int] | None = None,
-                limits: dict[str, Any] | None = None) -> dict[str, Any]:
+                limits: dict[str, Any] | None = None,
+                upstreams: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """A config for the demo upstream; ``upstreams`` replaces a protocol's upstream (e.g. a real
+    Dovecot: ``{"imap": {"port": …, "tls": "implicit", "ca_file": …}}``)."""
     ca = upstream.ca_file
     ports = {"imap": upstream.ports["imaps"], "pop": upstream.ports["pop3s"],
              "smtp": upstream.ports["submission"], **(upstream_ports or {})}
@@ -43,7 +46,8 @@ def config_dict(tmp_path: Path, upstream: DemoUpstream, *, protocols: tuple[str,
                                "ca_file": ca, "timeout": 5,
                                "client_secret_file": str(secret_file)}},
         "upstreams": {p: {"protocol": p, "host": "127.0.0.1", "port": ports[p], "tls": tls[p],
-                          "ca_file": ca, "connect_timeout": 5} for p in protocols},
+                          "ca_file": ca, "connect_timeout": 5, **(upstreams or {}).get(p, {})}
+                      for p in protocols},
         "listeners": [{"name": p, "protocol": p, "listen": "127.0.0.1:0", "upstream": p,
                        **(listener_extra or {}).get(p, {})} for p in protocols],
         "accounts": accounts if accounts is not None else {USER: {"provider": "demo"}},
@@ -85,12 +89,15 @@ class ProxyEnv:
         return self.daemon.ports()
 
 
-async def start_proxy(tmp_path: Path, upstream: DemoUpstream, **kw: Any) -> ProxyEnv:
+async def start_proxy(tmp_path: Path, upstream: DemoUpstream, *, user: str = USER,
+                      password: str = PASSWORD, **kw: Any) -> ProxyEnv:
+    """Config, ``user`` authorised with ``password`` (if it is a configured account), daemon."""
     cfg = make_config(tmp_path, upstream, **kw)
-    token_store = authorise(cfg, upstream) if USER in cfg.accounts else open_store(cfg)
+    token_store = (authorise(cfg, upstream, user, password) if user in cfg.accounts
+                   else open_store(cfg))
     daemon = Daemon(cfg)
     await daemon.start()
-    return ProxyEnv(upstream, cfg, token_store, daemon)
+    return ProxyEnv(upstream, cfg, token_store, daemon, user, password)
 
 
 def to_toml(data: dict[str, Any]) -> str:

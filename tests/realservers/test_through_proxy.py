@@ -1,0 +1,188 @@
+"""The proxy in front of real Dovecot (IMAP, POP3) and Postfix (submission), with real clients.
+
+Tokens come from the fake Entra ID through MSAL; Dovecot validates them by introspection and
+answers a rejected token with an RFC 7628 error challenge (unlike Microsoft 365).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.message
+import email.utils
+import imaplib
+import poplib
+import shutil
+import smtplib
+import subprocess
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.proxyenv import ProxyEnv, start_proxy
+
+from .dovecot import Dovecot
+from .postfix import Postfix
+
+pytestmark = pytest.mark.realserver
+
+USER = "alice@example.test"
+PASSWORD = "Réal server pässword"  # non-ASCII: travels as an IMAP literal
+ASCII_PASSWORD = "ascii-device-password"
+
+
+@pytest.fixture
+async def env(tmp_path: Path, demo_upstream: Any, dovecot: Dovecot, postfix: Postfix
+              ) -> AsyncIterator[ProxyEnv]:
+    upstreams = {
+        "imap": {"port": dovecot.ports["imaps"], "tls": "implicit", "ca_file": str(dovecot.ca_file)},
+        "pop": {"port": dovecot.ports["pop3"], "tls": "starttls", "ca_file": str(dovecot.ca_file)},
+        "smtp": {"port": postfix.submission_port, "tls": "starttls",
+                 "ca_file": str(postfix.ca_file)},
+    }
+    env = await start_proxy(tmp_path, demo_upstream, user=USER, password=PASSWORD,
+                            upstreams=upstreams, accounts={USER: {"provider": "demo"}})
+    from proxy.secret import Secret
+    unlocked = env.store.unlock(USER, Secret(PASSWORD))
+    env.store.add_password_slot(unlocked, "device", Secret(ASCII_PASSWORD))
+    yield env
+    await env.daemon.stop(grace=1)
+
+
+def imap_login(port: int, password: str = PASSWORD) -> imaplib.IMAP4:
+    client = imaplib.IMAP4("127.0.0.1", port, timeout=30)
+    client.literal = password.encode()  # type: ignore[attr-defined]
+    typ, data = client._simple_command("LOGIN", USER)  # type: ignore[attr-defined]
+    if typ != "OK":
+        client.shutdown()
+        raise imaplib.IMAP4.error(data[-1].decode())
+    client.state = "AUTH"
+    return client
+
+
+def message(subject: str) -> bytes:
+    msg = email.message.EmailMessage()
+    msg["From"], msg["To"], msg["Subject"] = USER, USER, subject
+    msg["Message-ID"] = f"<{uuid.uuid4()}@example.test>"
+    msg["Date"] = email.utils.formatdate()
+    msg.set_content("Through xoauth2-proxy to a real server.\n")
+    return msg.as_bytes().replace(b"\n", b"\r\n")
+
+
+async def test_imap_suite_against_dovecot(env: ProxyEnv) -> None:
+    port = env.ports["imap"]
+
+    def session() -> None:
+        client = imap_login(port)
+        assert client.append("INBOX", None, None, message("appended"))[0] == "OK"
+        typ, data = client.select("INBOX")
+        assert typ == "OK" and int(data[0]) == 1
+        typ, data = client.fetch("1", "(BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
+        assert typ == "OK" and b"appended" in data[0][1]
+        tag = client._new_tag()  # type: ignore[attr-defined]
+        client.send(tag + b" IDLE\r\n")
+        assert client.readline().startswith(b"+")
+        other = imap_login(port, ASCII_PASSWORD)  # a second device delivers meanwhile
+        other.append("INBOX", None, None, message("second"))
+        other.logout()
+        assert b"EXISTS" in client.readline()
+        client.send(b"DONE\r\n")
+        while not (line := client.readline()).startswith(tag):
+            pass
+        assert b"OK" in line
+        client.logout()
+
+        plain = imaplib.IMAP4("127.0.0.1", port, timeout=30)
+        assert plain.authenticate("PLAIN", lambda _: f"\0{USER}\0{PASSWORD}".encode())[0] == "OK"
+        plain.logout()
+
+    await asyncio.to_thread(session)
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+async def test_curl_through_proxy_to_dovecot(env: ProxyEnv) -> None:
+    def run() -> None:
+        client = imap_login(env.ports["imap"])
+        client.append("INBOX", None, None, message("for curl"))
+        client.logout()
+        for url in (f"imap://127.0.0.1:{env.ports['imap']}/INBOX;UID=1",
+                    f"pop3://127.0.0.1:{env.ports['pop']}/1"):
+            out = subprocess.run(["curl", "-sS", "--max-time", "30", "--url", url, "--user",
+                                  f"{USER}:{ASCII_PASSWORD}"], capture_output=True, timeout=60)
+            assert out.returncode == 0, out.stderr
+            assert b"for curl" in out.stdout
+
+    await asyncio.to_thread(run)
+
+
+async def test_pop_against_dovecot(env: ProxyEnv) -> None:
+    def run() -> None:
+        client = imap_login(env.ports["imap"])
+        for subject in ("one", "two"):
+            client.append("INBOX", None, None, message(subject))
+        client.logout()
+        pop = poplib.POP3("127.0.0.1", env.ports["pop"], timeout=30)
+        pop.user(USER)
+        pop.pass_(ASCII_PASSWORD)
+        assert pop.stat()[0] == 2
+        assert len(pop.list()[1]) == 2
+        assert any(b"Subject: two" in line for line in pop.retr(2)[1])
+        pop.dele(1)
+        pop.quit()
+        pop = poplib.POP3("127.0.0.1", env.ports["pop"], timeout=30)
+        pop._shortcmd("AUTH PLAIN " + __import__("base64").b64encode(
+            f"\0{USER}\0{ASCII_PASSWORD}".encode()).decode())
+        assert pop.stat()[0] == 1
+        pop.quit()
+
+    await asyncio.to_thread(run)
+
+
+async def test_smtp_through_postfix_arrives_in_dovecot(env: ProxyEnv, dovecot: Dovecot) -> None:
+    sent = message(f"via postfix {time.time()}")
+
+    def run() -> bytes:
+        with smtplib.SMTP("127.0.0.1", env.ports["smtp"], timeout=30) as smtp:
+            smtp.login(USER, ASCII_PASSWORD)
+            assert smtp.sendmail(USER, [USER], sent) == {}
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # Postfix delivers through LMTP, asynchronously
+            found = dovecot.mailbox_messages(USER)
+            if found:
+                return found[0]
+            time.sleep(0.1)
+        raise AssertionError("the message never reached Dovecot")
+
+    delivered = await asyncio.to_thread(run)
+    assert delivered.endswith(sent.replace(b"\r\n", b"\n"))  # after the trace headers
+
+
+async def test_dovecot_rejection_after_refresh(env: ProxyEnv, demo_upstream: Any) -> None:
+    """Dovecot answers a dead token with an error challenge: the proxy answers it, refreshes
+    once, and logs in; with a token that can never work, Dovecot's text reaches the client."""
+    def login() -> str:
+        try:
+            imap_login(env.ports["imap"]).logout()
+        except imaplib.IMAP4.error as exc:
+            return str(exc)
+        return "OK"
+
+    assert await asyncio.to_thread(login) == "OK"
+    demo_upstream.revoke(USER, access_tokens=True, refresh_tokens=False)
+    demo_upstream.reset_stats()
+    assert await asyncio.to_thread(login) == "OK"
+    assert demo_upstream.stats()["grant_types"] == {"refresh_token": 1}
+
+    demo_upstream.configure(access_token_lifetime=3600)
+    from proxy.config import Account
+    account = env.config.accounts[USER]
+    env.config.accounts[USER] = Account(account.name, account.provider, account.flow,
+                                        upstream_user="mallory@example.test")
+    try:
+        text = await asyncio.to_thread(login)
+    finally:
+        env.config.accounts[USER] = account
+    assert "[AUTHENTICATIONFAILED]" in text and "Authentication failed" in text
