@@ -158,9 +158,8 @@ def round_trip(ports: dict[str, int], say: Callable[[str], None]) -> None:
         assert typ == "OK" and subject.encode() in fetched[0][1], "FETCH returned another message"
         say(f"IMAP: LOGIN, LIST ({len(boxes)} folders), SELECT INBOX ({data[0].decode()} "
             f"messages), FETCH {number.decode()}: found it")
-        imap.logout()
     finally:
-        imap.shutdown()
+        imap.logout()
     pop = poplib.POP3("127.0.0.1", ports["pop"], timeout=30)
     try:
         pop.user(DEMO_USER)
