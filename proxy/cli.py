@@ -72,7 +72,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = _load(args)
     logs.setup(args.log_level or config.log_level)
     try:
-        return asyncio.run(daemon.run(config))
+        return asyncio.run(daemon.run(config, log_level=args.log_level))
     except daemon.StartupError as exc:
         raise CommandError(f"cannot start: {exc}") from None
 
@@ -104,7 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = add("run", cmd_run, "serve the configured listeners until stopped",
               "Serve the configured IMAP/POP3/SMTP listeners until SIGTERM or SIGINT (graceful: "
-              "stop accepting, let sessions finish for shutdown_grace seconds).")
+              "stop accepting, let sessions finish for shutdown_grace seconds). SIGHUP reloads "
+              "the config without dropping sessions. Under systemd: Type=notify, watchdog and "
+              "socket activation (see systemd/xoauth2-proxy.service).")
     run.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
                      help="override log_level from the config")
     demo = add("demo", cmd_demo, "try it: a fake Microsoft 365 and the proxy, on this machine",

@@ -1,9 +1,20 @@
 """Logging: one event per line on stderr, ``key=value`` fields, journald priorities.
 
-``event(log, "login", protocol="imap", account=…, result="ok")`` writes
+``event(log, logging.INFO, "login", protocol="imap", account=…, result="ok")`` writes
 ``level=info event=login protocol=imap account=… result=ok``. Values are quoted when they hold
 spaces; CR/LF are escaped so a peer cannot forge log lines. A ``Secret`` renders as ``***``:
-passwords and tokens never reach a log line, at any level.
+passwords and tokens never reach a log line, at any level (``tests/ops/test_logs.py`` runs
+whole sessions at debug level and searches the output for them).
+
+Stable field names, so that log queries keep working: ``event`` (what happened), ``protocol``,
+``listener``, ``account``, ``peer`` (client ``host:port``), ``mechanism``, ``result`` (the same
+words as the ``logins_total`` metric), ``reason`` (one line, why), ``latency`` and ``duration``
+(seconds), ``action`` (what the operator should do), ``error`` (an exception, one line).
+Levels: debug for per-connection detail, info for sessions and state changes, warning for a
+failed login or refresh, error for what needs an operator.
+
+Under systemd (stderr is the journal's stream) each line starts with ``<N>``, the syslog
+priority, so ``journalctl -p warning`` works; elsewhere it starts with a local timestamp.
 """
 
 from __future__ import annotations
@@ -22,6 +33,8 @@ _PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERRO
 def _render(value: Any) -> str:
     if isinstance(value, Secret):
         return "***"
+    if isinstance(value, bool):
+        return "true" if value else "false"
     if isinstance(value, float):
         text = f"{value:.3f}".rstrip("0").rstrip(".")
     else:
@@ -50,7 +63,31 @@ class KeyValueFormatter(logging.Formatter):
         if record.exc_info and record.exc_info[0] is not None:
             exc = record.exc_info[1]
             parts.append(f"error={_render(type(exc).__name__ + ': ' + str(exc))}")
-        return (parts[0] + " " if self.journald else "") + " ".join(parts[1 if self.journald else 0:])
+        if self.journald:  # "<6>level=info …": the priority prefix, then the fields
+            return parts[0] + " ".join(parts[1:])
+        return " ".join(parts)
+
+
+# Libraries that would log request details (URLs, headers, SMTP command lines) at debug level:
+# never below WARNING, whatever our own level, so that debug logging cannot leak a secret.
+_QUIET = ("msal", "urllib3", "requests", "mail.log", "asyncio")
+
+
+def stderr_is_journal(environ: dict[str, str] | None = None) -> bool:
+    """True if stderr is the journal's stream: ``$JOURNAL_STREAM`` is ``DEV:INODE`` of it.
+
+    A process started from a unit inherits the variable even when its stderr was redirected
+    elsewhere (a pipe, a file); then the ``<N>`` prefixes would only be noise.
+    """
+    value = (os.environ if environ is None else environ).get("JOURNAL_STREAM", "")
+    dev, sep, ino = value.partition(":")
+    if not sep or not dev.isdigit() or not ino.isdigit():
+        return False
+    try:
+        st = os.fstat(sys.stderr.fileno())
+    except (OSError, ValueError, AttributeError):
+        return False
+    return (st.st_dev, st.st_ino) == (int(dev), int(ino))
 
 
 def setup(level: str = "info") -> None:
@@ -59,11 +96,17 @@ def setup(level: str = "info") -> None:
     for handler in list(root.handlers):
         root.removeHandler(handler)
     handler = logging.StreamHandler(sys.stderr)
-    journald = bool(os.environ.get("JOURNAL_STREAM"))
+    journald = stderr_is_journal()
     handler.setFormatter(KeyValueFormatter(journald=journald, timestamps=not journald))
     root.addHandler(handler)
+    set_level(level)
+
+
+def set_level(level: str) -> None:
+    """Change the level (also on a config reload); the quiet libraries stay at WARNING+."""
+    root = logging.getLogger()
     root.setLevel(level.upper())
-    for noisy in ("msal", "urllib3", "mail.log", "asyncio"):
+    for noisy in _QUIET:
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
 
 

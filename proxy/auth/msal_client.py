@@ -143,5 +143,13 @@ def cache_summary(cache: msal.SerializableTokenCache) -> tuple[float | None, boo
     return (max(expiries) if expiries else None), has_rt
 
 
+def refresh_token_expiry(cache: msal.SerializableTokenCache) -> float | None:
+    """When the cached refresh token expires, if the cache says (Entra usually does not)."""
+    expiries = [float(rt["expires_on"])
+                for rt in cache.search(msal.TokenCache.CredentialType.REFRESH_TOKEN)
+                if str(rt.get("expires_on", "")).isdigit()]
+    return max(expiries) if expiries else None
+
+
 __all__ = ["TokenError", "build_app", "call", "check_result", "identity_of", "cache_summary",
-           "http_session", "TokenResult"]
+           "http_session", "TokenResult", "refresh_token_expiry"]

@@ -81,7 +81,6 @@ class TokenService:
         self._background: set[asyncio.Task[object]] = set()
         self._unlocks: dict[bytes, asyncio.Task[store.Unlocked]] = {}
         self._pepper = secrets.token_bytes(32)
-        self._needs_reauth: set[str] = set()
 
     # --- public -----------------------------------------------------------------------------
 
@@ -107,7 +106,15 @@ class TokenService:
             task = asyncio.get_running_loop().create_task(
                 asyncio.to_thread(self._unlock, account, password), name=f"unlock {account.name}")
             self._unlocks[key] = task
-            task.add_done_callback(lambda t: self._unlocks.pop(key, None))
+
+            def done(t: asyncio.Task[store.Unlocked]) -> None:
+                self._unlocks.pop(key, None)
+                if not t.cancelled():
+                    # Retrieved here: when every waiter was cancelled (a client that left),
+                    # shield() no longer looks at the task, and a wrong password would be
+                    # logged as "Task exception was never retrieved".
+                    t.exception()
+            task.add_done_callback(done)
         unlocked = await asyncio.shield(task)
         return await self._token(account, unlocked, protocol, rejected)
 
@@ -119,6 +126,18 @@ class TokenService:
             raise AuthConfigError(account.name, "no service_key_file configured")
         unlocked = await asyncio.to_thread(self._unlock_service, account)
         return await self._token(account, unlocked, protocol, rejected)
+
+    def reconfigure(self, config: Config) -> None:
+        """Use a reloaded config from the next login on: every account starts afresh (its
+        token file is read again, its MSAL application rebuilt with the new provider settings).
+        Token requests already in flight finish with the old settings; ``aclose`` still waits
+        for them."""
+        self.config = config
+        for state in self._states.values():
+            for task in state.flights.values():
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
+        self._states.clear()
 
     async def aclose(self) -> None:
         tasks = list(self._background)
@@ -204,8 +223,9 @@ class TokenService:
                        result="ok", expires_in=round(token.remaining(time.time())),
                        latency=time.monotonic() - started)
         state.tokens[scopes] = token
-        if self.config.metrics.per_account_labels:
-            metrics.ACCESS_TOKEN_EXPIRY.labels(state.account.name).set(token.expires_at - time.time())
+        metrics.ACCOUNTS.set_expiry(
+            state.account.name, access=max(t.expires_at for t in state.tokens.values()),
+            refresh=msal_client.refresh_token_expiry(state.cache) if state.cache else None)
         return token
 
     def _acquire(self, state: _AccountState, scopes: Scopes, force: bool) -> tuple[_Token, bool]:
@@ -276,12 +296,7 @@ class TokenService:
                    reason=reason, action=f"run: xoauth2-proxy login {state.account.name}")
 
     def _set_needs_reauth(self, account: Account, flag: bool) -> None:
-        if flag == (account.name in self._needs_reauth):
-            return
-        (self._needs_reauth.add if flag else self._needs_reauth.discard)(account.name)
-        metrics.ACCOUNTS_NEEDING_REAUTH.set(len(self._needs_reauth))
-        if self.config.metrics.per_account_labels:
-            metrics.ACCOUNT_NEEDS_REAUTH.labels(account.name).set(int(flag))
+        metrics.ACCOUNTS.set_needs_reauth(account.name, flag)
 
     def _spawn(self, coro: asyncio.Future[_Token], name: str) -> None:
         async def run() -> None:

@@ -65,7 +65,7 @@ class ReloadError(Exception):
 class ListenerRuntime:
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
-        self.server: asyncio.AbstractServer | None = None
+        self.server: asyncio.Server | None = None
         self.sessions: set[asyncio.Task[None]] = set()
 
     @property
@@ -81,14 +81,15 @@ class ListenerRuntime:
         li = self.ctx.listener
         loop = asyncio.get_running_loop()
         implicit = self.ctx.server_tls if li.tls == "implicit" else None
-        kwargs: dict[str, object] = dict(backlog=BACKLOG, ssl=implicit,
-                                         ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT if implicit else None)
+        timeout = TLS_HANDSHAKE_TIMEOUT if implicit else None
         try:
             if sock is not None:
-                self.server = await loop.create_server(self._factory, sock=sock, **kwargs)  # type: ignore[arg-type]
+                self.server = await loop.create_server(self._factory, sock=sock, backlog=BACKLOG,
+                                                       ssl=implicit, ssl_handshake_timeout=timeout)
             else:
-                self.server = await loop.create_server(self._factory, li.listen.host,
-                                                       li.listen.port, reuse_address=True, **kwargs)  # type: ignore[arg-type]
+                self.server = await loop.create_server(
+                    self._factory, li.listen.host, li.listen.port, reuse_address=True,
+                    backlog=BACKLOG, ssl=implicit, ssl_handshake_timeout=timeout)
         except OSError as exc:
             raise StartupError(f"listener {li.name}: cannot listen on {li.listen}: "
                                f"{exc.strerror or exc}") from None
@@ -97,6 +98,11 @@ class ListenerRuntime:
         return Endpoint(on_connect=self._spawn)
 
     def _spawn(self, endpoint: Endpoint) -> None:
+        if log.isEnabledFor(logging.DEBUG):
+            peer = endpoint.extra("peername")  # noqa: S610 (not Django)
+            logs.event(log, logging.DEBUG, "connection", protocol=self.ctx.listener.protocol,
+                       listener=self.name,
+                       peer=f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer))
         task = asyncio.get_running_loop().create_task(Session(self.ctx, endpoint).run(),
                                                       name=f"{self.name} session")
         self.sessions.add(task)
@@ -180,6 +186,10 @@ class Daemon:
         listen = self.config.metrics.listen
         if listen is None and sock is None:
             return
+        if (listen is not None and not listen.is_loopback
+                and not self.config.metrics.allow_non_loopback):
+            raise StartupError(f"metrics: {listen} is not a loopback address (see "
+                               "metrics.allow_non_loopback)")  # config.parse refuses it too
         server = MetricsServer(lambda: self.ready)
         try:
             await server.start(listen.host if listen else "", listen.port if listen else 0, sock)

@@ -319,5 +319,3 @@ class Session:
         await relay(self.client, upstream, count_up=self.ctx.count_up,
                     count_down=self.ctx.count_down)
 
-# Kept for callers that still use the old private name.
-_is_loopback = is_loopback
