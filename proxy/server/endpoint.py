@@ -27,6 +27,13 @@ class ConnectionClosed(Exception):
     """The peer closed or reset the connection."""
 
 
+def _close(transport: asyncio.BaseTransport | None) -> None:
+    """Close once. Python 3.11's TLS transport forgets its protocol on a second ``close()``,
+    after which ``get_extra_info`` raises AttributeError (even from inside a callback)."""
+    if transport is not None and not transport.is_closing():
+        transport.close()
+
+
 class Endpoint(asyncio.Protocol):
     def __init__(self, on_connect: Callable[[Endpoint], None] | None = None) -> None:
         self.transport: asyncio.Transport | None = None
@@ -41,12 +48,14 @@ class Endpoint(asyncio.Protocol):
         self._drain_waiters: list[asyncio.Future[None]] = []
         self._count: Callable[[float], None] | None = None
         self._read_paused = False
+        self._tls = False
 
     # --- asyncio.Protocol ----------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
+        self._tls = transport.get_extra_info("sslcontext") is not None
         transport.set_write_buffer_limits(high=HIGH_WATER)
         self._closed = asyncio.get_running_loop().create_future()
         if self._on_connect is not None:
@@ -72,15 +81,15 @@ class Endpoint(asyncio.Protocol):
         peer = self.peer
         if peer is not None and peer.transport is not None and not peer.transport.is_closing():
             if peer._eof:  # both directions have ended
-                peer.transport.close()
+                _close(peer.transport)
                 return False
             if peer.transport.can_write_eof():
                 peer.transport.write_eof()
             else:
-                peer.transport.close()
+                _close(peer.transport)
         self._wake()
         # Keep our side open for writing (half-close); TLS transports cannot do that.
-        return self.extra("sslcontext") is None
+        return not self._tls
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._eof = True
@@ -92,8 +101,8 @@ class Endpoint(asyncio.Protocol):
                 waiter.set_result(None)
         self._drain_waiters.clear()
         peer = self.peer
-        if peer is not None and peer.transport is not None:
-            peer.transport.close()  # flushes what was already written to it
+        if peer is not None:
+            _close(peer.transport)  # flushes what was already written to it
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -150,8 +159,7 @@ class Endpoint(asyncio.Protocol):
             await asyncio.shield(self._closed)
 
     def close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
+        _close(self.transport)
 
     def abort(self) -> None:
         if self.transport is not None:
@@ -169,6 +177,7 @@ class Endpoint(asyncio.Protocol):
         if transport is None:
             raise ConnectionClosed("closed during the TLS handshake")
         self.transport = transport
+        self._tls = True
         transport.set_write_buffer_limits(high=HIGH_WATER)
 
     def extra(self, name: str) -> Any:
@@ -197,9 +206,9 @@ async def relay(client: Endpoint, upstream: Endpoint, *,
             if peer.transport.can_write_eof():
                 peer.transport.write_eof()
             else:
-                peer.transport.close()
+                _close(peer.transport)
         if side._write_paused and peer.transport is not None:
             peer.transport.pause_reading()
-        if side.is_closed and peer.transport is not None:
-            peer.transport.close()
+        if side.is_closed:
+            _close(peer.transport)
     await asyncio.gather(client.wait_closed(), upstream.wait_closed())
