@@ -134,15 +134,18 @@ def cmd_passwd(config: Config, args: argparse.Namespace) -> int:
     token_store = open_store(config)
     try:
         if args.list:
+            print("LABEL\tKIND\tCREATED\tLAST USED")
             for slot in token_store.info(account.name).slots:
-                used = time.strftime("%Y-%m-%d %H:%M", time.localtime(slot.last_used_at)) \
-                    if slot.last_used_at else "never"
-                print(f"{slot.label}\t{slot.kind}\tlast used {used}")
+                print(f"{slot.label}\t{slot.kind}\t{_stamp(slot.created_at)}\t"
+                      f"{_stamp(slot.last_used_at) if slot.last_used_at else 'never'}")
             return 0
         if args.remove:
             token_store.remove_slot(account.name, args.remove)
-            print(f"{account.name}: password {args.remove!r} removed")
+            print(f"{account.name}: password {args.remove!r} removed; the other passwords "
+                  "still work")
             return 0
+        if getattr(args, "service_key", False):
+            return _add_service_key(account, token_store, args)
         current = read_password(args.password_file, confirm=False,
                                 prompt=f"An existing local password of {account.name}")
         unlocked = token_store.unlock(account.name, current)
@@ -157,4 +160,40 @@ def cmd_passwd(config: Config, args: argparse.Namespace) -> int:
         raise CommandError(str(exc)) from None
     print(f"{account.name}: password for {args.add!r} (shown once, store it in the device now):")
     print(new.reveal())
+    return 0
+
+
+def _stamp(epoch: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(epoch))
+
+
+def _add_service_key(account: Account, token_store: store.TokenStore,
+                     args: argparse.Namespace) -> int:
+    """``passwd --service-key``: the slot that lets the daemon unlock the token file alone."""
+    path = account.service_key_file
+    if path is None:
+        raise CommandError(f"{account.name} has no service_key_file in the config; set one, "
+                           "e.g. service_key_file = \"/etc/xoauth2-proxy/"
+                           f"{account.name}.key\"")
+    if not path.exists():
+        store.generate_key_file(path)
+        print(f"{account.name}: created service key file {path} (32 random bytes, mode 0600)")
+    key = service_key(account)
+    assert key is not None
+    slots = {s.label: s for s in token_store.info(account.name).slots}
+    if "service" in slots:
+        try:
+            token_store.unlock_with_service_key(account.name, key)
+            print(f"{account.name}: the service key {path} already opens the token file")
+            return 0
+        except store.WrongPassword:
+            pass  # a new key file: the old slot is replaced below
+    current = read_password(args.password_file, confirm=False,
+                            prompt=f"An existing local password of {account.name}")
+    unlocked = token_store.unlock(account.name, current)
+    if "service" in slots:
+        token_store.remove_slot(account.name, "service")
+    token_store.add_service_key_slot(unlocked, key)
+    print(f"{account.name}: service key slot added; the daemon can now refresh this account's "
+          f"tokens with {path} (keep it 0600, readable by the daemon only)")
     return 0

@@ -51,6 +51,11 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     for a in cfg.accounts.values():
         extra = f", mailbox {a.upstream_user}" if a.upstream_user else ""
         print(f"  account {a.name}: {a.flow} via {a.provider}{extra}")
+    for r in cfg.relays:
+        how = "with a device password" if r.require_password else "without AUTH"
+        forced = f", envelope sender forced to {r.force_sender}" if r.force_sender else ""
+        print(f"  relay {r.name}: on {r.listener} from {', '.join(map(str, r.sources))} "
+              f"{how} as {r.account}, senders {', '.join(r.allowed_senders)}{forced}")
     if cfg.metrics.listen:
         print(f"  metrics: http://{cfg.metrics.listen}/metrics")
     return 0
@@ -136,8 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--add", metavar="LABEL", help="add a password labelled LABEL")
     group.add_argument("--remove", metavar="LABEL", help="revoke the password labelled LABEL")
     group.add_argument("--list", action="store_true", help="list labels and last use")
+    group.add_argument("--service-key", action="store_true",
+                       help="add the service-key slot (creating the account's service_key_file "
+                            "if missing) so the daemon can send for [[relay]] devices unattended")
     passwd.add_argument("--password-file", metavar="FILE",
-                        help="with --add: read an existing password from FILE ('-': stdin)")
+                        help="with --add or --service-key: read an existing password from FILE "
+                             "('-': stdin)")
     check = add("check-config", cmd_check_config, "validate a config file and summarise it")
     check.add_argument("file", nargs="?", help="config file (default: --config)")
     add("version", cmd_version, "print the version")

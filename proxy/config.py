@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import os
+import re
 import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -131,6 +132,38 @@ class Account:
         return self.upstream_user or self.name
 
 
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True)
+class RelayRule:
+    """A ``[[relay]]`` rule: devices at ``sources`` send through ``listener`` as ``account``.
+
+    Without ``require_password`` a matching device sends with no AUTH at all and the account's
+    token is unlocked with its service key. With it the device must AUTH as ``account`` (any of
+    its local passwords); the rule then restricts and rewrites its senders the same way."""
+
+    name: str
+    listener: str
+    sources: tuple[Network, ...]
+    account: str
+    allowed_senders: tuple[str, ...]  # lower case: "user@domain", "@domain", or "<>"
+    force_sender: str | None = None  # the envelope sender upstream; the header From is untouched
+    require_password: bool = False
+
+    def matches(self, peer: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+        return any(peer in network for network in self.sources)
+
+    def allows_sender(self, sender: str) -> bool:
+        """Is ``sender`` (a reverse-path without brackets; "" or "<>": the null sender) allowed?"""
+        if sender in ("", "<>"):
+            return "<>" in self.allowed_senders
+        address = sender.lower()
+        local, at, domain = address.rpartition("@")
+        return address in self.allowed_senders or bool(
+            at and local and "@" + domain in self.allowed_senders)
+
+
 @dataclass(frozen=True)
 class Limits:
     """Login throttling and pre-login limits (``[limits]``)."""
@@ -165,6 +198,11 @@ class Config:
     limits: Limits = Limits()
     log_level: str = "info"
     shutdown_grace: float = 30.0
+    relays: tuple[RelayRule, ...] = ()
+
+    def relay_rules(self, listener: str) -> tuple[RelayRule, ...]:
+        """The ``[[relay]]`` rules of one listener, in file order (the first match decides)."""
+        return tuple(rule for rule in self.relays if rule.listener == listener)
 
     def account(self, name: str) -> Account | None:
         return self.accounts.get(name.strip().lower())
@@ -324,7 +362,8 @@ def _read_upstream(name: str, t: _Table) -> Upstream:
     return up
 
 
-def _read_listener(index: int, t: _Table, upstreams: dict[str, Upstream]) -> Listener:
+def _read_listener(index: int, t: _Table, upstreams: dict[str, Upstream],
+                   relayed: frozenset[str] = frozenset()) -> Listener:
     protocol = t.choice("protocol", PROTOCOLS)
     upstream = t.text("upstream")
     if upstream not in upstreams:
@@ -344,11 +383,16 @@ def _read_listener(index: int, t: _Table, upstreams: dict[str, Upstream]) -> Lis
     )
     if listener.tls != "none" and (listener.cert_file is None or listener.key_file is None):
         raise t.fail("cert_file", f"tls = {listener.tls!r} needs cert_file and key_file")
+    # A relay listener's [[relay]] rules are an explicit allow list of sources, and AUTH on it
+    # still needs TLS or a loopback peer (or allow_insecure_non_loopback): no password travels
+    # in clear, so it may listen beyond loopback without TLS.
     if (listener.tls == "none" and not listener.listen.is_loopback
-            and not listener.allow_insecure_non_loopback):
+            and not listener.allow_insecure_non_loopback
+            and not (listener.protocol == "smtp" and listener.name in relayed)):
         raise t.fail("listen", f"{listener.listen} is not a loopback address and tls = 'none' would "
                                "send passwords in clear; configure tls, or set "
-                               "allow_insecure_non_loopback = true")
+                               "allow_insecure_non_loopback = true (an smtp listener named by "
+                               "a [[relay]] rule may listen without tls)")
     t.done()
     return listener
 
@@ -412,6 +456,92 @@ def _read_account(name: str, t: _Table, providers: dict[str, Provider]) -> Accou
     return account
 
 
+_RULE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_ADDRESS = re.compile(r"[^@\s<>]+@[^@\s<>.][^@\s<>]*")
+_SENDER = re.compile(r"<>|[^@\s<>]*@[^@\s<>.][^@\s<>]*")  # an address, @domain or <>
+
+
+def _relay_sources(t: _Table) -> tuple[Network, ...]:
+    networks, values = [], t.get("sources", list)
+    if not values:
+        raise t.fail("sources", "must list the devices' addresses or networks")
+    for value in values:
+        try:
+            network = ipaddress.ip_network(value.strip(), strict=True)
+        except (AttributeError, ValueError) as exc:
+            loose = (ipaddress.ip_network(value.strip(), strict=False)
+                     if isinstance(exc, ValueError) and "host bits" in str(exc) else None)
+            raise t.fail("sources", f"{value!r} is not an address or CIDR network" + (
+                f"; did you mean {loose}?" if loose else ", e.g. \"192.0.2.0/24\"")) from None
+        if network.prefixlen == 0:
+            raise t.fail("sources", f"{value!r} matches every address (an open relay); list "
+                                    "the devices' addresses or networks")
+        networks.append(network)
+    return tuple(networks)
+
+
+def _relay_senders(t: _Table) -> tuple[str, ...]:
+    values = t.get("allowed_senders", list)
+    if not values:
+        raise t.fail("allowed_senders", "must list the senders devices may use")
+    for value in values:
+        if not isinstance(value, str) or not _SENDER.fullmatch(value):
+            raise t.fail("allowed_senders", f"{value!r} is not an address, an @domain or \"<>\" "
+                                            "(the null sender)")
+    return tuple(v.lower() for v in values)
+
+
+def _read_relay(index: int, t: _Table, listeners: dict[str, Listener],
+                accounts: dict[str, Account]) -> RelayRule:
+    name = t.text("name", f"relay{index}")
+    if not _RULE_NAME.fullmatch(name):
+        raise t.fail("name", f"must be letters, digits, '.', '_' or '-' (got {name!r}); it is a "
+                             "metric label and appears in replies")
+    listener_name = t.text("listener")
+    listener = listeners.get(listener_name)
+    if listener is None:
+        known = ", ".join(sorted(n for n, li in listeners.items() if li.protocol == "smtp"))
+        raise t.fail("listener", f"no listener is named {listener_name!r} "
+                                 f"(smtp listeners: {known or 'none'})")
+    if listener.protocol != "smtp":
+        raise t.fail("listener", f"listener {listener_name!r} speaks {listener.protocol}; "
+                                 "relay rules need an smtp listener")
+    sources = _relay_sources(t)
+    account_name = t.text("account").strip().lower()
+    account = accounts.get(account_name)
+    if account is None:
+        raise t.fail("account", f"no [accounts.\"{account_name}\"] is defined")
+    require_password = t.get("require_password", bool, False)
+    if not require_password and account.service_key_file is None:
+        raise t.fail("account", f"account {account_name} has no service_key_file: devices "
+                                "that send without a password need it to unlock the token "
+                                "file (or set require_password = true)")
+    senders = _relay_senders(t)
+    force_sender = t.text("force_sender", None)
+    if force_sender is not None and _ADDRESS.fullmatch(force_sender) is None:
+        raise t.fail("force_sender", f"must be an address, e.g. scanner@contoso.com "
+                                     f"(got {force_sender!r})")
+    if (require_password and listener.tls == "none" and not listener.allow_insecure_non_loopback
+            and not all(n.is_loopback for n in sources)):
+        raise t.fail("require_password", f"listener {listener_name!r} has tls = 'none', and "
+                                         "passwords are not taken in clear from beyond "
+                                         "loopback: give the listener tls = 'starttls' (or "
+                                         "set allow_insecure_non_loopback = true on it)")
+    t.done()
+    return RelayRule(name=name, listener=listener_name, sources=sources, account=account_name,
+                     allowed_senders=senders, force_sender=force_sender,
+                     require_password=require_password)
+
+
+def _relayed_listeners(data: dict[str, Any]) -> frozenset[str]:
+    """Listener names that [[relay]] rules name (read before the listeners are validated)."""
+    raw = data.get("relay", [])
+    if not isinstance(raw, list):
+        return frozenset()
+    return frozenset(r["listener"] for r in raw
+                     if isinstance(r, dict) and isinstance(r.get("listener"), str))
+
+
 def parse(data: dict[str, Any], file: Path) -> Config:
     """Validate a decoded TOML document (``file`` is used in messages and for relative paths)."""
     top = _Table(data, "", file)
@@ -438,11 +568,24 @@ def parse(data: dict[str, Any], file: Path) -> Config:
     for i, item in enumerate(raw_listeners):
         if not isinstance(item, dict):
             raise top.fail("listeners", "must be an array of tables: [[listeners]]")
-        listeners.append(_read_listener(i, _Table(item, f"listeners[{i}]", file), upstreams))
+        listeners.append(_read_listener(i, _Table(item, f"listeners[{i}]", file), upstreams,
+                                        _relayed_listeners(data)))
     names = [li.name for li in listeners]
     for i, li in enumerate(listeners):
         if names.index(li.name) != i:
             raise top.fail(f"listeners[{i}].name", f"{li.name!r} is used by another listener")
+
+    top.used.add("relay")
+    raw_relays = data.get("relay", [])
+    if not isinstance(raw_relays, list) or not all(isinstance(r, dict) for r in raw_relays):
+        raise top.fail("relay", "must be an array of tables: [[relay]]")
+    relays: list[RelayRule] = []
+    for i, item in enumerate(raw_relays):
+        rule = _read_relay(i, _Table(item, f"relay[{i}]", file), {li.name: li for li in listeners},
+                           accounts)
+        if any(r.name == rule.name for r in relays):
+            raise top.fail(f"relay[{i}].name", f"{rule.name!r} is used by another relay rule")
+        relays.append(rule)
 
     metrics = Metrics()
     mt = top.table("metrics")
@@ -480,7 +623,7 @@ def parse(data: dict[str, Any], file: Path) -> Config:
     top.done()
     return Config(path=file, state_dir=state_dir, listeners=tuple(listeners), upstreams=upstreams,
                   providers=providers, accounts=accounts, metrics=metrics, limits=limits, log_level=log_level,
-                  shutdown_grace=shutdown_grace)
+                  shutdown_grace=shutdown_grace, relays=tuple(relays))
 
 
 def load(path: Path | str) -> Config:

@@ -21,6 +21,8 @@ Exported (``_total``/``_seconds`` suffixes as in the exposition):
   ``{account}`` per account when opted in, else one label-free series, the minimum;
 - ``relayed_bytes_total{protocol,direction}`` (``client_to_upstream``/``upstream_to_client``);
 - ``smtp_messages_total{result}``, ``smtp_recipients_total{result}``;
+- ``relay_messages_total{rule,result}`` (``RELAY_RESULTS``; ``rule="(none)"``: a source that
+  no ``[[relay]]`` rule allows);
 - ``process_*`` from prometheus_client's process collector (start time, memory, fds).
 """
 
@@ -101,6 +103,11 @@ SMTP_MESSAGES = Counter("xoauth2_proxy_smtp_messages_total", "SMTP messages by o
                         ["result"], registry=REGISTRY)
 SMTP_RECIPIENTS = Counter("xoauth2_proxy_smtp_recipients_total", "SMTP recipients by outcome.",
                           ["result"], registry=REGISTRY)
+# rule: a [[relay]] rule name from the config, or "(none)" for a source no rule allows
+RELAY_RESULTS = ("accepted", "deferred", "rejected", "failed", "refused", "unavailable")
+RELAY_MESSAGES = Counter("xoauth2_proxy_relay_messages_total",
+                         "Messages sent under a [[relay]] rule, by rule and outcome.",
+                         ["rule", "result"], registry=REGISTRY)
 
 
 @dataclass

@@ -151,13 +151,26 @@ class TokenService:
 
     def _unlock(self, account: Account, password: Secret) -> store.Unlocked:
         with _store_errors(account):
-            return self.store.unlock(account.name, password)
+            unlocked = self.store.unlock(account.name, password)
+        self._touch(unlocked)
+        return unlocked
 
     def _unlock_service(self, account: Account) -> store.Unlocked:
         assert account.service_key_file is not None
         with _store_errors(account):
             key = store.read_key_file(account.service_key_file)
-            return self.store.unlock_with_service_key(account.name, key)
+            unlocked = self.store.unlock_with_service_key(account.name, key)
+        self._touch(unlocked)
+        return unlocked
+
+    def _touch(self, unlocked: store.Unlocked) -> None:
+        """Record the slot's last use (``passwd --list``), best effort: the store writes at
+        most once an hour per slot, and a failure to write never fails the login."""
+        try:
+            self.store.touch_slot(unlocked)
+        except Exception as exc:  # noqa: BLE001 - display data only; the login goes on
+            logs.event(log, logging.DEBUG, "slot_touch_failed", account=unlocked.account,
+                       slot=unlocked.slot_label, reason=str(exc) or type(exc).__name__)
 
     # --- tokens -------------------------------------------------------------------------------
 

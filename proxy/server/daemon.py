@@ -206,7 +206,8 @@ class Daemon:
         if li.protocol == "smtp":
             from proxy.server.smtp import SmtpListener  # aiosmtpd only when SMTP is used
             runtime: ListenerRuntime = SmtpListener(self.config, li, up, self.tokens,  # type: ignore[assignment]
-                                                    _upstream_tls(up), server_tls)
+                                                    _upstream_tls(up), server_tls,
+                                                    self.throttle, self.preauth)
         else:
             runtime = ListenerRuntime(Context(SPECS[li.protocol], li, up, self.tokens,
                                               _upstream_tls(up), server_tls,

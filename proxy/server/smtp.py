@@ -1,9 +1,9 @@
 """The SMTP listener: aiosmtpd in front, one aiosmtplib XOAUTH2 session behind each client.
 
-aiosmtpd's ``SMTP`` protocol runs on the daemon's own loop (``loop.create_server``, no threaded
-``Controller``). It speaks EHLO, STARTTLS, AUTH and the mail commands; ``ConnectionHandler``
-(one per connection) supplies the async ``auth_PLAIN``/``auth_LOGIN`` mechanisms and the
-``handle_*`` hooks:
+aiosmtpd's ``SMTP`` protocol (``smtp_protocol.ProxySMTP``) runs on the daemon's own loop
+(``loop.create_server``, no threaded ``Controller``). It speaks EHLO, STARTTLS, AUTH and the
+mail commands; ``ConnectionHandler`` (one per connection) supplies the async
+``auth_PLAIN``/``auth_LOGIN`` mechanisms and the ``handle_*`` hooks:
 
 - AUTH PLAIN/LOGIN with the *local* password → token service → ``UpstreamSession.open``
   (verified TLS, EHLO, AUTH XOAUTH2, one retry with a fresh token if the upstream refuses the
@@ -16,6 +16,10 @@ aiosmtpd's ``SMTP`` protocol runs on the daemon's own loop (``loop.create_server
   client sees is a message the upstream accepted. QUIT ends both sessions.
 - An upstream that drops or stalls mid-session gets the client ``421 4.4.2`` and a close.
 
+Without AUTH, MAIL is refused (``530 5.7.0``) unless the listener has ``[[relay]]`` rules:
+then ``smtp_relay.RelayHandler`` decides by source address and sender, and a device a rule
+allows goes upstream as the rule's account (its token unlocked by the service key).
+
 AUTH before TLS is offered only to loopback peers (or with ``allow_insecure_non_loopback``),
 decided per connection here rather than by aiosmtpd's ``auth_require_tls``, which would also
 hide AUTH on implicit-TLS listeners. aiosmtpd's own logger (``mail.log``) logs every command
@@ -27,7 +31,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import collections
 import logging
 import re
 import socket
@@ -41,13 +44,15 @@ from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session, TLSSetup
 from proxy import __version__, logs, metrics
 from proxy.auth.errors import TokenError
 from proxy.auth.service import TokenService
-from proxy.config import Config, Listener, Upstream
+from proxy.config import Config, Listener, RelayRule, Upstream
 from proxy.protocol.events import Failure
 from proxy.protocol.sasl import SaslError, b64decode_strict, decode_plain
 from proxy.secret import Secret
 from proxy.server.daemon import BACKLOG, StartupError
 from proxy.server.limits import PreauthLimiter, Throttle, is_loopback
 from proxy.server.session import TLS_HANDSHAKE_TIMEOUT
+from proxy.server.smtp_protocol import ProxySMTP, quiet_aiosmtpd
+from proxy.server.smtp_relay import RelayHandler, RelayRefused, count, seed_metrics
 from proxy.server.smtp_upstream import (
     DATA_END_TIMEOUT,
     Reply,
@@ -86,25 +91,6 @@ def failure_reply(failure: Failure, text: str) -> str:
     return f"{_FAILURE_REPLY[failure]} {_text(text)}"
 
 
-class _QuietFilter(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.ERROR
-
-
-_QUIET = _QuietFilter()
-
-
-def quiet_aiosmtpd() -> None:
-    """Keep aiosmtpd's ``mail.log`` to errors: it logs commands at INFO (addresses), DATA lines
-    at DEBUG (content) and a deprecation warning per AUTH. A filter, so that setting the level
-    to DEBUG (caplog, ``log_level = "debug"``) cannot bring the lines back."""
-    mail_log = logging.getLogger("mail.log")
-    if _QUIET not in mail_log.filters:
-        mail_log.addFilter(_QUIET)
-    if mail_log.level < logging.WARNING:  # also skips building the records (per DATA line)
-        mail_log.setLevel(logging.WARNING)
-
-
 def _local_name() -> str:
     name = socket.gethostname()
     return name if re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,252})", name) else "localhost"
@@ -121,82 +107,12 @@ class SmtpContext:
         self.throttle, self.preauth = throttle, preauth
         self.hostname = _local_name()
 
-
-class ProxySMTP(SMTP):
-    """aiosmtpd's protocol with what the proxy needs on top of the public hooks.
-
-    - a per-connection life task (``ConnectionHandler.life``) the daemon can wait for;
-    - the idle timer restarts on every byte received, so a slow 20 MB DATA is not cut off at
-      CLIENT_IDLE (aiosmtpd restarts it per command only), and can be held while the upstream
-      takes its time over a message;
-    - DATA after every recipient was refused: ``554 5.5.1`` (RFC 2920), not ``503``;
-    - ``command_size_limits`` per instance (aiosmtpd shares one dict across all connections
-      and grows it on every EHLO).
-    """
-
-    event_handler: ConnectionHandler
-
-    def __init__(self, handler: ConnectionHandler, **kwargs: Any) -> None:
-        self.command_size_limits = collections.defaultdict(lambda: SMTP.command_size_limit)
-        super().__init__(handler, **kwargs)
-        self._proxy_started = False
-        self._refused = False
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        first = not self._proxy_started
-        self._proxy_started = True
-        if first and not self.event_handler.admit(transport):
-            self._refused = True  # too many connections before login: say so, never greet
-            assert isinstance(transport, asyncio.WriteTransport)
-            transport.write(b"421 4.7.0 Too many connections; try again later\r\n")
-            transport.close()
-            return
-        super().connection_made(transport)  # called again after STARTTLS, with the TLS transport
-        if first:
-            self.event_handler.connected(self, transport)
-
-    def connection_lost(self, error: Exception | None) -> None:
-        if self._refused:
-            return
-        try:
-            super().connection_lost(error)
-        finally:
-            self.event_handler.lost()
-
-    def data_received(self, data: bytes) -> None:
-        if self._refused:
-            return
-        self._reset_timeout()
-        super().data_received(data)
-
-    def hold_idle_timer(self, seconds: float | None) -> None:
-        """Give the client ``seconds`` of silence from now (None: back to CLIENT_IDLE)."""
-        if self.transport is not None:
-            self._reset_timeout(seconds)
-
-    def close_soon(self) -> None:
-        """Close after the reply being sent now (pushed before the loop runs callbacks)."""
-        transport = self.transport
-        if transport is not None:
-            self.loop.call_soon(transport.close)
-
-    async def smtp_AUTH(self, arg: str) -> None:
-        if arg:  # mechanism names are case-insensitive (RFC 4954); aiosmtpd matches them exactly
-            mechanism, sep, rest = arg.partition(" ")
-            arg = mechanism.upper() + sep + rest
-        await super().smtp_AUTH(arg)
-
-    async def smtp_DATA(self, arg: str) -> None:
-        envelope = self.envelope
-        if (envelope is not None and envelope.mail_from and not envelope.rcpt_tos
-                and self.event_handler.rcpt_refused and not arg
-                and self.session is not None and self.session.authenticated):
-            await self.push("554 5.5.1 No valid recipients")
-            return
-        await super().smtp_DATA(arg)
+    def relay_rules(self) -> tuple[RelayRule, ...]:
+        """This listener's ``[[relay]]`` rules, from the current config (a reload applies)."""
+        return self.tokens.config.relay_rules(self.listener.name)
 
 
-class ConnectionHandler:
+class ConnectionHandler(RelayHandler):
     """One client connection: aiosmtpd's handler (auth mechanisms and hooks) and its state."""
 
     def __init__(self, ctx: SmtpContext,
@@ -437,15 +353,20 @@ class ConnectionHandler:
 
     async def handle_MAIL(self, server: ProxySMTP, session: Session, envelope: Envelope,
                           address: str, options: list[str]) -> Any:
-        if not session.authenticated:
+        if not session.authenticated and not self.ctx.relay_rules():
             return "530 5.7.0 Authentication required"
+        try:
+            sender = await self.relay_sender(bool(session.authenticated), address)
+        except RelayRefused as refused:
+            return refused.reply
         if self.upstream is None or not self.upstream.connected:
             failed = await self._reconnect(server)
             if failed is not None:
                 return failed
         await self._abandon_transaction()
         self.rcpt_refused = 0
-        args = [b"MAIL", b"FROM:<" + _raw(address) + b">", *(_raw(o) for o in options)]
+        path = b"<>" if sender in ("", "<>") else b"<" + _raw(sender) + b">"  # aiosmtpd: "<>"
+        args = [b"MAIL", b"FROM:" + path, *(_raw(o) for o in options)]
         reply = await self._command(server, *args)
         if isinstance(reply, Reply) and reply.positive:
             envelope.mail_from = address
@@ -505,8 +426,8 @@ class ConnectionHandler:
     # --- helpers --------------------------------------------------------------------------
 
     async def _forward(self, server: ProxySMTP, session: Session, verb: bytes) -> Any:
-        """Forward a session command once logged in; None before (aiosmtpd's own answer)."""
-        if not session.authenticated or self.upstream is None or not self.upstream.connected:
+        """Forward a session command once upstream; None before (aiosmtpd's own answer)."""
+        if self.upstream is None or not self.upstream.connected:
             return None
         reply = await self._command(server, verb)
         return reply.wire() if isinstance(reply, Reply) else reply
@@ -566,9 +487,14 @@ class ConnectionHandler:
         if result == "accepted":
             self.messages += 1
         metrics.SMTP_MESSAGES.labels(result).inc()
+        rule = self.relay_rule
+        if rule is not None:
+            count(rule, result)
         logs.event(log, logging.INFO if result == "accepted" else logging.WARNING, "message",
                    protocol="smtp", listener=self.ctx.listener.name, account=self.account,
-                   peer=self.peer, sender=envelope.mail_from, recipients=len(envelope.rcpt_tos),
+                   rule=rule.name if rule is not None else None, peer=self.peer,
+                   sender=envelope.mail_from, envelope_sender=rule.force_sender if rule else None,
+                   recipients=len(envelope.rcpt_tos),
                    rejected_recipients=self.rcpt_refused or None, size=len(content),
                    queue_id=queue_id(reply.text) if reply is not None and reply.positive else None,
                    result=result, reply=str(reply)[:300] if reply is not None else None,
@@ -604,6 +530,7 @@ class SmtpListener:
                                preauth or PreauthLimiter(config.limits))
         self.server: asyncio.Server | None = None
         self.sessions: set[asyncio.Task[None]] = set()
+        seed_metrics(config.relay_rules(listener.name))
         quiet_aiosmtpd()
 
     @property

@@ -330,8 +330,6 @@ async def test_many_slow_clients_do_not_block_a_real_one(env: ProxyEnv, trouble:
 
 
 @pytest.mark.skipif(not SMTP_AVAILABLE, reason="no SMTP listener yet")
-@pytest.mark.xfail(strict=True, reason="the SMTP listener does not apply limits.preauth_idle: "
-                   "a silent client is dropped after aiosmtpd's CLIENT_IDLE (300 s)")
 async def test_smtp_silence_before_auth_ends_within_preauth_idle(env: ProxyEnv) -> None:
     client = await Raw.open(env.ports["smtp"])
     await client.expect(b"\r\n")
@@ -444,13 +442,7 @@ def _login_bytes(protocol: str) -> bytes:
         + b"\r\n"
 
 
-SMTP_RESET_XFAIL = pytest.mark.xfail(
-    strict=False, reason="aiosmtpd re-raises ConnectionResetError from SMTP._handle_client and "
-    "nobody retrieves it: 'Task exception was never retrieved' (proxy/server/smtp.py)")
-
-
-@pytest.mark.parametrize("protocol", [
-    p if p != "smtp" else pytest.param(p, marks=SMTP_RESET_XFAIL) for p in PROTOCOLS])
+@pytest.mark.parametrize("protocol", PROTOCOLS)
 async def test_reset_while_the_login_is_decided(env: ProxyEnv, trouble: Trouble,
                                                 protocol: str) -> None:
     """RST right after the login command, at delays covering unlock, token, upstream login."""

@@ -1,0 +1,150 @@
+"""aiosmtpd's ``SMTP`` protocol as the SMTP listener runs it (see ``smtp`` for the handler).
+
+``ProxySMTP`` adds what the proxy needs on top of aiosmtpd's public hooks; ``quiet_aiosmtpd``
+keeps aiosmtpd's own logger from logging commands and message lines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from typing import TYPE_CHECKING, Any
+
+from aiosmtpd.smtp import SMTP
+
+if TYPE_CHECKING:
+    from proxy.server.smtp import ConnectionHandler
+
+
+class _QuietFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR
+
+
+_QUIET = _QuietFilter()
+
+
+def quiet_aiosmtpd() -> None:
+    """Keep aiosmtpd's ``mail.log`` to errors: it logs commands at INFO (addresses), DATA lines
+    at DEBUG (content) and a deprecation warning per AUTH. A filter, so that setting the level
+    to DEBUG (caplog, ``log_level = "debug"``) cannot bring the lines back."""
+    mail_log = logging.getLogger("mail.log")
+    if _QUIET not in mail_log.filters:
+        mail_log.addFilter(_QUIET)
+    if mail_log.level < logging.WARNING:  # also skips building the records (per DATA line)
+        mail_log.setLevel(logging.WARNING)
+
+
+class ProxySMTP(SMTP):
+    """aiosmtpd's protocol with what the proxy needs on top of the public hooks.
+
+    - a per-connection life task (``ConnectionHandler.life``) the daemon can wait for;
+    - the idle timer restarts on every byte received, so a slow 20 MB DATA is not cut off at
+      CLIENT_IDLE (aiosmtpd restarts it per command only), and can be held while the upstream
+      takes its time over a message;
+    - DATA after every recipient was refused: ``554 5.5.1`` (RFC 2920), not ``503``;
+    - ``command_size_limits`` per instance (aiosmtpd shares one dict across all connections
+      and grows it on every EHLO).
+    """
+
+    event_handler: ConnectionHandler
+
+    def __init__(self, handler: ConnectionHandler, **kwargs: Any) -> None:
+        self.command_size_limits = collections.defaultdict(lambda: SMTP.command_size_limit)
+        super().__init__(handler, **kwargs)
+        self._proxy_started = False
+        self._refused = False
+        self._login_deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        first = not self._proxy_started
+        self._proxy_started = True
+        if first and not self.event_handler.admit(transport):
+            self._refused = True  # too many connections before login: say so, never greet
+            assert isinstance(transport, asyncio.WriteTransport)
+            transport.write(b"421 4.7.0 Too many connections; try again later\r\n")
+            transport.close()
+            return
+        super().connection_made(transport)  # called again after STARTTLS, with the TLS transport
+        task = self._handler_coroutine
+        if task is not None and not getattr(task, "_proxy_watched", False):
+            # aiosmtpd re-raises a client reset from its task; nothing else would retrieve it.
+            task._proxy_watched = True  # type: ignore[attr-defined]
+            task.add_done_callback(_retrieve)
+        if first:
+            self.event_handler.connected(self, transport)
+            limits = self.event_handler.ctx.tokens.config.limits
+            self._login_deadline = self.loop.call_later(limits.preauth_total, self._too_long)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self._refused:
+            return
+        if self._login_deadline is not None:
+            self._login_deadline.cancel()
+        try:
+            super().connection_lost(error)
+        finally:
+            self.event_handler.lost()
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return
+        self._reset_timeout()
+        super().data_received(data)
+
+    def _before_login(self) -> bool:
+        return self.event_handler.account is None  # neither logged in nor relaying
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        """Before login the shorter ``limits.preauth_idle`` applies, as on IMAP and POP3."""
+        if duration is None and self._before_login():
+            duration = self.event_handler.ctx.tokens.config.limits.preauth_idle
+        super()._reset_timeout(duration)
+
+    def _timeout_cb(self) -> None:
+        transport = self.transport
+        if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
+            transport.write(b"421 4.4.2 Idle too long; closing the connection\r\n")
+        super()._timeout_cb()
+
+    def _too_long(self) -> None:
+        transport = self.transport
+        if (self._before_login() and isinstance(transport, asyncio.WriteTransport)
+                and not transport.is_closing()):
+            transport.write(b"421 4.4.2 Too long without logging in; closing the connection\r\n")
+            transport.close()
+
+    def hold_idle_timer(self, seconds: float | None) -> None:
+        """Give the client ``seconds`` of silence from now (None: back to CLIENT_IDLE)."""
+        if self.transport is not None:
+            self._reset_timeout(seconds)
+
+    def close_soon(self) -> None:
+        """Close after the reply being sent now (pushed before the loop runs callbacks)."""
+        transport = self.transport
+        if transport is not None:
+            self.loop.call_soon(transport.close)
+
+    async def smtp_AUTH(self, arg: str) -> None:
+        if arg:  # mechanism names are case-insensitive (RFC 4954); aiosmtpd matches them exactly
+            mechanism, sep, rest = arg.partition(" ")
+            arg = mechanism.upper() + sep + rest
+        await super().smtp_AUTH(arg)
+
+    async def smtp_DATA(self, arg: str) -> None:
+        envelope = self.envelope
+        if (envelope is not None and envelope.mail_from and not envelope.rcpt_tos
+                and self.event_handler.rcpt_refused and not arg and self.session is not None
+                and (self.session.authenticated or self.event_handler.relay_account)):
+            await self.push("554 5.5.1 No valid recipients")
+            return
+        await super().smtp_DATA(arg)
+
+
+def _retrieve(task: asyncio.Task[None]) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
+__all__ = ["ProxySMTP", "quiet_aiosmtpd"]

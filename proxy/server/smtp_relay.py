@@ -1,0 +1,228 @@
+"""Relay rules on an SMTP listener: devices that cannot log in, and fleets sharing a mailbox.
+
+A listener named by ``[[relay]]`` rules (``proxy.config.RelayRule``) decides at MAIL FROM:
+
+- **Unauthenticated session**: the first rule whose ``sources`` hold the peer address decides.
+  None does: ``550 5.7.1 Relaying from ADDR is not allowed by the proxy's rules``. It wants a
+  password (``require_password``): ``530 5.7.0``. Else the sender must be in the rule's
+  ``allowed_senders`` (``550 5.7.1 Sender S is not allowed for relay rule R``), and the
+  session goes upstream as the rule's account with a token the *service key* unlocks
+  (``TokenService.service_token``), refreshed unattended. A token or upstream that is not
+  available now is a ``451``: a device or MTA keeps the message and retries.
+- **Authenticated session** (AUTH with a local password, as on any listener): unchanged,
+  unless a ``require_password`` rule matches both the peer and the logged-in account; then
+  that rule's sender list and ``force_sender`` apply.
+
+``force_sender`` replaces the envelope sender sent upstream; the message (its From header
+included) is never touched. Every outcome is counted in
+``xoauth2_proxy_relay_messages_total{rule,result}`` and logged without content.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from typing import TYPE_CHECKING
+
+from proxy import logs, metrics
+from proxy.auth.errors import (
+    AuthConfigError,
+    AuthorisationNeeded,
+    TokenError,
+    UnknownAccount,
+    WrongPassword,
+)
+from proxy.config import RelayRule
+from proxy.server.smtp_upstream import UpstreamRejected, UpstreamSession, UpstreamUnavailable
+
+if TYPE_CHECKING:
+    from proxy.server.smtp import SmtpContext
+
+log = logging.getLogger("proxy.smtp")
+
+NO_RULE = "(none)"  # the metric label of a source no rule allows (rule names cannot hold "(")
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+class RelayRefused(Exception):
+    """The proxy refuses (or cannot now serve) a MAIL FROM; ``reply`` is the SMTP reply."""
+
+    def __init__(self, reply: str, result: str, reason: str) -> None:
+        super().__init__(reason)
+        self.reply, self.result, self.reason = reply, result, reason
+
+
+def peer_address(host: str) -> IPAddress | None:
+    """The peer's address as rules see it (an IPv4-mapped IPv6 address is its IPv4 address)."""
+    try:
+        address = ipaddress.ip_address(host.split("%")[0])
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def rule_for(rules: tuple[RelayRule, ...], host: str,
+             account: str | None) -> RelayRule | None:
+    """The rule for a session from ``host``: unauthenticated (``account`` None), the first
+    whose sources hold it; logged in as ``account``, the first password rule for that account
+    whose sources hold it."""
+    peer = peer_address(host)
+    if peer is None:
+        return None
+    for rule in rules:
+        if not rule.matches(peer):
+            continue
+        if account is None:
+            return rule
+        if rule.require_password and rule.account == account:
+            return rule
+    return None
+
+
+def seed_metrics(rules: tuple[RelayRule, ...]) -> None:
+    """Every label set the rules can produce, at zero (see ``metrics.prepare``)."""
+    if rules:
+        metrics.RELAY_MESSAGES.labels(NO_RULE, "refused")
+    for rule in rules:
+        for result in metrics.RELAY_RESULTS:
+            metrics.RELAY_MESSAGES.labels(rule.name, result)
+
+
+def source_refused(host: str) -> RelayRefused:
+    shown = peer_address(host) or _printable(host)
+    return RelayRefused(f"550 5.7.1 Relaying from {shown} is not allowed by the proxy's rules",
+                        "refused", "source not allowed by any relay rule")
+
+
+def check_sender(rule: RelayRule, sender: str) -> str:
+    """The envelope sender to send upstream for ``sender``, or ``RelayRefused``."""
+    if not rule.allows_sender(sender):
+        shown = "<>" if sender in ("", "<>") else _printable(sender)
+        raise RelayRefused(f"550 5.7.1 Sender {shown} is not allowed for relay rule {rule.name}",
+                           "refused", "sender not allowed")
+    return rule.force_sender or sender
+
+
+async def open_service_session(ctx: SmtpContext, rule: RelayRule) -> UpstreamSession:
+    """Log in upstream as the rule's account with a token its service key unlocks; a refused
+    token is replaced once. Raises ``RelayRefused`` with a ``451`` (or a config ``451 4.3.5``)."""
+    tokens = ctx.tokens
+    try:
+        account = tokens.account(rule.account)
+        token = await tokens.service_token(account.name, "smtp")
+        for attempt in (1, 2):
+            try:
+                return await UpstreamSession.open(ctx.upstream, ctx.upstream_tls,
+                                                  account.mailbox, token,
+                                                  local_name=ctx.hostname)
+            except UpstreamRejected as exc:
+                if attempt == 2:
+                    raise RelayRefused(
+                        f"451 4.7.0 The mail server refused the login for {account.mailbox} "
+                        f"(relay rule {rule.name}): {exc} (check the mailbox's permission for "
+                        "SMTP AUTH)", "unavailable", f"upstream rejected the token: {exc}"
+                    ) from None
+                token = await tokens.service_token(account.name, "smtp", rejected=token)
+    except (WrongPassword, UnknownAccount, AuthConfigError) as exc:
+        raise RelayRefused(f"451 4.3.5 The proxy is not configured correctly for relay rule "
+                           f"{rule.name}; contact the administrator",
+                           "unavailable", _service_problem(exc)) from None
+    except AuthorisationNeeded as exc:
+        raise RelayRefused(f"451 4.7.0 {exc.user_text}", "unavailable", exc.detail) from None
+    except TokenError as exc:
+        raise RelayRefused(f"451 4.7.0 {exc.user_text}", "unavailable", exc.detail) from None
+    except UpstreamUnavailable as exc:
+        raise RelayRefused(f"451 4.4.1 The mail server {ctx.upstream.host} cannot be reached "
+                           "right now; try again later", "unavailable", str(exc)) from None
+    raise AssertionError("unreachable")
+
+
+def _service_problem(exc: TokenError) -> str:
+    if isinstance(exc, WrongPassword):
+        return (f"the service key does not open the token file; run `xoauth2-proxy passwd "
+                f"{exc.account} --service-key`")
+    return exc.detail or type(exc).__name__
+
+
+def _printable(text: str) -> str:
+    return "".join(c if c.isprintable() and not c.isspace() else "?" for c in text)[:320]
+
+
+def count(rule: RelayRule | None, result: str) -> None:
+    metrics.RELAY_MESSAGES.labels(rule.name if rule is not None else NO_RULE, result).inc()
+
+
+def log_refusal(peer: str, rule: RelayRule | None, sender: str, refused: RelayRefused,
+                listener: str) -> None:
+    count(rule, refused.result)
+    logs.event(log, logging.WARNING, "relay_refused", protocol="smtp", listener=listener,
+               rule=rule.name if rule is not None else None,
+               account=rule.account if rule is not None else None, peer=peer,
+               sender=sender or "<>", result=refused.result, reason=refused.reason,
+               reply=refused.reply[:300])
+
+
+class RelayHandler:
+    """The relay half of ``smtp.ConnectionHandler`` (a mixin): the rules at MAIL FROM and the
+    upstream session of an unauthenticated device."""
+
+    ctx: SmtpContext
+    peer: str
+    peer_host: str
+    account: str | None
+    upstream: UpstreamSession | None
+    in_transaction: bool
+    relay_rule: RelayRule | None = None  # the rule of the current transaction, if any
+    relay_account: str | None = None  # set once an unauthenticated session went upstream
+
+    def release_preauth(self) -> None:
+        raise NotImplementedError
+
+    async def relay_sender(self, authenticated: bool, sender: str) -> str:
+        """The envelope sender to send upstream for a MAIL FROM (``RelayRefused`` if none).
+
+        Unauthenticated, the session is logged in upstream here (or again, if the upstream
+        dropped it)."""
+        rules = self.ctx.relay_rules()
+        self.relay_rule = None
+        if authenticated:
+            rule = rule_for(rules, self.peer_host, self.account)
+            if rule is None:
+                return sender
+        else:
+            rule = rule_for(rules, self.peer_host, None)
+        try:
+            if rule is None:
+                raise source_refused(self.peer_host)
+            if rule.require_password and not authenticated:
+                raise RelayRefused(f"530 5.7.0 Authentication required: relay rule {rule.name} "
+                                   "needs the device's password", "refused", "no AUTH")
+            upstream_sender = check_sender(rule, sender)
+            if not authenticated:
+                await self._relay_connect(rule)
+        except RelayRefused as refused:
+            log_refusal(self.peer, rule, sender, refused, self.ctx.listener.name)
+            raise
+        self.relay_rule = rule
+        return upstream_sender
+
+    async def _relay_connect(self, rule: RelayRule) -> None:
+        upstream = self.upstream
+        if upstream is not None and upstream.connected and self.relay_account == rule.account:
+            return
+        if upstream is not None:  # dropped by the upstream, or the rule's account changed
+            upstream.close()
+        self.upstream, self.in_transaction = None, False
+        self.upstream = await open_service_session(self.ctx, rule)
+        first = self.relay_account is None
+        self.relay_account = self.account = rule.account
+        self.release_preauth()
+        logs.event(log, logging.INFO, "relay_session" if first else "upstream_reconnected",
+                   protocol="smtp", listener=self.ctx.listener.name, rule=rule.name,
+                   account=rule.account, peer=self.peer)
+
+
+__all__ = ["RelayHandler", "RelayRefused", "rule_for", "check_sender", "open_service_session",
+           "seed_metrics", "source_refused", "count", "log_refusal", "peer_address", "NO_RULE"]
