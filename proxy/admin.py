@@ -78,8 +78,9 @@ def cmd_login(config: Config, args: argparse.Namespace) -> int:
         result = flows.login(config, account, token_store, password, out=sys.stderr,
                              service_key=key)
     except TokenError as exc:
+        code = getattr(exc, "code", None)
         raise CommandError(f"login failed for {account.name}: {exc.detail or type(exc).__name__}"
-                           + (f" ({exc.code})" if getattr(exc, "code", None) else "")) from None
+                           + (f" ({code})" if code else "")) from None
     except store.StoreError as exc:
         raise CommandError(f"could not save the token file: {exc}") from None
     who = f" as {result.identity}" if result.identity else " (app-only)"

@@ -126,7 +126,8 @@ Point any mail client at it (no TLS on these loopback ports):
 
 For example:
   curl -s --url 'imap://127.0.0.1:{ports.get("imap")}/INBOX' --user '{DEMO_USER}:{DEMO_PASSWORD}'
-  python3 -c "import imaplib; c=imaplib.IMAP4('127.0.0.1', {ports.get("imap")}); print(c.login('{DEMO_USER}', '{DEMO_PASSWORD}'))"
+  swaks --server 127.0.0.1:{ports.get("smtp")} --auth PLAIN \\
+        --auth-user {DEMO_USER} --auth-password {DEMO_PASSWORD} --to {DEMO_USER}
 
 The proxy logged in upstream with OAuth 2.0 (XOAUTH2); the client only knew a local password.
 Press Ctrl-C to stop.
@@ -155,8 +156,11 @@ def round_trip(ports: dict[str, int], say: Callable[[str], None]) -> None:
         assert typ == "OK" and found[0], "the message sent by SMTP is not in the INBOX"
         number = found[0].split()[-1]
         typ, fetched = imap.fetch(number, "(BODY.PEEK[])")
-        assert typ == "OK" and subject.encode() in fetched[0][1], "FETCH returned another message"
-        say(f"IMAP: LOGIN, LIST ({len(boxes)} folders), SELECT INBOX ({data[0].decode()} "
+        part = fetched[0]
+        assert typ == "OK" and isinstance(part, tuple) and subject.encode() in part[1], \
+            "FETCH returned another message"
+        messages = data[0].decode() if isinstance(data[0], bytes) else "?"
+        say(f"IMAP: LOGIN, LIST ({len(boxes)} folders), SELECT INBOX ({messages} "
             f"messages), FETCH {number.decode()}: found it")
     finally:
         imap.logout()

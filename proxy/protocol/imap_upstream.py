@@ -227,8 +227,8 @@ class ImapUpstreamSide:
             if self._caps is None:
                 return self._broken("the server sent no capabilities")
             if not _has(self._caps, "AUTH=XOAUTH2"):
-                caps = _excerpt(" ".join(self._caps))
-                return self._broken(f"the server does not offer AUTH=XOAUTH2 (it offers {caps})")
+                offered = _excerpt(" ".join(self._caps))
+                return self._broken(f"the server does not offer AUTH=XOAUTH2 (it offers {offered})")
             return self._authenticate()
         if state is _State.AUTH_CONTINUE and status == "OK":
             return self._broken("the server accepted AUTHENTICATE without a response")

@@ -7,7 +7,6 @@ import base64
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tests.protocol.util import run_transcript, well_formed_lines
 
 from proxy.protocol.events import (
     Authenticate,
@@ -20,6 +19,7 @@ from proxy.protocol.events import (
 )
 from proxy.protocol.imap import ImapClientSide
 from proxy.secret import Secret
+from tests.protocol.util import run_transcript, well_formed_lines
 
 C = SendToClient
 CAPS = "IMAP4rev1 STARTTLS AUTH=PLAIN SASL-IR LITERAL+ ID"

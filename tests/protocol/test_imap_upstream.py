@@ -8,7 +8,6 @@ import json
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tests.protocol.util import run_transcript
 
 from proxy.protocol.events import (
     ProtocolMisuse,
@@ -21,6 +20,7 @@ from proxy.protocol.events import (
 from proxy.protocol.imap import ImapUpstreamSide
 from proxy.protocol.sasl import SaslError
 from proxy.secret import Secret
+from tests.protocol.util import run_transcript
 
 S = SendToServer
 USER = "alice@example.com"

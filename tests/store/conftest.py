@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from tests.store.storetools import ACCOUNT, FAST_N, META, PASSWORD, PAYLOAD, ScryptCounter
 
 from proxy.store import TokenStore, Unlocked
 from proxy.store import slots as slots_mod
+from tests.store.storetools import ACCOUNT, FAST_N, META, PASSWORD, PAYLOAD, ScryptCounter
 
 
 @pytest.fixture

@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.store.storetools import ACCOUNT, FAST_N, META, PASSWORD, PAYLOAD, SERVICE_KEY
 
 from proxy.secret import Secret
 from proxy.store import StoreWriteError, TokenStore, Unlocked
 from proxy.store import atomic as atomic_mod
+from tests.store.storetools import ACCOUNT, FAST_N, META, PASSWORD, PAYLOAD, SERVICE_KEY
 
 REPO = Path(__file__).resolve().parents[2]
 

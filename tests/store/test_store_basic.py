@@ -12,16 +12,6 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tests.store.storetools import (
-    ACCOUNT,
-    FAST_N,
-    META,
-    PASSWORD,
-    PAYLOAD,
-    SERVICE_KEY,
-    doctor,
-    split_file,
-)
 
 from proxy.secret import Secret
 from proxy.store import (
@@ -36,6 +26,16 @@ from proxy.store import (
     WrongPassword,
 )
 from proxy.store import store as store_mod
+from tests.store.storetools import (
+    ACCOUNT,
+    FAST_N,
+    META,
+    PASSWORD,
+    PAYLOAD,
+    SERVICE_KEY,
+    doctor,
+    split_file,
+)
 
 NAME_RE = re.compile(r"[A-Za-z0-9_@+][A-Za-z0-9._@+-]*-[0-9a-f]{16}\.tokens")
 

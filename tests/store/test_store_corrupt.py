@@ -14,7 +14,6 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tests.store.storetools import ACCOUNT, FAST_N, META, PASSWORD, PAYLOAD, SERVICE_KEY, doctor, join_file
 
 from proxy.secret import Secret
 from proxy.store import (
@@ -26,6 +25,16 @@ from proxy.store import (
 )
 from proxy.store import slots as slots_mod
 from proxy.store.format import ScryptParams
+from tests.store.storetools import (
+    ACCOUNT,
+    FAST_N,
+    META,
+    PASSWORD,
+    PAYLOAD,
+    SERVICE_KEY,
+    doctor,
+    join_file,
+)
 
 
 def expect_corrupt(store: TokenStore, account: str = ACCOUNT, match: str | None = None) -> None:

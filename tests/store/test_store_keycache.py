@@ -6,10 +6,18 @@ import threading
 from pathlib import Path
 
 import pytest
-from tests.store.storetools import ACCOUNT, FAST_N, META, PASSWORD, PAYLOAD, ScryptCounter, split_file
 
 from proxy.secret import Secret
 from proxy.store import TokenStore, Unlocked, WrongPassword
+from tests.store.storetools import (
+    ACCOUNT,
+    FAST_N,
+    META,
+    PASSWORD,
+    PAYLOAD,
+    ScryptCounter,
+    split_file,
+)
 
 
 def test_second_unlock_runs_no_scrypt(state_dir: Path, scrypt_calls: ScryptCounter) -> None:

@@ -7,9 +7,9 @@ import stat
 from pathlib import Path
 
 import pytest
-from tests.store.storetools import FAST_N
 
 from proxy.store import InsecureStateDir, TokenStore
+from tests.store.storetools import FAST_N
 
 
 def test_missing_directory_is_created_0700(tmp_path: Path) -> None:
