@@ -196,6 +196,9 @@ class TokenService:
         if state is None or state.account != account:
             state = self._states[account.name] = _AccountState(account)
         current = state.unlocked
+        if (current is not None and current.key_id == unlocked.key_id
+                and unlocked.meta.updated_at < current.meta.updated_at):
+            return state  # read before our own latest save finished: nothing newer to learn
         if current is None or current.key_id != unlocked.key_id or current.payload != unlocked.payload:
             cache = msal.SerializableTokenCache()
             if unlocked.payload:

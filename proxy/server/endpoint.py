@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 READ_LIMIT = 256 * 1024  # pre-login buffer before reading pauses
 HIGH_WATER = 512 * 1024  # per-transport write buffer before the peer's reading pauses
@@ -53,10 +53,10 @@ class Endpoint(asyncio.Protocol):
     # --- asyncio.Protocol ----------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # Any event loop's transport will do (uvloop's are not asyncio.Transport subclasses).
+        self.transport = cast(asyncio.Transport, transport)
         self._tls = transport.get_extra_info("sslcontext") is not None
-        transport.set_write_buffer_limits(high=HIGH_WATER)
+        self.transport.set_write_buffer_limits(high=HIGH_WATER)
         self._closed = asyncio.get_running_loop().create_future()
         if self._on_connect is not None:
             self._on_connect(self)

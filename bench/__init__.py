@@ -1,0 +1,1 @@
+"""Benchmarks for xoauth2-proxy: ``python -m bench`` (see bench/README.md)."""
