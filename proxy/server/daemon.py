@@ -30,7 +30,7 @@ from proxy.auth.service import TokenService
 from proxy.config import Config, Listener, Upstream
 from proxy.protocol.imap import ImapClientSide, ImapUpstreamSide
 from proxy.protocol.pop import PopClientSide, PopUpstreamSide
-from proxy.server import malloc, tls
+from proxy.server import tls, tlsbuffer
 from proxy.server.endpoint import Endpoint
 from proxy.server.http import MetricsServer, log_listening
 from proxy.server.limits import PreauthLimiter, Throttle
@@ -140,6 +140,7 @@ class Daemon:
         except OSError as exc:
             raise StartupError(f"state directory {config.state_dir}: {exc.strerror}") from None
         self.tokens = TokenService(config, self.store)
+        tlsbuffer.install()  # idle TLS sessions stay small (see proxy.server.tlsbuffer)
         # Shared by every listener: failures and pre-login connections count across protocols.
         self.throttle = Throttle(config.limits)
         self.preauth = PreauthLimiter(config.limits)
@@ -414,7 +415,6 @@ async def run(config: Config, *, on_ready: Callable[[Daemon], None] | None = Non
               log_level: str | None = None) -> int:
     """Serve until SIGTERM/SIGINT; reload on SIGHUP. ``log_level``: the command line's override
     of ``config.log_level`` (kept across reloads)."""
-    malloc.fix_mmap_threshold()  # idle TLS sessions stay small (see proxy.server.malloc)
     loop = asyncio.get_running_loop()
     notifier = systemd.Notifier.from_env()
     try:
