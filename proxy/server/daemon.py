@@ -34,11 +34,10 @@ from proxy.server import tls, tlsbuffer
 from proxy.server.endpoint import Endpoint
 from proxy.server.http import MetricsServer, log_listening
 from proxy.server.limits import PreauthLimiter, Throttle
-from proxy.server.session import TLS_HANDSHAKE_TIMEOUT, Context, Session, Spec
+from proxy.server.listener import ListenerBase, StartupError
+from proxy.server.session import Context, Session, Spec
 
 log = logging.getLogger("proxy.daemon")
-BACKLOG = 4096
-
 SPECS = {
     "imap": Spec("imap", ImapClientSide, ImapUpstreamSide,
                  b"* BYE Idle too long before login; connection closed\r\n",
@@ -54,45 +53,16 @@ METRICS_SOCKET_NAME = "metrics"  # FileDescriptorName= of a socket-activated met
 State = Literal["starting", "ready", "reloading", "draining", "stopped"]
 
 
-class StartupError(Exception):
-    """The daemon cannot start (one line, for the operator)."""
-
-
 class ReloadError(Exception):
     """A reloaded config cannot be used; the daemon keeps the one it has (one line)."""
 
 
-class ListenerRuntime:
+class ListenerRuntime(ListenerBase):
+    """An IMAP or POP3 listener: one ``Session`` task per connection."""
+
     def __init__(self, ctx: Context) -> None:
-        self.ctx = ctx
-        self.server: asyncio.Server | None = None
-        self.sessions: set[asyncio.Task[None]] = set()
-
-    @property
-    def name(self) -> str:
-        return self.ctx.listener.name
-
-    @property
-    def port(self) -> int:
-        assert self.server is not None
-        return int(self.server.sockets[0].getsockname()[1])
-
-    async def start(self, sock: socket.socket | None = None) -> None:
-        li = self.ctx.listener
-        loop = asyncio.get_running_loop()
-        implicit = self.ctx.server_tls if li.tls == "implicit" else None
-        timeout = TLS_HANDSHAKE_TIMEOUT if implicit else None
-        try:
-            if sock is not None:
-                self.server = await loop.create_server(self._factory, sock=sock, backlog=BACKLOG,
-                                                       ssl=implicit, ssl_handshake_timeout=timeout)
-            else:
-                self.server = await loop.create_server(
-                    self._factory, li.listen.host, li.listen.port, reuse_address=True,
-                    backlog=BACKLOG, ssl=implicit, ssl_handshake_timeout=timeout)
-        except OSError as exc:
-            raise StartupError(f"listener {li.name}: cannot listen on {li.listen}: "
-                               f"{exc.strerror or exc}") from None
+        super().__init__()
+        self.ctx: Context = ctx
 
     def _factory(self) -> Endpoint:
         return Endpoint(on_connect=self._spawn)
@@ -107,10 +77,6 @@ class ListenerRuntime:
                                                       name=f"{self.name} session")
         self.sessions.add(task)
         task.add_done_callback(self.sessions.discard)
-
-    def stop_accepting(self) -> None:
-        if self.server is not None:
-            self.server.close()
 
 
 def _upstream_tls(up: Upstream) -> ssl.SSLContext:

@@ -48,9 +48,8 @@ from proxy.config import Config, Listener, RelayRule, Upstream
 from proxy.protocol.events import Failure
 from proxy.protocol.sasl import SaslError, b64decode_strict, decode_plain
 from proxy.secret import Secret
-from proxy.server.daemon import BACKLOG, StartupError
 from proxy.server.limits import PreauthLimiter, Throttle, is_loopback
-from proxy.server.session import TLS_HANDSHAKE_TIMEOUT
+from proxy.server.listener import ListenerBase
 from proxy.server.smtp_protocol import ProxySMTP, quiet_aiosmtpd
 from proxy.server.smtp_relay import RelayHandler, RelayRefused, count, seed_metrics
 from proxy.server.smtp_upstream import (
@@ -518,47 +517,19 @@ def _raw(text: str) -> bytes:
     return text.encode("utf-8", "surrogateescape")
 
 
-class SmtpListener:
+class SmtpListener(ListenerBase):
     """One SMTP listener; the daemon drives it like its IMAP/POP listeners."""
 
     def __init__(self, config: Config, listener: Listener, upstream: Upstream,
                  tokens: TokenService, upstream_tls: ssl.SSLContext,
                  server_tls: ssl.SSLContext | None, throttle: Throttle | None = None,
                  preauth: PreauthLimiter | None = None) -> None:
-        self.ctx = SmtpContext(listener, upstream, tokens, upstream_tls, server_tls,
+        super().__init__()
+        self.ctx: SmtpContext = SmtpContext(listener, upstream, tokens, upstream_tls, server_tls,
                                throttle or Throttle(config.limits),
                                preauth or PreauthLimiter(config.limits))
-        self.server: asyncio.Server | None = None
-        self.sessions: set[asyncio.Task[None]] = set()
         seed_metrics(config.relay_rules(listener.name))
         quiet_aiosmtpd()
-
-    @property
-    def name(self) -> str:
-        return self.ctx.listener.name
-
-    @property
-    def port(self) -> int:
-        assert self.server is not None
-        return int(self.server.sockets[0].getsockname()[1])
-
-    async def start(self, sock: socket.socket | None = None) -> None:
-        li = self.ctx.listener
-        loop = asyncio.get_running_loop()
-        implicit = self.ctx.server_tls if li.tls == "implicit" else None
-        kwargs: dict[str, Any] = dict(
-            backlog=BACKLOG, ssl=implicit,
-            ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT if implicit else None)
-        try:
-            if sock is not None:
-                self.server = await loop.create_server(self._factory, sock=sock, **kwargs)
-            else:
-                self.server = await loop.create_server(self._factory, li.listen.host,
-                                                       li.listen.port, reuse_address=True,
-                                                       **kwargs)
-        except OSError as exc:
-            raise StartupError(f"listener {li.name}: cannot listen on {li.listen}: "
-                               f"{exc.strerror or exc}") from None
 
     def _factory(self) -> ProxySMTP:
         ctx = self.ctx
@@ -581,10 +552,6 @@ class SmtpListener:
         task = asyncio.get_running_loop().create_task(handler.life(), name=f"{self.name} session")
         self.sessions.add(task)
         task.add_done_callback(self.sessions.discard)
-
-    def stop_accepting(self) -> None:
-        if self.server is not None:
-            self.server.close()
 
 
 __all__ = ["SmtpListener", "ConnectionHandler", "ProxySMTP", "quiet_aiosmtpd", "failure_reply"]

@@ -1,0 +1,66 @@
+"""What every listener has in common, whatever its protocol: opening the socket (or taking a
+socket-activated one), its name and port, its session tasks, and closing for new connections."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+from typing import Any, Protocol
+
+from proxy.config import Listener
+from proxy.server.session import TLS_HANDSHAKE_TIMEOUT
+
+BACKLOG = 4096  # a burst of hundreds of simultaneous connects must all get a greeting
+
+
+class StartupError(Exception):
+    """The daemon cannot start (one line, for the operator)."""
+
+
+class _Context(Protocol):
+    listener: Listener
+    server_tls: ssl.SSLContext | None
+
+
+class ListenerBase:
+    """Subclasses set ``ctx`` and provide ``_factory`` (the asyncio protocol factory)."""
+
+    ctx: _Context
+
+    def __init__(self) -> None:
+        self.server: asyncio.Server | None = None
+        self.sessions: set[asyncio.Task[None]] = set()
+
+    def _factory(self) -> asyncio.BaseProtocol:
+        raise NotImplementedError
+
+    @property
+    def name(self) -> str:
+        return self.ctx.listener.name
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def start(self, sock: socket.socket | None = None) -> None:
+        """Listen on the configured address, or on ``sock`` (socket activation)."""
+        li = self.ctx.listener
+        loop = asyncio.get_running_loop()
+        implicit = self.ctx.server_tls if li.tls == "implicit" else None
+        kwargs: dict[str, Any] = dict(backlog=BACKLOG, ssl=implicit,
+                                      ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT if implicit else None)
+        try:
+            if sock is not None:
+                self.server = await loop.create_server(self._factory, sock=sock, **kwargs)
+            else:
+                self.server = await loop.create_server(self._factory, li.listen.host,
+                                                       li.listen.port, reuse_address=True, **kwargs)
+        except OSError as exc:
+            raise StartupError(f"listener {li.name}: cannot listen on {li.listen}: "
+                               f"{exc.strerror or exc}") from None
+
+    def stop_accepting(self) -> None:
+        if self.server is not None:
+            self.server.close()
