@@ -116,8 +116,11 @@ def measure(fast: clients.Target, slow: clients.Target, *, runs: int, messages: 
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
-        nbytes, seconds = clients.imap_fetch_all(fast, messages)
-        shared.add(nbytes / seconds / 1e6)
+        # Bounded: a contestant that lets one slow reader stall the others would otherwise
+        # hold the run for many minutes (measured: email-oauth2-proxy, ~8 min a run).
+        budget = max(30.0, 10 * messages / max(solo.values[-1], 1.0))
+        nbytes, seconds = clients.imap_fetch_all(fast, messages, budget=budget)
+        shared.add(nbytes / max(seconds, 1e-9) / 1e6)
         sampling.set()
         sampler.join()
         reader.stop.set()
