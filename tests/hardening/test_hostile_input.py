@@ -360,12 +360,9 @@ async def test_tls_client_hello_to_a_plaintext_port(env: ProxyEnv, trouble: Trou
 async def test_wrong_traffic_on_implicit_tls_ports(tmp_path: Path, demo_upstream: DemoUpstream,
                                                    trouble: Trouble, local_certs: object,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    from proxy.server import daemon as daemon_mod
+    from proxy.server import listener as listener_mod
     from tests.hardening.conftest import client_context
-    monkeypatch.setattr(daemon_mod, "TLS_HANDSHAKE_TIMEOUT", 1.0)
-    if SMTP_AVAILABLE:
-        from proxy.server import smtp as smtp_mod
-        monkeypatch.setattr(smtp_mod, "TLS_HANDSHAKE_TIMEOUT", 1.0)
+    monkeypatch.setattr(listener_mod, "TLS_HANDSHAKE_TIMEOUT", 1.0)  # every listener opens here
     paths = local_certs
     tls = {"tls": "implicit", "cert_file": str(paths.cert_file),  # type: ignore[attr-defined]
            "key_file": str(paths.key_file)}  # type: ignore[attr-defined]
