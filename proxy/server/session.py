@@ -19,7 +19,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 from proxy import logs, metrics
 from proxy.auth.errors import TokenError
@@ -41,6 +41,7 @@ from proxy.protocol.events import (
 from proxy.secret import Secret
 from proxy.server.endpoint import ConnectionClosed, Endpoint, relay
 from proxy.server.limits import PreauthLimiter, Throttle, is_loopback
+from proxy.server.logins import LoginAttempt, unreachable
 
 log = logging.getLogger("proxy.session")
 
@@ -218,41 +219,28 @@ class Session:
     async def _login(self, machine: ClientMachine, cmd: Authenticate) -> Sequence[object]:
         ctx = self.ctx
         protocol = ctx.spec.protocol
-        started = time.monotonic()
-
-        def finish(result: str, reason: str = "", **fields: Any) -> None:
-            metrics.LOGINS.labels(protocol, result).inc()
-            if result == "ok":
-                metrics.UPSTREAM_LOGIN_SECONDS.labels(protocol).observe(time.monotonic() - started)
-            logs.event(log, logging.INFO if result == "ok" else logging.WARNING, "login",
-                       protocol=protocol, listener=ctx.listener.name, account=cmd.username[:200],
-                       peer=self.peer, mechanism=cmd.mechanism, result=result,
-                       reason=reason or None, latency=time.monotonic() - started, **fields)
-
-        locked = ctx.throttle.locked(cmd.username, self.peer_host)
-        if locked > 0:
-            finish("throttled", "locked out after repeated failures")
-            return machine.login_failed(
-                Failure.THROTTLED, f"Too many failed logins; try again in {int(locked) + 1} seconds.")
+        login = LoginAttempt(ctx.throttle, log, protocol=protocol, listener=ctx.listener.name,
+                             user=cmd.username, peer=self.peer, peer_host=self.peer_host,
+                             mechanism=cmd.mechanism)
+        finish = login.finish
+        refusal = login.refusal()
+        if refusal is not None:
+            return machine.login_failed(Failure.THROTTLED, refusal)
         try:
             token = await ctx.tokens.access_token(cmd.username, cmd.password, protocol)  # type: ignore[arg-type]
             account = ctx.tokens.account(cmd.username)
         except TokenError as exc:
             if exc.failure is Failure.BAD_CREDENTIALS:
-                # Answer after the same delay whatever failed (no timing oracle), longer each time.
-                delay = ctx.throttle.failure(cmd.username, self.peer_host)
-                await asyncio.sleep(max(0.0, started + delay - time.monotonic()))
+                await login.bad_credentials()
             finish(exc.result, exc.detail)
             return machine.login_failed(exc.failure, exc.user_text)
-        ctx.throttle.success(cmd.username, self.peer_host)
+        login.good_credentials()
         for attempt in (1, 2):
             try:
                 upstream, outcome = await self._upstream_login(account.mailbox, token)
             except UpstreamUnavailable as exc:
                 finish("upstream_unavailable", str(exc))
-                return machine.login_failed(
-                    Failure.UNAVAILABLE, f"The mail server {ctx.upstream.host} cannot be reached "
-                                         "right now; try again later.")
+                return machine.login_failed(Failure.UNAVAILABLE, unreachable(ctx.upstream.host))
             if isinstance(outcome, UpstreamLoggedIn):
                 self.upstream, self.account = upstream, account.name
                 self._release_preauth()

@@ -50,6 +50,7 @@ from proxy.protocol.sasl import SaslError, b64decode_strict, decode_plain
 from proxy.secret import Secret
 from proxy.server.limits import PreauthLimiter, Throttle, is_loopback
 from proxy.server.listener import ListenerBase
+from proxy.server.logins import LoginAttempt, unreachable
 from proxy.server.smtp_protocol import ProxySMTP, quiet_aiosmtpd
 from proxy.server.smtp_relay import RelayHandler, RelayRefused, count, seed_metrics
 from proxy.server.smtp_upstream import (
@@ -250,37 +251,23 @@ class ConnectionHandler(RelayHandler):
 
     async def _login(self, server: SMTP, user: str, password: Secret,
                      mechanism: str) -> AuthResult:
-        started = time.monotonic()
-
-        def finish(result: str, reason: str = "", **fields: Any) -> None:
-            metrics.LOGINS.labels("smtp", result).inc()
-            if result == "ok":
-                metrics.UPSTREAM_LOGIN_SECONDS.labels("smtp").observe(time.monotonic() - started)
-            logs.event(log, logging.INFO if result == "ok" else logging.WARNING, "login",
-                       protocol="smtp", listener=self.ctx.listener.name, account=user[:200],
-                       peer=self.peer, mechanism=mechanism, result=result,
-                       reason=reason or None, latency=time.monotonic() - started, **fields)
-
-        throttle = self.ctx.throttle
-        locked = throttle.locked(user, self.peer_host)
-        if locked > 0:
-            finish("throttled", "locked out after repeated failures")
-            return _refused(failure_reply(
-                Failure.THROTTLED, f"Too many failed logins; try again in {int(locked) + 1} seconds."))
+        login = LoginAttempt(self.ctx.throttle, log, protocol="smtp", listener=self.ctx.listener.name,
+                             user=user, peer=self.peer, peer_host=self.peer_host,
+                             mechanism=mechanism)
+        finish = login.finish
+        refusal = login.refusal()
+        if refusal is not None:
+            return _refused(failure_reply(Failure.THROTTLED, refusal))
         try:
             upstream, account, attempt = await self._open_upstream(user, password)
         except TokenError as exc:
             if exc.failure is Failure.BAD_CREDENTIALS:
-                # Answer after the same delay whatever failed (no timing oracle), longer each time.
-                delay = throttle.failure(user, self.peer_host)
-                await asyncio.sleep(max(0.0, started + delay - time.monotonic()))
+                await login.bad_credentials()
             finish(exc.result, exc.detail)
             return _refused(failure_reply(exc.failure, exc.user_text))
         except UpstreamUnavailable as exc:
             finish("upstream_unavailable", str(exc))
-            return _refused(failure_reply(
-                Failure.UNAVAILABLE, f"The mail server {self.ctx.upstream.host} cannot be reached "
-                                     "right now; try again later."))
+            return _refused(failure_reply(Failure.UNAVAILABLE, unreachable(self.ctx.upstream.host)))
         except _Refused as exc:
             finish("upstream_rejected", exc.text)
             return _refused(failure_reply(
@@ -292,7 +279,7 @@ class ConnectionHandler(RelayHandler):
         self.upstream, self.account, self.credentials = upstream, account, (user, password)
         self.in_transaction = False
         self._adopt_size(server, upstream)
-        throttle.success(user, self.peer_host)
+        login.good_credentials()
         self.release_preauth()
         finish("ok", attempt=attempt if attempt > 1 else None)
         return AuthResult(success=True, auth_data=account)

@@ -1,0 +1,52 @@
+"""One login attempt's bookkeeping, the same for every listener: the throttle gate before the
+password is checked, the padded reply to a failed password, and the one log line and metrics
+at the end."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from proxy import logs, metrics
+from proxy.server.limits import Throttle
+
+
+def unreachable(host: str) -> str:
+    return f"The mail server {host} cannot be reached right now; try again later."
+
+
+class LoginAttempt:
+    def __init__(self, throttle: Throttle, log: logging.Logger, *, protocol: str, listener: str,
+                 user: str, peer: str, peer_host: str, mechanism: str) -> None:
+        self.throttle, self.log, self.protocol, self.listener = throttle, log, protocol, listener
+        self.user, self.peer, self.peer_host, self.mechanism = user, peer, peer_host, mechanism
+        self.started = time.monotonic()
+
+    def refusal(self) -> str | None:
+        """The reply text if this account or source is locked out (the attempt is then over)."""
+        locked = self.throttle.locked(self.user, self.peer_host)
+        if locked <= 0:
+            return None
+        self.finish("throttled", "locked out after repeated failures")
+        return f"Too many failed logins; try again in {int(locked) + 1} seconds."
+
+    async def bad_credentials(self) -> None:
+        """Count the failure and wait out its delay, measured from the attempt's start, so a
+        wrong password and an unknown account take the same time (no timing oracle)."""
+        delay = self.throttle.failure(self.user, self.peer_host)
+        await asyncio.sleep(max(0.0, self.started + delay - time.monotonic()))
+
+    def good_credentials(self) -> None:
+        self.throttle.success(self.user, self.peer_host)
+
+    def finish(self, result: str, reason: str = "", **fields: Any) -> None:
+        elapsed = time.monotonic() - self.started
+        metrics.LOGINS.labels(self.protocol, result).inc()
+        if result == "ok":
+            metrics.UPSTREAM_LOGIN_SECONDS.labels(self.protocol).observe(elapsed)
+        logs.event(self.log, logging.INFO if result == "ok" else logging.WARNING, "login",
+                   protocol=self.protocol, listener=self.listener, account=self.user[:200],
+                   peer=self.peer, mechanism=self.mechanism, result=result,
+                   reason=reason or None, latency=elapsed, **fields)
