@@ -230,7 +230,7 @@ class Dovecot:
         began = time.monotonic()
         root = make_instance_dir("xoauth2-dovecot-")
         try:
-            tls = tls or make_tls_files(root / "tls", "Dovecot test")
+            tls = tls or make_tls_files(root / "tls")
             mail_root = root / "mail"
             mail_root.mkdir(mode=0o700)
             os.chown(mail_root, pwd.getpwnam(MAIL_USER).pw_uid, grp.getgrnam(MAIL_USER).gr_gid)

@@ -177,7 +177,7 @@ class Postfix:
         try:
             if tls is None:
                 tls = dovecot.tls if dovecot.tls.key_file.exists() else None
-            tls = tls or make_tls_files(root / "tls", "Postfix test")
+            tls = tls or make_tls_files(root / "tls")
             config_dir = root / "etc"
             queue_dir = root / "queue"
             data_dir = root / "data"
