@@ -10,10 +10,12 @@ mail commands; ``ConnectionHandler`` (one per connection) supplies the async
   first). The AUTH reply is the verdict of that whole chain: 235, ``535 5.7.8`` (password,
   authorisation, refused token), ``454 4.7.0`` (identity platform or upstream unreachable: a
   device retries later) or ``454 4.3.5`` (proxy misconfigured for the account).
-- MAIL, RCPT, RSET, NOOP go to the upstream as the client sent them and the upstream's reply
-  goes back unchanged. DATA: aiosmtpd collects the message, the upstream gets DATA and the
-  exact bytes, and the client hears the upstream's reply to the final dot — so a ``250`` the
-  client sees is a message the upstream accepted. QUIT ends both sessions.
+- MAIL, RCPT, RSET, NOOP and DATA go to the upstream as the client sent them and the
+  upstream's reply goes back unchanged. After its ``354`` the message streams through as it
+  arrives, byte for byte and still dot-stuffed (``relay_message``), and the client hears the
+  upstream's reply to the final dot — so a ``250`` the client sees is a message the upstream
+  accepted. A message over the size limit is cut off by dropping the upstream session (never
+  by an end of data) and refused ``552``. QUIT ends both sessions.
 - An upstream that drops or stalls mid-session gets the client ``421 4.4.2`` and a close.
 
 Without AUTH, MAIL is refused (``530 5.7.0``) unless the listener has ``[[relay]]`` rules:
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import logging
 import re
 import socket
@@ -375,25 +378,51 @@ class ConnectionHandler(RelayHandler):
             metrics.SMTP_RECIPIENTS.labels("rejected").inc()
         return reply.wire()
 
-    async def handle_DATA(self, server: ProxySMTP, session: Session, envelope: Envelope) -> Any:
-        content = envelope.original_content or b""
-        started = time.monotonic()
-        if self.upstream is None:
-            return self._lost(server, UpstreamLost("no upstream session"))
-        server.hold_idle_timer(DATA_END_TIMEOUT + 60)  # the client waits for the upstream
+    async def relay_message(self, server: ProxySMTP) -> str | bytes:
+        """DATA upstream; on its ``354`` the message streams through as the client sends it,
+        and the client hears the upstream's reply to the final dot (or to DATA itself)."""
+        envelope, started = server.envelope, time.monotonic()
+        assert envelope is not None
+        reply = await self._command(server, b"DATA")
+        if not isinstance(reply, Reply):
+            return reply  # the upstream is gone: 421
+        if reply.code != 354:
+            # The upstream's transaction stays open (aiosmtpd resets ours): the next MAIL or
+            # EHLO resets it first (in_transaction).
+            self._message_logged(envelope, 0, reply, _result(reply), started)
+            return reply.wire()
+        await server.push(reply.wire())
+        upstream, limit = self.upstream, server.data_size_limit
+        assert upstream is not None
+        too_big, finished = False, False
         try:
-            reply, sent = await self.upstream.data(content)
+            async with contextlib.aclosing(server.message_chunks()) as chunks:
+                async for chunk, last in chunks:
+                    too_big = too_big or bool(limit and server.data_scanner.size > limit)
+                    if too_big:
+                        continue  # read to the end of the message, forward nothing more
+                    if not last:
+                        await upstream.write_message(chunk)
+                        continue
+                    server.hold_idle_timer(DATA_END_TIMEOUT + 60)  # the client awaits the upstream
+                    reply = await upstream.end_message(chunk)
+            finished = not too_big
         except UpstreamLost as exc:
-            self._message_logged(envelope, content, None, "failed", started, reason=str(exc))
+            self._message_logged(envelope, server.data_scanner.size, None, "failed", started,
+                                 reason=str(exc))
             return self._lost(server, exc)
         finally:
             server.hold_idle_timer(None)
-        # After the final dot the upstream's transaction is over, whatever the reply; a refused
-        # DATA leaves it open (aiosmtpd resets ours), so the next MAIL resets it first.
-        self.in_transaction = not sent
-        result = ("accepted" if reply.positive else "deferred" if reply.code < 500
-                  else "rejected")
-        self._message_logged(envelope, content, reply, result, started)
+            if not finished:  # never let the upstream see an end of data: drop the session
+                upstream.close()
+                self.upstream, self.in_transaction = None, False
+        if too_big:
+            text = f"552 5.3.4 Message too big: the mail server takes at most {limit} bytes"
+            self._message_logged(envelope, server.data_scanner.size, None, "rejected", started,
+                                 reason=text)
+            return text
+        self.in_transaction = False  # after the final dot the upstream's transaction is over
+        self._message_logged(envelope, server.data_scanner.size, reply, _result(reply), started)
         if reply.code == 421:
             server.close_soon()
         return reply.wire()
@@ -468,7 +497,7 @@ class ConnectionHandler(RelayHandler):
                    account=self.account, peer=self.peer)
         return None
 
-    def _message_logged(self, envelope: Envelope, content: bytes, reply: Reply | None,
+    def _message_logged(self, envelope: Envelope, size: int, reply: Reply | None,
                         result: str, started: float, reason: str | None = None) -> None:
         if result == "accepted":
             self.messages += 1
@@ -481,7 +510,7 @@ class ConnectionHandler(RelayHandler):
                    rule=rule.name if rule is not None else None, peer=self.peer,
                    sender=envelope.mail_from, envelope_sender=rule.force_sender if rule else None,
                    recipients=len(envelope.rcpt_tos),
-                   rejected_recipients=self.rcpt_refused or None, size=len(content),
+                   rejected_recipients=self.rcpt_refused or None, size=size,
                    queue_id=queue_id(reply.text) if reply is not None and reply.positive else None,
                    result=result, reply=str(reply)[:300] if reply is not None else None,
                    reason=reason, latency=time.monotonic() - started)
@@ -493,6 +522,10 @@ class _Refused(Exception):
     def __init__(self, mailbox: str, text: str) -> None:
         super().__init__(text)
         self.mailbox, self.text = mailbox, text
+
+
+def _result(reply: Reply) -> str:
+    return "accepted" if reply.positive else "deferred" if reply.code < 500 else "rejected"
 
 
 def _refused(status: str) -> AuthResult:

@@ -1,12 +1,14 @@
 """The upstream half of the SMTP proxy: one aiosmtplib session per authenticated client.
 
 ``UpstreamSession.open`` connects (implicit TLS, or STARTTLS; always verified), says EHLO and
-logs in with SASL XOAUTH2. Afterwards ``command`` forwards one SMTP command line and ``data``
-one message; both return the upstream's reply as it came (``Reply``), whatever its code.
+logs in with SASL XOAUTH2. Afterwards ``command`` forwards one SMTP command line (``DATA``
+included) and ``write_message``/``end_message`` stream a message after the ``354``; each
+returns the upstream's reply as it came (``Reply``), whatever its code.
 
 aiosmtplib knows XOAUTH2 but raises on every non-2xx reply of its high-level methods, and its
-DATA rewrites bare CR/LF; so only ``execute_command`` and the protocol's ``write`` /
-``read_response`` are used, and the message goes out byte for byte (dot-stuffed, nothing else).
+DATA rewrites bare CR/LF and holds the whole message; so only ``execute_command`` and the
+protocol's ``write`` / ``read_response`` are used, and the message goes out byte for byte as
+the client sent it (still dot-stuffed: the upstream un-stuffs it).
 
 Library exceptions are translated here, once (STYLE 10): ``UpstreamUnavailable`` (cannot
 connect, finish TLS, or the server answered the login with a temporary error: try later),
@@ -24,6 +26,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import aiosmtplib
+from aiosmtplib.protocol import SMTPProtocol
 
 from proxy import metrics
 from proxy.config import Upstream
@@ -88,19 +91,6 @@ def queue_id(text: str) -> str | None:
         if match:
             return match.group(1)[:200]
     return None
-
-
-def stuff(message: bytes) -> bytes:
-    """Dot-stuff a message whose lines end in CRLF and append the end-of-data line.
-
-    The exact inverse of aiosmtpd's un-stuffing (it splits lines on CRLF only), so the upstream
-    receives the bytes the client meant, bare CR or LF included."""
-    if message and not message.endswith(b"\r\n"):
-        message += b"\r\n"
-    stuffed = message.replace(b"\r\n.", b"\r\n..")
-    if stuffed.startswith(b"."):
-        stuffed = b"." + stuffed
-    return stuffed + b".\r\n"
 
 
 @contextlib.contextmanager
@@ -199,26 +189,35 @@ class UpstreamSession:
             response = await self.client.execute_command(*args, timeout=timeout)
         return Reply(response.code, response.message)
 
-    async def data(self, message: bytes) -> tuple[Reply, bool]:
-        """DATA, then the message byte for byte. Returns the reply and whether the message was
-        sent: the reply to the final dot, or (False) the refusal of DATA itself."""
-        reply = await self.command(b"DATA")
-        if reply.code != 354:
-            return reply, False
-        protocol = self.client.protocol
-        if protocol is None:
-            raise UpstreamLost(f"{self.upstream.host} closed the connection")
+    async def write_message(self, chunk: bytes) -> None:
+        """Part of a message after the upstream's ``354``, as the client sent it (dot-stuffed);
+        returns once the upstream's transport can take more (raise ``UpstreamLost``)."""
+        with _session_errors(self.upstream):
+            protocol = self._protocol()
+            protocol.write(chunk)
+            await protocol._drain_helper()  # FlowControlMixin's wait while the buffer is full
+
+    async def end_message(self, chunk: bytes) -> Reply:
+        """The last part of a message (ending with the end-of-data line); the upstream's reply
+        to it. An error leaves the session out of step, so it is closed."""
         with _session_errors(self.upstream):
             try:
-                # write and read_response back to back: no reply can slip in between
-                protocol.write(stuff(message))
+                protocol = self._protocol()
+                # write and read_response back to back: the reply cannot arrive unclaimed
+                protocol.write(chunk)
                 response = await protocol.read_response(timeout=DATA_END_TIMEOUT)
             except BaseException:
-                self.client.close()  # a lost or late reply leaves the session out of step
+                self.client.close()
                 raise
         if response.code == 421:
             self.client.close()
-        return Reply(response.code, response.message), True
+        return Reply(response.code, response.message)
+
+    def _protocol(self) -> SMTPProtocol:
+        protocol = self.client.protocol
+        if protocol is None:
+            raise UpstreamLost(f"{self.upstream.host} closed the connection")
+        return protocol
 
     async def quit(self) -> Reply | None:
         """QUIT politely (briefly) and close; None when the upstream did not answer."""
@@ -273,4 +272,4 @@ def _size(client: aiosmtplib.SMTP) -> int | None:
 
 
 __all__ = ["Reply", "UpstreamSession", "UpstreamUnavailable", "UpstreamRejected", "UpstreamLost",
-           "queue_id", "stuff", "COMMAND_TIMEOUT", "DATA_END_TIMEOUT"]
+           "queue_id", "COMMAND_TIMEOUT", "DATA_END_TIMEOUT"]

@@ -17,13 +17,16 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from aiosmtpd.smtp import SMTP
+from hypothesis import given
+from hypothesis import strategies as st
 
 from proxy.config import Address, Listener
 from proxy.demo import certs
 from proxy.demo.process import DemoUpstream
 from proxy.protocol import sasl
-from proxy.server.smtp import ConnectionHandler, SmtpContext
-from proxy.server.smtp_upstream import Reply, queue_id, stuff
+from proxy.server.smtp import ConnectionHandler, ProxySMTP, SmtpContext
+from proxy.server.smtp_upstream import Reply, queue_id
 from tests.proxyenv import PASSWORD, USER, ProxyEnv, authorise
 from tests.server.smtp_util import (
     DEVICE_PASSWORD,
@@ -299,6 +302,64 @@ async def test_pipelined_commands_get_replies_in_order(smtp_env: ProxyEnv) -> No
     assert len(await in_thread(lambda: smtp_env.upstream.mailbox(RCPT))) == 1
 
 
+async def test_end_of_data_pipelined_with_the_next_commands(smtp_env: ProxyEnv) -> None:
+    """The final dot, the next transaction and QUIT in one write: the message ends exactly at
+    the dot and every command after it gets its own reply."""
+    first, second = message("first of two"), message("second of two")
+
+    def run() -> None:
+        with client(smtp_env.ports["smtp"]) as s:
+            s.login(USER, DEVICE_PASSWORD)
+            assert s.mail(USER)[0] == 250 and s.rcpt(RCPT)[0] == 250
+            assert s.docmd("DATA")[0] == 354
+            s.send(first + b".\r\n" + f"MAIL FROM:<{USER}>\r\nRCPT TO:<{RCPT}>\r\nDATA\r\n".encode())
+            assert [s.getreply()[0] for _ in range(4)] == [250, 250, 250, 354]
+            s.send(b"." + second + b".\r\nQUIT\r\n")  # a leading dot, stuffed by the client
+            assert s.getreply()[0] == 250
+            assert s.getreply()[0] == 221
+
+    await in_thread(run)
+    assert await in_thread(lambda: smtp_env.upstream.mailbox(RCPT)) == [first, second]
+
+
+async def test_message_over_the_upstream_size_is_cut_off_never_delivered(
+        smtp_env: ProxyEnv) -> None:
+    """Over the upstream's SIZE (announced without SIZE=): the proxy stops forwarding, drops
+    the upstream session instead of ending the message, reads the client to the final dot and
+    says 552; the next message on the same connection goes through a fresh upstream login."""
+    up = smtp_env.upstream
+    up.configure(max_message_size=200_000)
+    rejected = message_count("rejected")
+
+    def run() -> None:
+        with client(smtp_env.ports["smtp"]) as s:
+            s.login(USER, DEVICE_PASSWORD)
+            assert s.mail(USER)[0] == 250 and s.rcpt(RCPT)[0] == 250
+            code, text = s.data(big_message(1_000_000))
+            assert code == 552 and text.startswith(b"5.3.4 Message too big") and b"200000" in text
+            assert s.sendmail(USER, [RCPT], message("small enough")) == {}
+
+    await in_thread(run)
+    assert await in_thread(lambda: up.mailbox(RCPT)) == [message("small enough")]
+    assert message_count("rejected") == rejected + 1
+
+
+async def test_client_gone_mid_message_delivers_nothing(smtp_env: ProxyEnv) -> None:
+    port, up = smtp_env.ports["smtp"], smtp_env.upstream
+
+    def run() -> None:
+        s = client(port)
+        s.login(USER, DEVICE_PASSWORD)
+        assert s.mail(USER)[0] == 250 and s.rcpt(RCPT)[0] == 250
+        assert s.docmd("DATA")[0] == 354
+        s.send(big_message(300_000)[:250_000])  # no end of data
+        s.sock.close()
+
+    await in_thread(run)
+    await in_thread(lambda: send_ok(port, "after the broken one"))
+    assert await in_thread(lambda: up.mailbox(RCPT)) == [message("after the broken one")]
+
+
 async def test_daemon_stop_says_421_to_idle_clients(smtp_env: ProxyEnv) -> None:
     def connect() -> smtplib.SMTP:
         s = client(smtp_env.ports["smtp"])
@@ -550,16 +611,28 @@ def test_reply_wire_keeps_upstream_lines_and_codes() -> None:
     assert Reply(221, "").wire() == b"221"
 
 
-def test_stuffing_inverts_aiosmtpd_unstuffing() -> None:
-    assert stuff(b".a\r\nb\r\n..c\r\n") == b"..a\r\nb\r\n...c\r\n.\r\n"
-    assert stuff(b"no newline") == b"no newline\r\n.\r\n"
-    assert stuff(b"bare\n.dot\r\n") == b"bare\n.dot\r\n.\r\n"  # only CRLF starts a line
-    assert stuff(b"") == b".\r\n"
-
-
 def test_queue_id() -> None:
     m365 = "2.0.0 OK <DM6PR01MB1234.namprd01.prod.outlook.com> [Hostname=DM6PR01MB1234]"
     assert queue_id(m365) == "DM6PR01MB1234.namprd01.prod.outlook.com"
     assert queue_id("2.0.0 Ok: queued as 4ZxY1q2w3e") == "4ZxY1q2w3e"
     assert queue_id("2.0.0 OK") is None
 
+
+
+@given(st.from_regex(r"\A<[a-zA-Z0-9.+\-\"() @\[\]]{0,20}>[ \t]{0,2}[A-Z=0-9() ]{0,12}\Z")
+       | st.text(max_size=40))
+@pytest.mark.parametrize("local_part_limit", [0, 4])
+def test_fast_path_parser_agrees_with_aiosmtpd(local_part_limit: int, arg: str) -> None:
+    server = ProxySMTP.__new__(ProxySMTP)
+    server.local_part_limit = local_part_limit
+    assert server._getaddr(arg) == SMTP._getaddr(server, arg)
+
+
+@pytest.mark.parametrize("arg", ["<alice@contoso.example> SIZE=12 BODY=8BITMIME", "<a.b@c>",
+                                 "<a@b>x"])
+def test_fast_path_parser_takes_the_usual_paths(arg: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    server = ProxySMTP.__new__(ProxySMTP)
+    server.local_part_limit = 0
+    expected = SMTP._getaddr(server, arg)
+    monkeypatch.setattr(SMTP, "_getaddr", lambda self, arg: pytest.fail("slow path taken"))
+    assert server._getaddr(arg) == expected
