@@ -67,6 +67,8 @@ class Upstream:
     tls: UpstreamTLS
     ca_file: Path | None = None  # trust only this CA (tests, private servers); else system CAs
     connect_timeout: float = 15.0
+    warm_connections: int = 2  # IMAP/POP3: connections kept connected ahead of logins
+    warm_seconds: float = 20.0  # a warm connection unused this long is closed
 
 
 @dataclass(frozen=True)
@@ -355,7 +357,11 @@ def _read_upstream(name: str, t: _Table) -> Upstream:
         tls=t.choice("tls", ("implicit", "starttls"), "starttls" if protocol == "smtp" else "implicit"),
         ca_file=t.path_("ca_file", must_exist=True),
         connect_timeout=t.number("connect_timeout", 15.0, 0.1, 300),
+        warm_connections=int(t.number("warm_connections", 0 if protocol == "smtp" else 2, 0, 64)),
+        warm_seconds=t.number("warm_seconds", 20.0, 1, 600),
     )
+    if protocol == "smtp" and up.warm_connections:
+        raise t.fail("warm_connections", "applies to IMAP and POP3 upstreams only")
     if "verify" in t.data:
         raise t.fail("verify", "upstream TLS is always verified; to trust a private CA, set ca_file")
     t.done()

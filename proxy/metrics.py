@@ -87,6 +87,12 @@ UPSTREAM_LOGIN_SECONDS = Histogram(
     "xoauth2_proxy_upstream_login_seconds", "Time from client credentials to upstream login OK.",
     ["protocol"], registry=REGISTRY,
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+# hit: a login took a warm connection; miss: none was ready; stale: one the upstream had closed
+# (or that broke during the login, which then used a new one); expired: closed unused
+WARM_RESULTS = ("hit", "miss", "stale", "expired")
+UPSTREAM_WARM = Counter("xoauth2_proxy_upstream_warm_connections_total",
+                        "Warm upstream connections (IMAP/POP3) by what became of them.",
+                        ["protocol", "result"], registry=REGISTRY)
 TOKEN_REFRESHES = Counter("xoauth2_proxy_token_refreshes_total",
                           "Token requests to the identity platform by outcome.", ["result"],
                           registry=REGISTRY)
@@ -217,6 +223,8 @@ def prepare(protocols_and_listeners: Iterable[tuple[str, str]], *, per_account_l
         if protocol != "smtp":  # SMTP relays messages, counted by smtp_messages_total
             for direction in DIRECTIONS:
                 BYTES_RELAYED.labels(protocol, direction)
+            for result in WARM_RESULTS:
+                UPSTREAM_WARM.labels(protocol, result)
     for result in REFRESH_RESULTS:
         TOKEN_REFRESHES.labels(result)
     if "smtp" in protocols:

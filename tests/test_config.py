@@ -87,6 +87,10 @@ def test_app_only_scope(tmp_path: Path) -> None:
          "one of none, starttls, implicit"),
         (('tenant =', 'client_secret = "x"\ntenant ='), "providers.p.client_secret", "client_secret_file"),
         (("port = 993", "port = 993\nverify = false"), "upstreams.imap.verify", "always verified"),
+        (("port = 993", "port = 993\nwarm_connections = 65"), "upstreams.imap.warm_connections",
+         "between 0 and 64"),
+        (('protocol = "imap"\nhost', 'protocol = "smtp"\nwarm_connections = 1\nhost'),
+         "upstreams.imap.warm_connections", "IMAP and POP3 upstreams only"),
         (('[accounts."Alice@Contoso.com"]', '[accounts.alice]'), "accounts.alice", "user names"),
     ],
 )

@@ -26,6 +26,7 @@ class Knobs:
     # Mail servers
     xoauth2_error_challenge: bool = False  # Dovecot style "+ <error json>" instead of NO/535
     max_message_size: int = 64 * 1024 * 1024
+    preauth_timeout: int = 60  # IMAP/POP3: seconds a connection may wait without logging in
 
     def update(self, values: dict[str, Any]) -> None:
         """Apply a partial update; unknown names raise ``KeyError``, wrong types ``TypeError``."""

@@ -238,8 +238,11 @@ class Daemon:
         self.throttle.limits = self.preauth.limits = config.limits
         for (runtime, li), (upstream_tls, server_tls) in zip(kept, contexts, strict=True):
             ctx = runtime.ctx
-            ctx.listener, ctx.upstream = li, config.upstreams[li.upstream]
-            ctx.upstream_tls, ctx.server_tls = upstream_tls, server_tls
+            ctx.listener, ctx.server_tls = li, server_tls
+            if isinstance(ctx, Context):
+                ctx.reconfigure(config.upstreams[li.upstream], upstream_tls)
+            else:
+                ctx.upstream, ctx.upstream_tls = config.upstreams[li.upstream], upstream_tls
             bound = self._bound_tls.get(li.name)
             if bound is not None and server_tls is not None:
                 bound.sni_callback = _use_context(server_tls)
@@ -253,6 +256,8 @@ class Daemon:
         grace = self.config.shutdown_grace if grace is None else grace
         for runtime in self.listeners:
             runtime.stop_accepting()
+            if isinstance(runtime.ctx, Context):
+                runtime.ctx.warm.close()
         sessions = [t for runtime in self.listeners for t in runtime.sessions]
         if sessions:
             logs.event(log, logging.INFO, "draining", sessions=len(sessions), grace=grace)

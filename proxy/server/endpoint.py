@@ -150,6 +150,11 @@ class Endpoint(asyncio.Protocol):
             self._drain_waiters.append(waiter)
             await waiter
 
+    def usable(self) -> bool:
+        """Open both ways: the peer has neither closed nor ended its side (a warm connection)."""
+        return (self.transport is not None and not self.transport.is_closing()
+                and not self._eof)
+
     @property
     def is_closed(self) -> bool:
         return self._closed is None or self._closed.done()

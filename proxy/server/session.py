@@ -17,7 +17,7 @@ import logging
 import ssl
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -42,6 +42,7 @@ from proxy.secret import Secret
 from proxy.server.endpoint import ConnectionClosed, Endpoint, relay
 from proxy.server.limits import PreauthLimiter, Throttle, is_loopback
 from proxy.server.logins import LoginAttempt, unreachable
+from proxy.server.pool import WarmPool
 
 log = logging.getLogger("proxy.session")
 
@@ -96,6 +97,18 @@ class Context:
         p = self.spec.protocol
         self.count_up = metrics.BYTES_RELAYED.labels(p, "client_to_upstream").inc
         self.count_down = metrics.BYTES_RELAYED.labels(p, "upstream_to_client").inc
+        self.warm = WarmPool(self.connect, self.upstream.warm_connections,
+                             self.upstream.warm_seconds, protocol=p, name=self.upstream.name)
+
+    def connect(self) -> Awaitable[Endpoint]:
+        """A new connection to the upstream as currently configured."""
+        return connect_upstream(self.upstream, self.upstream_tls)
+
+    def reconfigure(self, upstream: Upstream, upstream_tls: ssl.SSLContext) -> None:
+        """A reload: new sessions use ``upstream``; warm connections made before are closed."""
+        self.upstream, self.upstream_tls = upstream, upstream_tls
+        self.warm.clear()
+        self.warm.size, self.warm.max_age = upstream.warm_connections, upstream.warm_seconds
 
 
 async def connect_upstream(upstream: Upstream, context: ssl.SSLContext) -> Endpoint:
@@ -268,10 +281,22 @@ class Session:
         raise AssertionError("unreachable")
 
     async def _upstream_login(self, user: str, token: str) -> tuple[Endpoint, Outcome]:
+        """Log in on a warm connection if one is ready, else (or if the upstream dropped it
+        meanwhile) on a new one."""
         ctx = self.ctx
+        warm = ctx.warm.take()
+        if warm is not None:
+            upstream, outcome = await self._login_on(warm, user, token)
+            if not isinstance(outcome, UpstreamBroken):
+                return upstream, outcome
+            ctx.warm.discard(upstream)
         started = time.monotonic()
-        upstream = await connect_upstream(ctx.upstream, ctx.upstream_tls)
+        upstream = await ctx.connect()
         metrics.UPSTREAM_CONNECT_SECONDS.labels(ctx.spec.protocol).observe(time.monotonic() - started)
+        return await self._login_on(upstream, user, token)
+
+    async def _login_on(self, upstream: Endpoint, user: str, token: str) -> tuple[Endpoint, Outcome]:
+        ctx = self.ctx
         machine = ctx.spec.upstream_machine(user=user, token=Secret(token),
                                             starttls=ctx.upstream.tls == "starttls")
         try:

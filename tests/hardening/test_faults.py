@@ -280,8 +280,11 @@ async def switch_env(tmp_path: Path, demo_upstream: DemoUpstream,
         fake = FakeUpstream(_behaviour(switch, protocol), tls=None)
         switch.ports[protocol] = await fake.start()
         switch.fakes[protocol] = fake
+    # No warm connections: the switch picks a behaviour per connection, when it is made, and
+    # each test means the behaviour it sets for the logins that follow.
     env = await start_env(tmp_path, demo_upstream, protocols=("imap", "pop"), upstreams={
-        p: {"port": switch.ports[p], "ca_file": str(bundle), "connect_timeout": 1}
+        p: {"port": switch.ports[p], "ca_file": str(bundle), "connect_timeout": 1,
+            "warm_connections": 0}
         for p in ("imap", "pop")})
     try:
         yield env, switch

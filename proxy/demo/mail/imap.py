@@ -84,6 +84,7 @@ class IMAPServer(imap4.IMAP4Server):
         self.factory = factory
         self._tls = implicit_tls
         self._nonsync = False
+        self.timeOut = factory.knobs.preauth_timeout  # Twisted's pre-login timeout (60 s)
 
     # -- capabilities and greeting
     def listCapabilities(self):

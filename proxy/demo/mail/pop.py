@@ -104,7 +104,7 @@ class POPServer(pop3.POP3):
 
     def connectionMade(self):
         self.sendLine(b"+OK The Microsoft Exchange POP3 service is ready.")
-        self.setTimeout(self.timeOut)
+        self.setTimeout(self.factory.knobs.preauth_timeout)  # until the login
 
     def lineReceived(self, line):
         self.resetTimeout()
@@ -191,6 +191,7 @@ class POPServer(pop3.POP3):
     def _auth_verdict(self, login: common.Login) -> None:
         if login.ok:
             self.mbox = _Maildrop(self.factory.store.account(login.user).inbox)
+            self.setTimeout(self.timeOut)
             self.sendLine(b"+OK User successfully authenticated.")
         elif self.factory.knobs.xoauth2_error_challenge:
             self.sendLine(b"+ " + common.error_challenge("pop"))
