@@ -354,7 +354,8 @@ class Bench:
             msgs = [env.message(i, self.sizes["smtp_size"]) for i in range(min(200, self.sizes["smtp_messages"]))]
             out["smtp_submission"] = profiling.record(
                 self.proxy.pid, results / "profile-smtp.txt",
-                lambda: clients.smtp_send_all(big, msgs, env.BIG, "archive@contoso.example"))
+                lambda: [clients.smtp_send_all(big, msgs, env.BIG, "archive@contoso.example")
+                         for _ in range(3)])
         out["logins"] = profiling.record(
             self.proxy.pid, results / "profile-logins.txt",
             lambda: asyncio.run(logins.latency(idle, self.sizes["login_samples"])))
