@@ -262,7 +262,8 @@ class ConnectionHandler(RelayHandler):
         if refusal is not None:
             return _refused(failure_reply(Failure.THROTTLED, refusal))
         try:
-            upstream, account, attempt = await self._open_upstream(user, password)
+            upstream, account, attempt = await self._open_upstream(
+                user, password, proven=login.good_credentials)
         except TokenError as exc:
             if exc.failure is Failure.BAD_CREDENTIALS:
                 await login.bad_credentials()
@@ -282,15 +283,20 @@ class ConnectionHandler(RelayHandler):
         self.upstream, self.account, self.credentials = upstream, account, (user, password)
         self.in_transaction = False
         self._adopt_size(server, upstream)
-        login.good_credentials()
         self.release_preauth()
         finish("ok", attempt=attempt if attempt > 1 else None)
         return AuthResult(success=True, auth_data=account)
 
-    async def _open_upstream(self, user: str, password: Secret) -> tuple[UpstreamSession, str, int]:
-        """Token, then upstream login; a refused token is replaced once (``rejected=``)."""
+    async def _open_upstream(self, user: str, password: Secret,
+                             proven: Callable[[], None] | None = None,
+                             ) -> tuple[UpstreamSession, str, int]:
+        """Token, then upstream login; a refused token is replaced once (``rejected=``).
+        ``proven`` is called once the password has unlocked the token: as on IMAP and POP3,
+        that clears the throttle, whatever the upstream then says."""
         ctx = self.ctx
         token = await ctx.tokens.access_token(user, password, "smtp")
+        if proven is not None:
+            proven()
         account = ctx.tokens.account(user)
         for attempt in (1, 2):
             try:

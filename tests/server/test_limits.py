@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import imaplib
+import smtplib
 import socket
 import time
 from pathlib import Path
@@ -14,6 +15,7 @@ from proxy.config import Limits
 from proxy.demo.process import DemoUpstream
 from proxy.server.limits import PreauthLimiter, Throttle
 from tests.proxyenv import PASSWORD, USER, start_proxy
+from tests.server.smtp_util import closed_port, plain_b64
 
 
 class Clock:
@@ -106,6 +108,39 @@ async def test_lockout_refuses_even_the_right_password(tmp_path: Path, demo_upst
     finally:
         await env.daemon.stop(grace=1)
     assert PASSWORD  # the shared password is not used here
+
+
+@pytest.mark.parametrize("protocol", ["imap", "smtp"])
+async def test_right_password_clears_failures_even_if_the_server_is_down(
+        tmp_path: Path, demo_upstream: DemoUpstream, protocol: str) -> None:
+    """The password is proven once it unlocks the token: that resets the failure count on
+    every protocol, whatever the mail server then says (here: nothing, it is down)."""
+    simple = "simple-password"
+    env = await start_proxy(tmp_path, demo_upstream, protocols=(protocol,),
+                            upstream_ports={protocol: closed_port()}, limits={
+                                "failure_delay": 0.01, "max_failure_delay": 0.02,
+                                "lockout_after": 3, "lockout_seconds": 60})
+    from tests.proxyenv import authorise
+    authorise(env.config, demo_upstream, password=simple)
+    port = env.ports[protocol]
+
+    def attempt(password: str) -> str:
+        if protocol == "imap":
+            return login_error(port, USER, password)
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+            client.ehlo()
+            code, text = client.docmd("AUTH", "PLAIN " + plain_b64(USER, password))
+            return f"{code} {text.decode()}"
+
+    try:
+        for password in ("wrong-1", "wrong-2", simple, "wrong-3", "wrong-4"):
+            reply = await asyncio.to_thread(attempt, password)
+            assert "Too many failed logins" not in reply, (password, reply)
+        right = await asyncio.to_thread(attempt, simple)
+        assert "Too many failed logins" not in right and ("UNAVAILABLE" in right
+                                                          or right.startswith("454 4.7.0"))
+    finally:
+        await env.daemon.stop(grace=1)
 
 
 async def test_preauth_connection_limit(tmp_path: Path, demo_upstream: DemoUpstream) -> None:
