@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -50,6 +52,7 @@ QUICK: dict[str, Any] = {
 }
 
 DIRECT, PROXY, PEER = "direct", "xoauth2-proxy", "email-oauth2-proxy"
+RELAY = "byte relay"  # the direct client through bench.byte_relay: one bare Python hop
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -232,9 +235,24 @@ class Bench:
 
     def _throughput(self) -> dict[str, Any]:
         targets = list(self.targets(env.BIG).values())
-        return throughput.measure(targets, runs=self.sizes["throughput_runs"], sizes=self.sizes,
-                                  proxy_cpu=self.proxy.cpu, missing=self._missing(),
-                                  say=self.say)
+        up = self.world.upstream
+        relay = subprocess.Popen(
+            [sys.executable, "-m", "bench.byte_relay", str(up.ports["imaps"]),
+             str(up.ports["pop3s"]), str(up.ports["submission"])],
+            cwd=BENCH_DIR.parent, stdout=subprocess.PIPE, text=True)
+        try:
+            assert relay.stdout is not None
+            imap, pop, smtp = (int(p) for p in relay.stdout.readline().split())
+            direct = targets[0]
+            assert direct.name == DIRECT
+            targets.append(dataclasses.replace(direct, name=RELAY,
+                                               ports={"imap": imap, "pop": pop, "smtp": smtp}))
+            return throughput.measure(targets, runs=self.sizes["throughput_runs"],
+                                      sizes=self.sizes, proxy_cpu=self.proxy.cpu,
+                                      missing=self._missing(), say=self.say)
+        finally:
+            relay.kill()
+            relay.wait()
 
     def _isolation(self) -> dict[str, Any]:
         out = {}

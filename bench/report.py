@@ -8,6 +8,7 @@ from typing import Any
 from bench.harness import Series
 
 DIRECT, PROXY, PEER = "direct", "xoauth2-proxy", "email-oauth2-proxy"
+RELAY = "byte relay"
 
 
 def jsonable(value: Any) -> Any:
@@ -77,6 +78,12 @@ def rows(data: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
         out.append((label, _series(d), _series(t.get(PROXY)) + _ratio(t.get(PROXY), d),
                     (_series(t.get(PEER)) + _ratio(t.get(PEER), d)) if t.get(PEER) else peer_na,
                     target))
+    if any((tp.get(p) or {}).get(RELAY) for p in ("imap", "pop", "smtp")):
+        out.append(("one bare Python hop: the direct client through a plain asyncio byte relay "
+                    "(IMAP / POP / SMTP), × direct", "",
+                    " / ".join(_ratio((tp.get(p) or {}).get(RELAY),
+                                      (tp.get(p) or {}).get(DIRECT)).strip(" ()") or "–"
+                               for p in ("imap", "pop", "smtp")), "", "the floor for any proxy"))
     cpu = tp.get("proxy_cpu_s_per_gb") or {}
     if cpu:
         out.append(("proxy CPU per GB relayed (IMAP / POP / SMTP), s", "",
