@@ -54,6 +54,10 @@ class ProxySMTP(SMTP):
     """
 
     event_handler: ConnectionHandler
+    # aiosmtpd sizes its StreamReader by this (its own DATA loop, replaced here, also checked
+    # lines against it). At 1001 the reader paused and resumed the socket for every chunk of a
+    # message; command lines are still held to ``command_size_limits`` by aiosmtpd.
+    line_length_limit = 64 * 1024
 
     def __init__(self, handler: ConnectionHandler, **kwargs: Any) -> None:
         self.command_size_limits = collections.defaultdict(lambda: SMTP.command_size_limit)

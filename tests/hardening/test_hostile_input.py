@@ -129,6 +129,8 @@ POP_CASES = [
 
 SMTP_CASES = [
     Case("overlong line", (b"EHLO " + b"h" * 5000 + b"\r\n",), (rb"500",), False),
+    Case("line past the reader's limit", (b"EHLO " + b"h" * 300_000 + b"\r\n",), (rb"500",),
+         False),
     Case("NUL bytes", (b"EHLO a\x00b\r\n\x00\x00\r\n",), (rb"\d{3}", rb"\d{3}"), False),
     Case("8-bit garbage", (b"\xff\xfe\xfd\r\n",), (rb"5\d\d",), False),
     Case("invalid base64 (initial response)", (b"EHLO x\r\n", b"AUTH PLAIN !!!!\r\n"),
