@@ -65,6 +65,7 @@ class ProxySMTP(SMTP):
         self._proxy_started = False
         self._refused = False
         self._login_deadline: asyncio.TimerHandle | None = None
+        self._idle_deadline = 0.0
         self.data_scanner = DataScanner()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -107,10 +108,25 @@ class ProxySMTP(SMTP):
         return self.event_handler.account is None  # neither logged in nor relaying
 
     def _reset_timeout(self, duration: float | None = None) -> None:
-        """Before login the shorter ``limits.preauth_idle`` applies, as on IMAP and POP3."""
-        if duration is None and self._before_login():
-            duration = self.event_handler.ctx.tokens.config.limits.preauth_idle
-        super()._reset_timeout(duration)
+        """Restart the idle timer; before login the shorter ``limits.preauth_idle`` applies,
+        as on IMAP and POP3. Called per command and per chunk received, so it only moves a
+        deadline: the timer is re-armed when it fires early, or when the deadline comes
+        sooner than it."""
+        if duration is None:
+            duration = (self.event_handler.ctx.tokens.config.limits.preauth_idle
+                        if self._before_login() else self._timeout_duration)
+        self._idle_deadline = deadline = self.loop.time() + duration
+        handle = self._timeout_handle
+        if handle is None or handle.cancelled() or handle.when() > deadline:
+            if handle is not None:
+                handle.cancel()
+            self._timeout_handle = self.loop.call_at(deadline, self._idle_check)
+
+    def _idle_check(self) -> None:
+        if self.loop.time() < self._idle_deadline:  # activity since: wait for the rest
+            self._timeout_handle = self.loop.call_at(self._idle_deadline, self._idle_check)
+            return
+        self._timeout_cb()
 
     def _timeout_cb(self) -> None:
         transport = self.transport

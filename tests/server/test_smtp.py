@@ -25,6 +25,7 @@ from proxy.config import Address, Listener
 from proxy.demo import certs
 from proxy.demo.process import DemoUpstream
 from proxy.protocol import sasl
+from proxy.server import smtp as smtp_mod
 from proxy.server.smtp import ConnectionHandler, ProxySMTP, SmtpContext
 from proxy.server.smtp_upstream import Reply, queue_id
 from tests.proxyenv import PASSWORD, USER, ProxyEnv, authorise
@@ -358,6 +359,34 @@ async def test_client_gone_mid_message_delivers_nothing(smtp_env: ProxyEnv) -> N
     await in_thread(run)
     await in_thread(lambda: send_ok(port, "after the broken one"))
     assert await in_thread(lambda: up.mailbox(RCPT)) == [message("after the broken one")]
+
+
+async def test_idle_timer_spares_a_slow_message_and_ends_silence(
+        smtp_env: ProxyEnv, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After login the idle limit restarts with every chunk received: a message trickling in
+    for three times the limit goes through; then silence ends the session with 421 4.4.2."""
+    monkeypatch.setattr(smtp_mod, "CLIENT_IDLE", 1.0)
+    body = message("slow", b"line\r\n" * 2000)
+
+    def run() -> float:
+        with client(smtp_env.ports["smtp"]) as s:
+            s.login(USER, DEVICE_PASSWORD)
+            assert s.mail(USER)[0] == 250 and s.rcpt(RCPT)[0] == 250
+            assert s.docmd("DATA")[0] == 354
+            pieces = [body[i:i + len(body) // 10] for i in range(0, len(body), len(body) // 10)]
+            for piece in pieces:
+                s.send(piece)
+                time.sleep(0.3)  # the client is this slow: 3 s in all, the limit is 1 s
+            s.send(b".\r\n")
+            assert s.getreply()[0] == 250
+            quiet = time.monotonic()
+            code, text = s.getreply()
+            assert (code, text[:24]) == (421, b"4.4.2 Idle too long; clo")
+            return time.monotonic() - quiet
+
+    silent = await in_thread(run)
+    assert 0.8 < silent < 3, silent
+    assert await in_thread(lambda: smtp_env.upstream.mailbox(RCPT)) == [body]
 
 
 async def test_daemon_stop_says_421_to_idle_clients(smtp_env: ProxyEnv) -> None:
