@@ -1,10 +1,10 @@
 """Pieces shared by the fake Microsoft 365 IMAP, POP3 and SMTP servers.
 
-XOAUTH2 parsing and checking (with the RFC 7628 error challenge that Dovecot sends), the
-Microsoft 365 wording that more than one server uses, and ``send_bytes``: a push producer
-that writes a large ``bytes`` object in big chunks while honouring the transport's
-backpressure, so that a 50 MB FETCH or RETR neither loops per line nor buffers the whole
-message twice.
+The listener factory (``MailFactory``), XOAUTH2 parsing and checking (with the RFC 7628 error
+challenge that Dovecot sends), the Microsoft 365 wording that more than one server uses, and
+``send_bytes``: a push producer that writes a large ``bytes`` object in big chunks while
+honouring the transport's backpressure, so that a 50 MB FETCH or RETR neither loops per line
+nor buffers the whole message twice.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.internet import defer
+from twisted.internet import defer, protocol
 from twisted.internet.interfaces import IPushProducer
 from twisted.python import log
 from zope.interface import implementer
@@ -22,6 +22,25 @@ from proxy.protocol.sasl import SaslError, b64decode_strict, b64encode
 
 HOSTNAME = "demo.outlook.example"
 FRONTEND = "SN4PR0201CA0000.namprd02.prod.outlook.com"
+
+class MailFactory(protocol.ServerFactory):
+    """One listener of a fake mail server: what its connections share. ``server`` is the
+    protocol class, built with the factory and whether the listener is implicit TLS."""
+
+    noisy = False
+    server: Any
+
+    def __init__(self, *, store: Any, validator: Any, knobs: Any, tls: Any,
+                 implicit_tls: bool) -> None:
+        self.store = store
+        self.validator = validator
+        self.knobs = knobs
+        self.tls = tls
+        self.implicit_tls = implicit_tls
+
+    def buildProtocol(self, addr: Any) -> Any:
+        return self.server(self, self.implicit_tls)
+
 
 # The scope named in the RFC 7628 error challenge, per protocol.
 SCOPES = {

@@ -20,7 +20,7 @@ import copy
 import re
 from typing import Any
 
-from twisted.internet import defer, protocol
+from twisted.internet import defer
 from twisted.mail import imap4
 
 from . import common
@@ -360,19 +360,8 @@ class IMAPServer(imap4.IMAP4Server):
         return self._spew_literal(label, payload, _w, _f)
 
 
-class IMAPFactory(protocol.ServerFactory):
-    noisy = False
-
-    def __init__(self, *, store, validator, knobs, tls, implicit_tls: bool) -> None:
-        self.store = store
-        self.validator = validator
-        self.knobs = knobs
-        self.tls = tls
-        self.implicit_tls = implicit_tls
-
-    def buildProtocol(self, addr):
-        proto = IMAPServer(self, self.implicit_tls)
-        return proto
+class IMAPFactory(common.MailFactory):
+    server = IMAPServer
 
 
 __all__ = ["IMAPFactory", "IMAPServer"]

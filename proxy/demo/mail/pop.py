@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet import protocol
 from twisted.mail import pop3
 from zope.interface import implementer
 
@@ -266,18 +265,8 @@ class POPServer(pop3.POP3):
         self.transport.loseConnection()
 
 
-class POPFactory(protocol.ServerFactory):
-    noisy = False
-
-    def __init__(self, *, store, validator, knobs, tls, implicit_tls: bool) -> None:
-        self.store = store
-        self.validator = validator
-        self.knobs = knobs
-        self.tls = tls
-        self.implicit_tls = implicit_tls
-
-    def buildProtocol(self, addr):
-        return POPServer(self, self.implicit_tls)
+class POPFactory(common.MailFactory):
+    server = POPServer
 
 
 __all__ = ["POPFactory", "POPServer"]

@@ -18,7 +18,6 @@ from collections.abc import Callable
 from email.utils import formatdate
 from typing import Any
 
-from twisted.internet import protocol
 from twisted.mail import smtp
 
 from . import common
@@ -290,15 +289,5 @@ class SMTPServer(smtp.ESMTP):
         self._reset_mail()
 
 
-class SMTPFactory(protocol.ServerFactory):
-    noisy = False
-
-    def __init__(self, *, store, validator, knobs, tls, implicit_tls: bool) -> None:
-        self.store = store
-        self.validator = validator
-        self.knobs = knobs
-        self.tls = tls
-        self.implicit_tls = implicit_tls
-
-    def buildProtocol(self, addr):
-        return SMTPServer(self, self.implicit_tls)
+class SMTPFactory(common.MailFactory):
+    server = SMTPServer
