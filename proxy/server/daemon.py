@@ -67,6 +67,10 @@ class ListenerRuntime(ListenerBase):
     def _factory(self) -> Endpoint:
         return Endpoint(on_connect=self._spawn)
 
+    def stop_accepting(self) -> None:
+        super().stop_accepting()
+        self.ctx.warm.close()
+
     def _spawn(self, endpoint: Endpoint) -> None:
         if log.isEnabledFor(logging.DEBUG):
             peer = endpoint.extra("peername")  # noqa: S610 (not Django)
@@ -239,10 +243,7 @@ class Daemon:
         for (runtime, li), (upstream_tls, server_tls) in zip(kept, contexts, strict=True):
             ctx = runtime.ctx
             ctx.listener, ctx.server_tls = li, server_tls
-            if isinstance(ctx, Context):
-                ctx.reconfigure(config.upstreams[li.upstream], upstream_tls)
-            else:
-                ctx.upstream, ctx.upstream_tls = config.upstreams[li.upstream], upstream_tls
+            ctx.reconfigure(config.upstreams[li.upstream], upstream_tls)
             bound = self._bound_tls.get(li.name)
             if bound is not None and server_tls is not None:
                 bound.sni_callback = _use_context(server_tls)
@@ -256,8 +257,6 @@ class Daemon:
         grace = self.config.shutdown_grace if grace is None else grace
         for runtime in self.listeners:
             runtime.stop_accepting()
-            if isinstance(runtime.ctx, Context):
-                runtime.ctx.warm.close()
         sessions = [t for runtime in self.listeners for t in runtime.sessions]
         if sessions:
             logs.event(log, logging.INFO, "draining", sessions=len(sessions), grace=grace)

@@ -110,6 +110,10 @@ class SmtpContext:
         self.throttle, self.preauth = throttle, preauth
         self.hostname = _local_name()
 
+    def reconfigure(self, upstream: Upstream, upstream_tls: ssl.SSLContext) -> None:
+        """A reload: new sessions use ``upstream`` (SMTP keeps no warm connections)."""
+        self.upstream, self.upstream_tls = upstream, upstream_tls
+
     def relay_rules(self) -> tuple[RelayRule, ...]:
         """This listener's ``[[relay]]`` rules, from the current config (a reload applies)."""
         return self.tokens.config.relay_rules(self.listener.name)
