@@ -454,6 +454,10 @@ def _read_account(name: str, t: _Table, providers: dict[str, Provider]) -> Accou
         upstream_user=t.text("upstream_user", None),
         service_key_file=t.path_("service_key_file"),
     )
+    for key, value in ((None, name), ("upstream_user", account.upstream_user)):
+        if value is not None and any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+            raise t.fail(key, "must not contain control characters (the name goes into the "
+                              "XOAUTH2 login upstream)")
     p = providers[provider]
     if account.flow == "client_credentials" and not (p.client_secret_file or p.client_secret_env):
         raise t.fail("flow", f"client_credentials needs providers.{provider}.client_secret_file or "

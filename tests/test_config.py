@@ -92,6 +92,10 @@ def test_app_only_scope(tmp_path: Path) -> None:
         (('protocol = "imap"\nhost', 'protocol = "smtp"\nwarm_connections = 1\nhost'),
          "upstreams.imap.warm_connections", "IMAP and POP3 upstreams only"),
         (('[accounts."Alice@Contoso.com"]', '[accounts.alice]'), "accounts.alice", "user names"),
+        (('provider = "p"', 'provider = "p"\nupstream_user = "a\\u0001@contoso.com"'),
+         'accounts."Alice@Contoso.com".upstream_user', "control characters"),
+        (('[accounts."Alice@Contoso.com"]', '[accounts."Alice\\u0001@Contoso.com"]'),
+         'accounts."Alice\x01@Contoso.com"', "control characters"),
     ],
 )
 def test_errors_name_the_key(tmp_path: Path, change: tuple[str, str], key: str, words: str) -> None:
