@@ -49,9 +49,11 @@ class AuthorisationNeeded(TokenError):
 
     failure, result = Failure.AUTHORISATION_NEEDED, "authorisation_needed"
 
-    def __init__(self, account: str, detail: str = "", *, code: str | None = None) -> None:
+    def __init__(self, account: str, detail: str = "", *, code: str | None = None,
+                 public: str | None = None) -> None:
         super().__init__(account, detail)
         self.code = code
+        self.public = detail if public is None else public  # what the client may see of it
 
     @classmethod
     def from_response(cls, account: str, response: dict[str, object]) -> AuthorisationNeeded:
@@ -63,7 +65,7 @@ class AuthorisationNeeded(TokenError):
 
     @property
     def user_text(self) -> str:
-        reason = f" ({self.detail})" if self.detail else ""
+        reason = f" ({self.public})" if self.public else ""
         return (f"Authorisation needed for {self.account}: ask the administrator to run "
                 f"`xoauth2-proxy login {self.account}`{reason}.")
 

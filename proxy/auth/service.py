@@ -344,7 +344,8 @@ class _store_errors:
         if isinstance(exc, store.TokenFileMissing):
             raise AuthorisationNeeded(name, "no token file: the account was never authorised") from None
         if isinstance(exc, store.CorruptTokenFile):
-            raise AuthorisationNeeded(name, f"the token file is damaged ({exc})") from None
+            raise AuthorisationNeeded(name, f"the token file is damaged ({exc})",  # path: log only
+                                      public="the token file is damaged") from None
         if isinstance(exc, store.StoreError | OSError):
             raise AuthConfigError(name, f"token file unusable: {exc}") from None
 
