@@ -181,8 +181,8 @@ def _add_service_key(account: Account, token_store: store.TokenStore,
         print(f"{account.name}: created service key file {path} (32 random bytes, mode 0600)")
     key = service_key(account)
     assert key is not None
-    slots = {s.label: s for s in token_store.info(account.name).slots}
-    if "service" in slots:
+    keyfile = next((s for s in token_store.info(account.name).slots if s.kind == "keyfile"), None)
+    if keyfile is not None:
         try:
             token_store.unlock_with_service_key(account.name, key)
             print(f"{account.name}: the service key {path} already opens the token file")
@@ -192,8 +192,8 @@ def _add_service_key(account: Account, token_store: store.TokenStore,
     current = read_password(args.password_file, confirm=False,
                             prompt=f"An existing local password of {account.name}")
     unlocked = token_store.unlock(account.name, current)
-    if "service" in slots:
-        token_store.remove_slot(account.name, "service")
+    if keyfile is not None:
+        token_store.remove_slot(account.name, keyfile.label)
     token_store.add_service_key_slot(unlocked, key)
     print(f"{account.name}: service key slot added; the daemon can now refresh this account's "
           f"tokens with {path} (keep it 0600, readable by the daemon only)")

@@ -108,7 +108,6 @@ def login(config: Config, account: Account, token_store: store.TokenStore, passw
         unlocked = token_store.create(account.name, payload, meta, password=password,
                                       replace=replaced)
     if service_key is not None:
-        labels = {s.label for s in token_store.info(account.name).slots}
-        if "service" not in labels:
+        if not any(s.kind == "keyfile" for s in token_store.info(account.name).slots):
             token_store.add_service_key_slot(unlocked, service_key)
     return LoginResult(account.name, identity, expiry, has_rt, replaced)

@@ -430,6 +430,8 @@ class TokenStore:
     def add_password_slot(self, unlocked: Unlocked, label: str, password: Secret) -> None:
         self._check_unlocked(unlocked)
         _slot_label(label)
+        if label == "service":  # tools find the service key's slot by this label
+            raise SlotError("label 'service' is kept for the service key slot; choose another")
         secret = password_bytes(password)
         if not secret:
             raise ValueError("a slot password must not be empty")

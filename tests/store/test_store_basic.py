@@ -347,6 +347,8 @@ def test_second_slot_until_removed(store: TokenStore, state_dir: Path, created: 
 def test_slot_errors(store: TokenStore, created: Unlocked) -> None:
     with pytest.raises(SlotError, match="already exists"):
         store.add_password_slot(created, "default", Secret("x"))
+    with pytest.raises(SlotError, match="kept for the service key"):
+        store.add_password_slot(created, "service", Secret("x"))
     with pytest.raises(SlotError, match="no slot"):
         store.remove_slot(ACCOUNT, "nope")
     with pytest.raises(SlotError, match="last slot"):
