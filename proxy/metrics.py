@@ -160,10 +160,6 @@ class AccountCollector(Collector):
             if refresh is not None:
                 state.refresh_expires_at = refresh
 
-    def needing_reauth(self) -> list[str]:
-        with self._lock:
-            return sorted(n for n, s in self._accounts.items() if s.needs_reauth)
-
     def describe(self) -> list[Metric]:
         return []  # families depend on the label mode; nothing to check at registration
 

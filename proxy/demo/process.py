@@ -71,7 +71,6 @@ class DemoUpstream:
         self.authority: str = record["authority"]
         self.ca_file: str = record["ca_file"]
         self.ports: dict[str, int] = dict(record["ports"])
-        self.mail_servers: bool = bool(record.get("mail_servers"))
         self.session = http_session(self.ca_file, timeout=30)
 
     # -- life cycle ------------------------------------------------------------------------

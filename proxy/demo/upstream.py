@@ -6,12 +6,9 @@ servers on free ports, then prints one JSON line to stdout and writes the same o
 
     {"ready": true, "pid": ..., "host": "127.0.0.1", "entra_url": "https://127.0.0.1:PORT",
      "authority": "https://127.0.0.1:PORT/demo-tenant", "ca_file": ".../ca.pem",
-     "cert_file": ".../server.pem", "key_file": ".../server.key", "mail_servers": true,
+     "cert_file": ".../server.pem", "key_file": ".../server.key",
      "ports": {"entra": PORT, "imaps": ..., "imap": ..., "pop3s": ..., "pop3": ...,
                "submission": ..., "smtps": ...}}
-
-``mail_servers`` is false (and ``ports`` holds only ``entra``) when ``proxy.demo.mail`` is
-missing or incomplete; the admin mailbox endpoints then use a stand-in store.
 
 It runs until SIGTERM or SIGINT (or, with ``--exit-on-stdin-eof``, until its parent goes
 away and stdin closes). Nothing else is written to stdout; warnings go to stderr.
@@ -30,19 +27,6 @@ from typing import Any
 from proxy.demo.knobs import Knobs
 
 DEMO_TENANT = "demo-tenant"
-
-
-class MemoryStore:
-    """Stand-in mailbox store used only while ``proxy.demo.mail`` is not available."""
-
-    def __init__(self) -> None:
-        self._boxes: dict[str, list[bytes]] = {}
-
-    def deliver(self, recipient: str, message: bytes) -> None:
-        self._boxes.setdefault(recipient.casefold(), []).append(bytes(message))
-
-    def messages(self, user: str) -> list[bytes]:
-        return list(self._boxes.get(user.casefold(), []))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -86,7 +70,7 @@ def build(reactor: Any, workdir: Path, host: str, knobs: Knobs) -> dict:
     """Start everything on ``reactor``; return the ready record (without ``ready``/``pid``)."""
     from twisted.web import server
 
-    from proxy.demo import certs
+    from proxy.demo import certs, mail
     from proxy.demo.admin import Admin
     from proxy.demo.entra import Entra
     from proxy.demo.tokens import TokenAuthority, Validator
@@ -94,19 +78,7 @@ def build(reactor: Any, workdir: Path, host: str, knobs: Knobs) -> dict:
     paths = certs.generate(workdir)
     tls = certs.server_tls_options(paths)
     authority = TokenAuthority(knobs)
-    try:
-        from proxy.demo import mail
-    except ModuleNotFoundError as exc:  # only "not written yet", never a broken module
-        if exc.name != "proxy.demo.mail":
-            raise
-        mail = None  # type: ignore[assignment]
-    if mail is not None and not hasattr(mail, "start_mail_servers"):
-        print(
-            "upstream: proxy.demo.mail has no start_mail_servers yet; no mail servers",
-            file=sys.stderr,
-        )
-        mail = None  # type: ignore[assignment]
-    store = mail.MailStore() if mail is not None else MemoryStore()
+    store = mail.MailStore()
     entra = Entra(knobs, authority)
     entra.admin = Admin(entra, store)  # type: ignore[assignment]
     site = server.Site(entra)
@@ -114,17 +86,9 @@ def build(reactor: Any, workdir: Path, host: str, knobs: Knobs) -> dict:
     port = reactor.listenSSL(0, site, tls, interface=host)
     entra_port = port.getHost().port
     ports: dict[str, int] = {"entra": entra_port}
-    if mail is not None:
-        ports.update(
-            mail.start_mail_servers(
-                reactor,
-                host=host,
-                tls=tls,
-                validator=Validator(authority),
-                store=store,
-                knobs=knobs,
-            )
-        )
+    ports.update(mail.start_mail_servers(reactor, host=host, tls=tls,
+                                         validator=Validator(authority), store=store,
+                                         knobs=knobs))
     url_host = f"[{host}]" if ":" in host else host
     entra_url = f"https://{url_host}:{entra_port}"
     return {
@@ -134,7 +98,6 @@ def build(reactor: Any, workdir: Path, host: str, knobs: Knobs) -> dict:
         "ca_file": str(paths.ca_file),
         "cert_file": str(paths.cert_file),
         "key_file": str(paths.key_file),
-        "mail_servers": mail is not None,
         "ports": ports,
     }
 

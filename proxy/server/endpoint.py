@@ -38,7 +38,6 @@ class Endpoint(asyncio.Protocol):
     def __init__(self, on_connect: Callable[[Endpoint], None] | None = None) -> None:
         self.transport: asyncio.Transport | None = None
         self.peer: Endpoint | None = None
-        self.bytes_in = 0
         self._on_connect = on_connect
         self._buffer = bytearray()
         self._eof = False

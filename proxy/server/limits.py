@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 from proxy.config import Limits
 
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
 MAX_TRACKED = 50_000  # keys remembered at most (oldest forgotten first): bounded memory
 
 
@@ -33,14 +35,21 @@ class _Record:
     locked_until: float = 0.0
 
 
-def is_loopback(host: str) -> bool:
+def peer_address(host: str) -> IPAddress | None:
+    """The peer's address as limits and relay rules see it (an IPv4-mapped IPv6 address is
+    its IPv4 address; None if ``host`` is not an address)."""
     try:
         address = ipaddress.ip_address(host.split("%")[0])
     except ValueError:
-        return False
+        return None
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped.is_loopback
-    return address.is_loopback
+        return address.ipv4_mapped
+    return address
+
+
+def is_loopback(host: str) -> bool:
+    address = peer_address(host)
+    return address is not None and address.is_loopback
 
 
 class Throttle:

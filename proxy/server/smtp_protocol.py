@@ -191,10 +191,7 @@ class ProxySMTP(SMTP):
             return
         status = await self.event_handler.relay_message(self)
         self._set_post_data_state()
-        if isinstance(status, bytes):  # the upstream's reply, as it came
-            await self.push(status)
-        else:
-            await self.push(status)
+        await self.push(status)  # type: ignore[type-var]  # str, or the upstream's bytes
 
     async def message_chunks(self) -> AsyncGenerator[tuple[bytes, bool], None]:
         """The client's message after ``354`` as it arrives, as sent (dot-stuffed), with whether

@@ -20,19 +20,18 @@ included) is never touched. Every outcome is counted in
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 from typing import TYPE_CHECKING
 
 from proxy import logs, metrics
 from proxy.auth.errors import (
     AuthConfigError,
-    AuthorisationNeeded,
     TokenError,
     UnknownAccount,
     WrongPassword,
 )
 from proxy.config import RelayRule
+from proxy.server.limits import peer_address
 from proxy.server.smtp_upstream import UpstreamRejected, UpstreamSession, UpstreamUnavailable
 
 if TYPE_CHECKING:
@@ -41,7 +40,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("proxy.smtp")
 
 NO_RULE = "(none)"  # the metric label of a source no rule allows (rule names cannot hold "(")
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 class RelayRefused(Exception):
@@ -50,17 +48,6 @@ class RelayRefused(Exception):
     def __init__(self, reply: str, result: str, reason: str) -> None:
         super().__init__(reason)
         self.reply, self.result, self.reason = reply, result, reason
-
-
-def peer_address(host: str) -> IPAddress | None:
-    """The peer's address as rules see it (an IPv4-mapped IPv6 address is its IPv4 address)."""
-    try:
-        address = ipaddress.ip_address(host.split("%")[0])
-    except ValueError:
-        return None
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped
-    return address
 
 
 def rule_for(rules: tuple[RelayRule, ...], host: str,
@@ -129,9 +116,7 @@ async def open_service_session(ctx: SmtpContext, rule: RelayRule) -> UpstreamSes
         raise RelayRefused(f"451 4.3.5 The proxy is not configured correctly for relay rule "
                            f"{rule.name}; contact the administrator",
                            "unavailable", _service_problem(exc)) from None
-    except AuthorisationNeeded as exc:
-        raise RelayRefused(f"451 4.7.0 {exc.user_text}", "unavailable", exc.detail) from None
-    except TokenError as exc:
+    except TokenError as exc:  # AuthorisationNeeded included: its text says what to run
         raise RelayRefused(f"451 4.7.0 {exc.user_text}", "unavailable", exc.detail) from None
     except UpstreamUnavailable as exc:
         raise RelayRefused(f"451 4.4.1 The mail server {ctx.upstream.host} cannot be reached "
@@ -225,4 +210,4 @@ class RelayHandler:
 
 
 __all__ = ["RelayHandler", "RelayRefused", "rule_for", "check_sender", "open_service_session",
-           "seed_metrics", "source_refused", "count", "log_refusal", "peer_address", "NO_RULE"]
+           "seed_metrics", "source_refused", "count", "log_refusal", "NO_RULE"]

@@ -31,10 +31,10 @@ from aiosmtplib.protocol import SMTPProtocol
 from proxy import metrics
 from proxy.config import Upstream
 from proxy.protocol import sasl
+from proxy.server.session import TLS_HANDSHAKE_TIMEOUT
 
 COMMAND_TIMEOUT = 300.0  # RFC 5321 4.5.3.2: MAIL and RCPT 5 minutes, DATA initiation 2
 DATA_END_TIMEOUT = 600.0  # RFC 5321 4.5.3.2.6: 10 minutes for the reply to the final dot
-TLS_HANDSHAKE_TIMEOUT = 15.0
 QUIT_TIMEOUT = 5.0
 
 _QUEUE_ID = (
