@@ -102,11 +102,11 @@ def login(config: Config, account: Account, token_store: store.TokenStore, passw
             existing = token_store.unlock(account.name, password)
         except (store.WrongPassword, store.CorruptTokenFile):
             replaced = True
-    if existing is not None:
-        unlocked = token_store.save(existing, payload, meta)
-    else:
-        unlocked = token_store.create(account.name, payload, meta, password=password,
-                                      replace=replaced)
+    if existing is None:  # one write: both slots, or none
+        token_store.create(account.name, payload, meta, password=password,
+                           service_key=service_key, replace=replaced)
+        return LoginResult(account.name, identity, expiry, has_rt, replaced)
+    unlocked = token_store.save(existing, payload, meta)
     if service_key is not None:
         if not any(s.kind == "keyfile" for s in token_store.info(account.name).slots):
             token_store.add_service_key_slot(unlocked, service_key)

@@ -252,8 +252,13 @@ class TokenService:
             if state.app is None:
                 state.app = msal_client.build_app(self.config, account, state.cache)
             app = state.app
+            users = None
+            if account.flow != "client_credentials":
+                users = app.get_accounts(username=account.mailbox) or app.get_accounts()
+                if not users:  # nothing the identity platform refused: the file stays as it is
+                    raise AuthorisationNeeded(account.name, "no signed-in user in the token file")
             try:
-                if account.flow == "client_credentials":
+                if users is None:
                     if force:
                         for at in state.cache.search(msal.TokenCache.CredentialType.ACCESS_TOKEN,
                                                      target=list(scopes)):
@@ -261,12 +266,10 @@ class TokenService:
                     result = msal_client.call(account.name, lambda: app.acquire_token_for_client(
                         list(scopes)))
                 else:
-                    users = app.get_accounts(username=account.mailbox) or app.get_accounts()
-                    if not users:
-                        raise AuthorisationNeeded(account.name, "no signed-in user in the token file")
+                    user = users[0]
                     result = msal_client.call(
                         account.name, lambda: app.acquire_token_silent_with_error(
-                            list(scopes), account=users[0], force_refresh=force))
+                            list(scopes), account=user, force_refresh=force))
                 checked = msal_client.check_result(account.name, result)
             except AuthorisationNeeded as exc:
                 self._mark_needs_reauth(state, exc)
@@ -300,8 +303,6 @@ class TokenService:
         if state.unlocked is None or state.cache is None:
             return
         reason = " ".join(filter(None, [exc.code, exc.detail]))[:300] or "re-authorisation needed"
-        if exc.code is None and "no signed-in user" in exc.detail:
-            return
         try:
             state.unlocked = self.store.set_meta(state.unlocked, self._meta(state, reason))
         except (store.StoreError, OSError) as err:
