@@ -13,25 +13,11 @@ import requests
 
 from proxy.demo.process import DemoUpstream, http_session
 from proxy.demo.tokens import TENANT_ID
+from tests.demo.demotools import CLIENT_ID, IMAP, SMTP, public_app, refresh_grant
 
-CLIENT_ID = "0f0e0d0c-0b0a-4909-8807-060504030201"
-IMAP = "https://outlook.office.com/IMAP.AccessAsUser.All"
-SMTP = "https://outlook.office.com/SMTP.Send"
 APP_ONLY = "https://outlook.office365.com/.default"
 ALICE = "Alice.Smith@contoso.example"
 REDIRECT = "http://localhost:8765/callback"
-
-
-def public_app(
-    upstream: DemoUpstream, timeout: float = 10, **kwargs
-) -> msal.PublicClientApplication:
-    return msal.PublicClientApplication(
-        CLIENT_ID,
-        authority=upstream.authority,
-        instance_discovery=False,
-        http_client=http_session(upstream.ca_file, timeout=timeout),
-        **kwargs,
-    )
 
 
 def introspect(upstream: DemoUpstream, token: str) -> dict:
@@ -250,12 +236,7 @@ def test_silent_refresh_rotates_refresh_token(demo_upstream_factory) -> None:
     with http_session(upstream.ca_file) as session:
         reply = session.post(
             app.authority.token_endpoint,
-            data={
-                "client_id": CLIENT_ID,
-                "grant_type": "refresh_token",
-                "refresh_token": first["refresh_token"],
-                "scope": f"{IMAP} offline_access",
-            },
+            data=refresh_grant(first["refresh_token"], f"{IMAP} offline_access"),
         )
     assert reply.status_code == 200 and "refresh_token" in reply.json()
 
@@ -265,12 +246,7 @@ def test_strict_rotation_refuses_a_used_refresh_token(demo_upstream_factory) -> 
     app = public_app(upstream)
     first = sign_in_with_device_code(upstream, app)
     endpoint = app.authority.token_endpoint
-    body = {
-        "client_id": CLIENT_ID,
-        "grant_type": "refresh_token",
-        "refresh_token": first["refresh_token"],
-        "scope": IMAP,
-    }
+    body = refresh_grant(first["refresh_token"])
     with http_session(upstream.ca_file) as session:
         assert session.post(endpoint, data=body).status_code == 200
         reused = session.post(endpoint, data=body)

@@ -11,19 +11,9 @@ import pytest
 import requests
 
 from proxy.demo.process import DemoUpstream, http_session
+from tests.demo.demotools import IMAP, public_app, refresh_grant
 
-CLIENT_ID = "0f0e0d0c-0b0a-4909-8807-060504030201"
-IMAP = "https://outlook.office.com/IMAP.AccessAsUser.All"
 ALICE = "alice@contoso.example"
-
-
-def public_app(upstream: DemoUpstream, timeout: float = 10) -> msal.PublicClientApplication:
-    return msal.PublicClientApplication(
-        CLIENT_ID,
-        authority=upstream.authority,
-        instance_discovery=False,
-        http_client=http_session(upstream.ca_file, timeout=timeout),
-    )
 
 
 def signed_in_app(
@@ -87,12 +77,7 @@ def test_expired_refresh_token_gives_700082(demo_upstream_factory) -> None:
     [refresh_token] = [
         e["secret"] for e in app.token_cache.search(msal.TokenCache.CredentialType.REFRESH_TOKEN)
     ]
-    body = {
-        "client_id": CLIENT_ID,
-        "grant_type": "refresh_token",
-        "refresh_token": refresh_token,
-        "scope": IMAP,
-    }
+    body = refresh_grant(refresh_token)
     deadline = time.monotonic() + 10
     with http_session(upstream.ca_file) as session:
         while True:
@@ -109,13 +94,5 @@ def test_expired_refresh_token_gives_700082(demo_upstream_factory) -> None:
 def test_unknown_refresh_token(upstream: DemoUpstream) -> None:
     app = public_app(upstream)
     with http_session(upstream.ca_file) as session:
-        reply = session.post(
-            app.authority.token_endpoint,
-            data={
-                "client_id": CLIENT_ID,
-                "grant_type": "refresh_token",
-                "refresh_token": "nope",
-                "scope": IMAP,
-            },
-        )
+        reply = session.post(app.authority.token_endpoint, data=refresh_grant("nope"))
     assert reply.status_code == 400 and reply.json()["error"] == "invalid_grant"

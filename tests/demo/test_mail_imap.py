@@ -8,29 +8,15 @@ import imaplib
 import json
 import smtplib
 import socket
-import ssl
 
 import pytest
 
 from proxy.protocol.sasl import xoauth2_b64, xoauth2_response
+from tests.demo.demotools import IMAP, POP, USER
 
-OUTLOOK = "https://outlook.office.com/"
-IMAP, POP, SMTP = (OUTLOOK + s for s in ("IMAP.AccessAsUser.All", "POP.AccessAsUser.All",
-                                         "SMTP.Send"))
-USER = "alice@example.com"
 MSG = (b"From: Bob <bob@example.com>\r\nTo: alice@example.com\r\nSubject: hello\r\n"
        b"Date: Fri, 21 Nov 2025 10:00:00 +0000\r\nMessage-ID: <1@example.com>\r\n\r\n"
        b"first line\r\n.leading dot\r\n\r\nlast line\r\n")
-
-
-@pytest.fixture
-def ctx(demo_upstream) -> ssl.SSLContext:
-    return ssl.create_default_context(cafile=demo_upstream.ca_file)
-
-
-@pytest.fixture
-def token(demo_upstream) -> str:
-    return demo_upstream.issue_token(USER, [IMAP, POP, SMTP])
 
 
 def imaps(up, ctx) -> imaplib.IMAP4_SSL:

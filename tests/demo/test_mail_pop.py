@@ -6,27 +6,19 @@ from __future__ import annotations
 import base64
 import json
 import poplib
-import ssl
 
 import pytest
 
 from proxy.protocol.sasl import xoauth2_b64
+from tests.demo.demotools import IMAP, POP, USER
 
-OUTLOOK = "https://outlook.office.com/"
-IMAP, POP = OUTLOOK + "IMAP.AccessAsUser.All", OUTLOOK + "POP.AccessAsUser.All"
-USER = "alice@example.com"
 FAILURE = "-ERR Authentication failure: unknown user name or bad password."
 MSG1 = b"Subject: one\r\n\r\nbody one\r\n.dot line\r\n..two dots\r\n"
 MSG2 = b"Subject: two\r\nX-A: b\r\n\r\nl1\r\nl2\r\nl3\r\n"
 
 
 @pytest.fixture
-def ctx(demo_upstream) -> ssl.SSLContext:
-    return ssl.create_default_context(cafile=demo_upstream.ca_file)
-
-
-@pytest.fixture
-def token(demo_upstream) -> str:
+def token(demo_upstream) -> str:  # POP only, unlike the conftest's token
     return demo_upstream.issue_token(USER, [POP])
 
 

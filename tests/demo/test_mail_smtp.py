@@ -10,7 +10,6 @@ import json
 import poplib
 import shutil
 import smtplib
-import ssl
 import subprocess
 import time
 
@@ -18,24 +17,11 @@ import pytest
 
 from proxy.demo import tokens
 from proxy.protocol.sasl import xoauth2_b64, xoauth2_response
+from tests.demo.demotools import IMAP, SMTP, USER
 
-OUTLOOK = "https://outlook.office.com/"
-IMAP, POP, SMTP = (OUTLOOK + s for s in ("IMAP.AccessAsUser.All", "POP.AccessAsUser.All",
-                                         "SMTP.Send"))
-USER = "alice@example.com"
 FAILURE_535 = b"5.7.3 Authentication unsuccessful [SN4PR0201CA0000.namprd02.prod.outlook.com]"
 MSG = (b"From: alice@example.com\r\nTo: bob@example.com\r\nSubject: hi \xc3\xa9\r\n\r\n"
        b"8bit body \xe2\x82\xac\r\n.leading dot\r\n..two\r\n\r\nend\r\n")
-
-
-@pytest.fixture
-def ctx(demo_upstream) -> ssl.SSLContext:
-    return ssl.create_default_context(cafile=demo_upstream.ca_file)
-
-
-@pytest.fixture
-def token(demo_upstream) -> str:
-    return demo_upstream.issue_token(USER, [IMAP, POP, SMTP])
 
 
 def xoauth2(user: str, tok: str):

@@ -3,8 +3,9 @@
 Each server instance is started by the tests with its own configuration in its own
 folder and stopped afterwards; nothing system-wide is touched. This module holds the
 pieces both helpers need: free loopback ports, readiness polling with a deadline, a
-throwaway certificate authority, instance folders that Postfix accepts, and log tails
-for error messages. ``dovecot.py`` and ``postfix.py`` hold the servers themselves.
+throwaway certificate authority, instance folders that Postfix accepts, log tails
+for error messages, and ``ServerInstance`` (start with retries, log reading).
+``dovecot.py`` and ``postfix.py`` hold the servers themselves.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ import signal
 import socket
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Self, TypeVar
 
 from proxy.demo.certs import CertPaths
 from proxy.demo.certs import generate as generate_certs
@@ -130,6 +132,76 @@ def make_instance_dir(prefix: str) -> Path:
     path.chmod(0o755)
     (path / OWNER_FILE).write_text(f"{os.getpid()}\n")
     return path
+
+
+@contextlib.contextmanager
+def instance_dir(prefix: str) -> Iterator[Path]:
+    """``make_instance_dir(prefix)``, removed again if starting the server fails."""
+    root = make_instance_dir(prefix)
+    try:
+        yield root
+    except BaseException:
+        remove_tree(root)
+        raise
+
+
+class ServerInstance:
+    """What the Dovecot and Postfix instances share: retried start, ``with``, log reading.
+
+    Subclasses are dataclasses with ``log_path``, ``ports`` and ``startup_seconds`` fields
+    and implement ``_launch`` and ``stop``.
+    """
+
+    log_path: Path
+    ports: dict[str, int]
+    startup_seconds: float
+
+    def _launch(self, timeout: float) -> str | None:
+        """Start the server; None when it serves, else an error text with its log tail."""
+        raise NotImplementedError
+
+    def stop(self, *, keep_files: bool = False) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def log_tail(self, lines: int = 40) -> str:
+        return log_tail(self.log_path, lines)
+
+
+_Instance = TypeVar("_Instance", bound=ServerInstance)
+
+
+def launch_with_retries(
+    make: Callable[[], _Instance], *, attempts: int, timeout: float, began: float
+) -> _Instance:
+    """Launch a fresh ``make()`` (new ports) per attempt; only a port collision is retried.
+
+    Raises ``ServerStartError`` with the last error text when no attempt comes up.
+    """
+    last_error = ""
+    for attempt in range(1, attempts + 1):
+        instance = make()
+        with instance.log_path.open("a") as log:
+            log.write(f"--- test harness: start attempt {attempt}, ports {instance.ports}\n")
+        error = instance._launch(timeout)
+        if error is None:
+            instance.startup_seconds = time.monotonic() - began
+            return instance
+        last_error = error
+        if "Address already in use" not in error:
+            break
+    raise ServerStartError(last_error)
 
 
 def record_process_group(root: Path, pgid: int) -> None:

@@ -28,11 +28,12 @@ from pathlib import Path
 
 from . import (
     HOST,
-    ServerStartError,
+    ServerInstance,
     TlsFiles,
     free_ports,
+    instance_dir,
+    launch_with_retries,
     log_tail,
-    make_instance_dir,
     make_tls_files,
     port_accepts,
     read_greeting,
@@ -164,7 +165,7 @@ debug = {debug}
 
 
 @dataclass
-class Dovecot:
+class Dovecot(ServerInstance):
     """One running Dovecot instance; use ``Dovecot.start(...)`` and ``stop()``."""
 
     root: Path
@@ -228,8 +229,7 @@ class Dovecot:
         Raises ``ServerStartError`` with the log tail when Dovecot does not come up.
         """
         began = time.monotonic()
-        root = make_instance_dir("xoauth2-dovecot-")
-        try:
+        with instance_dir("xoauth2-dovecot-") as root:
             tls = tls or make_tls_files(root / "tls")
             mail_root = root / "mail"
             mail_root.mkdir(mode=0o700)
@@ -248,25 +248,17 @@ class Dovecot:
                     debug="yes" if http_debug else "no",
                 )
             )
-            last_error = ""
-            for attempt in range(1, attempts + 1):
-                options = {
-                    "debug": debug,
-                    "auth_penalty": auth_penalty,
-                    "auth_failure_delay": auth_failure_delay,
-                }
-                instance = cls._write_config(root, tls, oauth2_conf, domain, options, attempt)
-                error = instance._launch(timeout)
-                if error is None:
-                    instance.startup_seconds = time.monotonic() - began
-                    return instance
-                last_error = error
-                if "Address already in use" not in error:
-                    break
-            raise ServerStartError(last_error)
-        except BaseException:
-            remove_tree(root)
-            raise
+            options = {
+                "debug": debug,
+                "auth_penalty": auth_penalty,
+                "auth_failure_delay": auth_failure_delay,
+            }
+            return launch_with_retries(
+                lambda: cls._write_config(root, tls, oauth2_conf, domain, options),
+                attempts=attempts,
+                timeout=timeout,
+                began=began,
+            )
 
     @classmethod
     def _write_config(
@@ -276,7 +268,6 @@ class Dovecot:
         oauth2_conf: Path,
         domain: str,
         options: dict[str, object],
-        attempt: int,
     ) -> Dovecot:
         ports = dict(zip(LISTENERS, free_ports(len(LISTENERS)), strict=True))
         mail = pwd.getpwnam(MAIL_USER)
@@ -313,8 +304,6 @@ class Dovecot:
                 **ports,
             )
         )
-        with log_path.open("a") as log:
-            log.write(f"--- test harness: start attempt {attempt}, ports {ports}\n")
         return cls(
             root=root,
             config_file=config_file,
@@ -382,22 +371,7 @@ class Dovecot:
         if not keep_files:
             remove_tree(self.root)
 
-    def __enter__(self) -> Dovecot:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
     # -- inspection ------------------------------------------------------------------
-    def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def log_tail(self, lines: int = 40) -> str:
-        return log_tail(self.log_path, lines)
-
     def maildir(self, user: str) -> Path:
         local, _, domain = user.lower().partition("@")
         return self.mail_root / (domain or "") / local / "Maildir"
@@ -408,3 +382,9 @@ class Dovecot:
         files = [p for sub in ("new", "cur") for p in (maildir / sub).glob("*") if p.is_file()]
         files.sort(key=lambda p: (p.stat().st_mtime, p.name))
         return [p.read_bytes() for p in files]
+
+    def first_message(self, user: str, timeout: float = 30.0) -> bytes:
+        """The oldest message in ``user``'s INBOX, waiting for Postfix's asynchronous delivery."""
+        if not wait_until(lambda: bool(self.mailbox_messages(user)), timeout=timeout, interval=0.1):
+            raise AssertionError("the message never reached Dovecot")
+        return self.mailbox_messages(user)[0]

@@ -30,11 +30,12 @@ from typing import TYPE_CHECKING
 
 from . import (
     HOST,
-    ServerStartError,
+    ServerInstance,
     TlsFiles,
     free_ports,
+    instance_dir,
+    launch_with_retries,
     log_tail,
-    make_instance_dir,
     make_tls_files,
     pid_alive,
     read_greeting,
@@ -136,7 +137,7 @@ postlog   unix-dgram n  -       n       -       1       postlogd
 
 
 @dataclass
-class Postfix:
+class Postfix(ServerInstance):
     """One running Postfix instance; use ``Postfix.start(dovecot)`` and ``stop()``."""
 
     root: Path
@@ -173,8 +174,7 @@ class Postfix:
         Raises ``ServerStartError`` with the log tail when Postfix does not come up.
         """
         began = time.monotonic()
-        root = make_instance_dir("xoauth2-postfix-")
-        try:
+        with instance_dir("xoauth2-postfix-") as root:
             if tls is None:
                 tls = dovecot.tls if dovecot.tls.key_file.exists() else None
             tls = tls or make_tls_files(root / "tls")
@@ -188,32 +188,21 @@ class Postfix:
             os.chown(data_dir, owner.pw_uid, owner.pw_gid)
             log_path = root / "postfix.log"
             log_path.touch(mode=0o644)
-            last_error = ""
-            for attempt in range(1, attempts + 1):
-                ports = {"submission": free_ports(1)[0]}
+
+            def make() -> Postfix:
                 instance = cls(
                     root=root,
                     config_dir=config_dir,
                     queue_dir=queue_dir,
                     log_path=log_path,
                     tls=tls,
-                    ports=ports,
+                    ports={"submission": free_ports(1)[0]},
                     domain=dovecot.domain,
                 )
                 instance._write_config(dovecot, data_dir)
-                with log_path.open("a") as log:
-                    log.write(f"--- test harness: start attempt {attempt}, ports {ports}\n")
-                error = instance._launch(timeout)
-                if error is None:
-                    instance.startup_seconds = time.monotonic() - began
-                    return instance
-                last_error = error
-                if "Address already in use" not in error:
-                    break
-            raise ServerStartError(last_error)
-        except BaseException:
-            remove_tree(root)
-            raise
+                return instance
+
+            return launch_with_retries(make, attempts=attempts, timeout=timeout, began=began)
 
     def _write_config(self, dovecot: Dovecot, data_dir: Path) -> None:
         (self.config_dir / "main.cf").write_text(
@@ -337,18 +326,3 @@ class Postfix:
         self._running = False
         if not keep_files:
             remove_tree(self.root)
-
-    def __enter__(self) -> Postfix:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def log_tail(self, lines: int = 40) -> str:
-        return log_tail(self.log_path, lines)

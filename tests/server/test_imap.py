@@ -48,6 +48,18 @@ def login(client: imaplib.IMAP4, user: str, password: str) -> None:
         raise imaplib.IMAP4.error(data[-1].decode("utf-8", "replace"))
 
 
+def login_error(env: ProxyEnv, user: str = USER, password: str = PASSWORD) -> str:
+    """The error text of a login that must fail, on a fresh connection."""
+    client = connect(env)
+    try:
+        login(client, user, password)
+    except imaplib.IMAP4.error as exc:
+        return str(exc)
+    finally:
+        client.shutdown()
+    raise AssertionError("login should have failed")
+
+
 async def test_login_select_fetch_append(env: ProxyEnv) -> None:
     env.upstream.deliver(USER, MESSAGE)
 
@@ -105,18 +117,8 @@ async def test_authenticate_plain(env: ProxyEnv) -> None:
 
 
 async def test_bad_logins_get_actionable_replies(env: ProxyEnv) -> None:
-    def attempt(user: str, password: str) -> str:
-        client = connect(env)
-        try:
-            login(client, user, password)
-        except imaplib.IMAP4.error as exc:
-            return str(exc)
-        finally:
-            client.shutdown()
-        raise AssertionError("login should have failed")
-
-    wrong = await asyncio.to_thread(attempt, USER, "not the password")
-    unknown = await asyncio.to_thread(attempt, "nobody@contoso.example", "whatever-password")
+    wrong = await asyncio.to_thread(login_error, env, USER, "not the password")
+    unknown = await asyncio.to_thread(login_error, env, "nobody@contoso.example", "whatever-password")
     assert "[AUTHENTICATIONFAILED]" in wrong and wrong == unknown  # no account enumeration
 
     def select_before_login() -> str:
@@ -139,18 +141,7 @@ async def test_revoked_account_names_login_command(tmp_path: Path, demo_upstream
     try:
         upstream.revoke(USER)
         await asyncio.sleep(1.1)  # the access token's lifetime
-
-        def attempt() -> str:
-            client = connect(env)
-            try:
-                login(client, USER, PASSWORD)
-            except imaplib.IMAP4.error as exc:
-                return str(exc)
-            finally:
-                client.shutdown()
-            raise AssertionError("login should have failed")
-
-        text = await asyncio.to_thread(attempt)
+        text = await asyncio.to_thread(login_error, env)
         assert "[AUTHENTICATIONFAILED]" in text and f"xoauth2-proxy login {USER}" in text
         assert "AADSTS50173" in text
     finally:
@@ -165,23 +156,12 @@ async def test_unavailable_upstream_and_provider(tmp_path: Path, demo_upstream_f
         closed_port = s.getsockname()[1]
     env = await start_proxy(tmp_path, upstream, protocols=("imap",),
                             upstream_ports={"imap": closed_port})
-
-    def attempt() -> str:
-        client = connect(env)
-        try:
-            login(client, USER, PASSWORD)
-        except imaplib.IMAP4.error as exc:
-            return str(exc)
-        finally:
-            client.shutdown()
-        raise AssertionError("login should have failed")
-
     try:
-        text = await asyncio.to_thread(attempt)
+        text = await asyncio.to_thread(login_error, env)
         assert "[UNAVAILABLE]" in text and "try again later" in text
         upstream.configure(token_endpoint_mode="503")
         await asyncio.sleep(1.1)
-        text = await asyncio.to_thread(attempt)
+        text = await asyncio.to_thread(login_error, env)
         assert "[UNAVAILABLE]" in text and "identity platform" in text
     finally:
         await env.daemon.stop(grace=1)
@@ -299,23 +279,13 @@ async def test_upstream_keeps_rejecting(env: ProxyEnv) -> None:
     """A token refused again after a refresh: the server's own text reaches the client."""
     env.upstream.configure(access_token_lifetime=3600)
 
-    def attempt(user: str) -> str:
-        client = connect(env)
-        try:
-            login(client, user, PASSWORD)
-        except imaplib.IMAP4.error as exc:
-            return str(exc)
-        finally:
-            client.shutdown()
-        return "OK"
-
     # The account's mailbox name upstream differs from the user the tokens are for.
     from proxy.config import Account
     account = env.config.accounts[USER]
     env.config.accounts[USER] = Account(account.name, account.provider, account.flow,
                                         upstream_user="someone-else@contoso.example")
     try:
-        text = await asyncio.to_thread(attempt, USER)
+        text = await asyncio.to_thread(login_error, env)
     finally:
         env.config.accounts[USER] = account
     assert "[AUTHENTICATIONFAILED]" in text and "AUTHENTICATE failed" in text
