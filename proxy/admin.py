@@ -104,8 +104,7 @@ def _when(epoch: float | None) -> str:
     if not epoch:
         return "-"
     left = epoch - time.time()
-    stamp = time.strftime("%Y-%m-%d %H:%M", time.localtime(epoch))
-    return f"{stamp} ({'expired' if left <= 0 else f'in {int(left // 60)} min'})"
+    return f"{_stamp(epoch)} ({'expired' if left <= 0 else f'in {int(left // 60)} min'})"
 
 
 def cmd_accounts(config: Config, args: argparse.Namespace) -> int:

@@ -574,12 +574,12 @@ def parse(data: dict[str, Any], file: Path) -> Config:
     raw_listeners = data.get("listeners", [])
     if not isinstance(raw_listeners, list):
         raise top.fail("listeners", "must be an array of tables: [[listeners]]")
-    listeners = []
+    listeners, relayed = [], _relayed_listeners(data)
     for i, item in enumerate(raw_listeners):
         if not isinstance(item, dict):
             raise top.fail("listeners", "must be an array of tables: [[listeners]]")
         listeners.append(_read_listener(i, _Table(item, f"listeners[{i}]", file), upstreams,
-                                        _relayed_listeners(data)))
+                                        relayed))
     names = [li.name for li in listeners]
     for i, li in enumerate(listeners):
         if names.index(li.name) != i:

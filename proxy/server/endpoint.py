@@ -34,6 +34,15 @@ def _close(transport: asyncio.BaseTransport | None) -> None:
         transport.close()
 
 
+def _pass_eof(transport: asyncio.Transport) -> None:
+    """Hand an end of stream on: half-close where the transport can (plain TCP), else close
+    it once its pending writes are flushed."""
+    if transport.can_write_eof():
+        transport.write_eof()
+    else:
+        _close(transport)
+
+
 class Endpoint(asyncio.Protocol):
     def __init__(self, on_connect: Callable[[Endpoint], None] | None = None) -> None:
         self.transport: asyncio.Transport | None = None
@@ -82,10 +91,7 @@ class Endpoint(asyncio.Protocol):
             if peer._eof:  # both directions have ended
                 _close(peer.transport)
                 return False
-            if peer.transport.can_write_eof():
-                peer.transport.write_eof()
-            else:
-                _close(peer.transport)
+            _pass_eof(peer.transport)
         self._wake()
         # Keep our side open for writing (half-close); TLS transports cannot do that.
         return not self._tls
@@ -206,11 +212,7 @@ async def relay(client: Endpoint, upstream: Endpoint, *,
             side.transport.resume_reading()
     for side, peer in ((client, upstream), (upstream, client)):
         if side._eof and peer.transport is not None and not peer.transport.is_closing():
-            # this side ended before the relay started: pass the end on
-            if peer.transport.can_write_eof():
-                peer.transport.write_eof()
-            else:
-                _close(peer.transport)
+            _pass_eof(peer.transport)  # this side ended before the relay started
         if side._write_paused and peer.transport is not None:
             peer.transport.pause_reading()
         if side.is_closed:
