@@ -1,0 +1,1 @@
+"""Access tokens: the token service over MSAL, the login flows, and how their failures are told."""
