@@ -32,7 +32,11 @@ def _load(args: argparse.Namespace) -> Config:
 
 
 def cmd_version(args: argparse.Namespace) -> int:
+    from proxy.paths import data_dir
+
     print(f"xoauth2-proxy {__version__}")
+    shipped = data_dir()
+    print(f"example configs, systemd units, Prometheus rules: {shipped or 'not installed'}")
     return 0
 
 
@@ -149,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "('-': stdin)")
     check = add("check-config", cmd_check_config, "validate a config file and summarise it")
     check.add_argument("file", nargs="?", help="config file (default: --config)")
-    add("version", cmd_version, "print the version")
+    add("version", cmd_version, "print the version and where the shipped example files are")
     return parser
 
 

@@ -10,7 +10,9 @@ import os
 import pytest
 from hypothesis import settings
 
+import proxy
 from proxy.demo.process import DemoUpstream
+from proxy.paths import data_dir
 
 # Property-based tests are derandomised in CI (CI=true, as .ci/run runs): the same examples on
 # every run, so a red run is a real regression, never a new draw. Locally they explore; a failure
@@ -19,6 +21,25 @@ settings.register_profile("ci", derandomize=True, database=None, print_blob=True
 settings.register_profile("dev", print_blob=True)
 settings.load_profile(os.environ.get("XOAUTH2_PROXY_HYPOTHESIS")
                       or ("ci" if os.environ.get("CI", "").lower() in ("1", "true") else "dev"))
+
+
+def pytest_report_header() -> list[str]:
+    return [f"xoauth2-proxy under test: {Path(proxy.__file__).parent}",
+            f"shipped files: {data_dir()}"]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """`make test` sets XOAUTH2_PROXY_TEST_INSTALLED=1: the suite must then test the installed
+    package, not a source tree that happens to be importable."""
+    if os.environ.get("XOAUTH2_PROXY_TEST_INSTALLED") == "1":
+        package = Path(proxy.__file__).resolve().parent
+        if (package.parent / "setup.cfg").exists():
+            raise pytest.UsageError(f"XOAUTH2_PROXY_TEST_INSTALLED=1 but proxy is imported from the "
+                                    f"source tree {package}, not from the installed package")
+        shipped = data_dir()
+        if shipped is None or (shipped / "setup.cfg").exists():
+            raise pytest.UsageError("the installed package lacks its shipped files "
+                                    "(share/xoauth2-proxy: example configs, systemd units, rules)")
 
 
 @pytest.fixture

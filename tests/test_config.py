@@ -10,9 +10,9 @@ import pytest
 
 from proxy import config
 from proxy.config import ConfigError
+from tests.ops.util import SHIPPED
 
-ROOT = Path(__file__).resolve().parents[1]
-EXAMPLES = sorted((ROOT / "config").glob("*.toml"))
+EXAMPLES = sorted((SHIPPED / "config").glob("*.toml"))
 
 MINIMAL = """
 state_dir = "state"

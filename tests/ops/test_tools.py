@@ -8,16 +8,17 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 from prometheus_client import generate_latest
 
 from proxy import metrics
-from tests.ops.util import PROJECT_ROOT, require_tool
+from tests.ops.util import SHIPPED, require_tool
 
-PROMETHEUS_DIR = PROJECT_ROOT / "config" / "prometheus"
-SYSTEMD_DIR = PROJECT_ROOT / "systemd"
-CONSOLE_SCRIPT = PROJECT_ROOT / ".venv" / "bin" / "xoauth2-proxy"
+PROMETHEUS_DIR = SHIPPED / "config" / "prometheus"
+SYSTEMD_DIR = SHIPPED / "systemd"
+CONSOLE_SCRIPT = Path(sys.executable).parent / "xoauth2-proxy"
 
 
 def run(*command: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:

@@ -22,8 +22,12 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import proxy
+from proxy.paths import data_dir
 
 PROJECT_ROOT = Path(proxy.__file__).resolve().parent.parent
+# The example configs, Prometheus rules and systemd units as installed (share/xoauth2-proxy),
+# or a source checkout's top folder when the tests run from one.
+SHIPPED = data_dir() or PROJECT_ROOT
 REQUIRE_ENV = "XOAUTH2_PROXY_REQUIRE_REAL_SERVERS"
 
 

@@ -1,0 +1,20 @@
+"""Print a pip constraints file that pins every dependency in setup.cfg (install_requires and the
+test extra) to its declared floor: `name>=X` becomes `name==X`, markers kept. .ci/run installs the
+package under these constraints and runs the suite, so a floor that does not work fails CI."""
+
+import configparser
+import re
+import sys
+from pathlib import Path
+
+FLOOR = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9_.-]*)(?:\[[^\]]*\])?\s*>=\s*([^,;\s]+)\s*(;.*)?$")
+
+cfg = configparser.ConfigParser()
+cfg.read(Path(__file__).resolve().parent.parent / "setup.cfg")
+lines = cfg["options"]["install_requires"].splitlines() + cfg["options.extras_require"]["test"].splitlines()
+for line in filter(str.strip, lines):
+    match = FLOOR.match(line)
+    if match is None:
+        sys.exit(f"setup.cfg: no '>=' floor in {line.strip()!r}: every dependency needs a tested floor")
+    name, version, marker = match.groups()
+    print(f"{name}=={version}{(' ' + marker) if marker else ''}")
