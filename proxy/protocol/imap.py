@@ -6,6 +6,14 @@ the credentials to its driver as an ``Authenticate`` command. The driver's verdi
 (``login_succeeded`` / ``login_failed``) resumes the machine. Every line and literal is capped;
 bad input gets an IMAP ``BAD``/``NO`` reply, never an exception.
 
+The capabilities it announces before login are its own (AUTH=PLAIN, SASL-IR, ID, STARTTLS or
+LOGINDISABLED as the listener needs) followed by what the upstream offers *after* login, which
+the driver passes in (``upstream_capabilities``, learned from earlier logins): clients that read
+the list once, before login, then see IDLE, MOVE, UIDPLUS… The upstream's AUTH=, STARTTLS and
+LOGINDISABLED are about its own login and are dropped. LITERAL+ is announced while the
+upstream's list is unknown or has it (LITERAL- if that is what it has): after login the client's
+literals go to the upstream, which must accept them.
+
 ``ImapUpstreamSide`` (the XOAUTH2 login to the real server) lives in ``imap_upstream`` and is
 re-exported here.
 """
@@ -13,6 +21,8 @@ re-exported here.
 from __future__ import annotations
 
 import enum
+import functools
+import re
 from collections.abc import Callable
 
 from proxy.protocol.events import (
@@ -55,6 +65,12 @@ _TOO_MUCH_PIPELINED = "too much data sent while the login is checked"
 
 # Commands that take no arguments and may carry no literal.
 _NO_ARGS = frozenset({"CAPABILITY", "NOOP", "LOGOUT", "STARTTLS"})
+
+# Before login these are the proxy's to announce, not the upstream's (AUTH=… as well).
+_PROXY_DECIDES = frozenset({"IMAP4REV1", "STARTTLS", "LOGINDISABLED", "SASL-IR", "ID",
+                            "LITERAL+", "LITERAL-"})
+_CAPABILITY_ATOM = re.compile(r'[!#$&\'+-Z^-z|}~]+')  # ATOM-CHAR, less "["
+_UPSTREAM_CAPS_MAX = 2000  # characters of the upstream's list taken into ours
 
 
 class _State(enum.Enum):
@@ -106,6 +122,8 @@ class ImapClientSide:
     already TLS (implicit TLS port); ``login_disabled``: plaintext logins are refused until TLS
     is active (LOGINDISABLED). ``max_line`` caps a command's line bytes and ``max_literal`` the
     sum of its literals; bytes pipelined while a login is decided are capped at their sum.
+    ``upstream_capabilities``: the upstream's capability list after login (space-separated, as
+    learned by the driver), None while unknown; merged into the list announced before login.
     """
 
     def __init__(
@@ -117,6 +135,7 @@ class ImapClientSide:
         max_line: int = 8192,
         max_literal: int = 64 * 1024,
         greeting: str = "xoauth2-proxy ready",
+        upstream_capabilities: str | None = None,
     ) -> None:
         if max_line < 64 or max_literal < 0:
             raise ValueError("max_line must be at least 64 and max_literal not negative")
@@ -127,6 +146,7 @@ class ImapClientSide:
         self._max_literal = max_literal
         self._pending_cap = max_line + max_literal  # bytes pipelined behind a login
         self._greeting_text = one_line(greeting) or "ready"
+        self._upstream_caps = upstream_capabilities
         self._state = _State.NEW
         self._buf = bytearray()
         self._login_tag = b""
@@ -142,13 +162,8 @@ class ImapClientSide:
     @property
     def capabilities(self) -> str:
         """The capability list the machine announces now (changes after STARTTLS)."""
-        caps = ["IMAP4rev1"]
-        if self._starttls and not self._tls_active:
-            caps.append("STARTTLS")
-        # RFC 3501 §6.2.3 / RFC 2595 §6: with LOGINDISABLED no plaintext mechanism is offered.
-        caps.append("LOGINDISABLED" if self._plaintext_refused else "AUTH=PLAIN")
-        caps += ["SASL-IR", "LITERAL+", "ID"]
-        return " ".join(caps)
+        return _announced(self._upstream_caps, self._starttls and not self._tls_active,
+                          self._plaintext_refused)
 
     def greeting(self) -> list[Command]:
         self._check("greeting")
@@ -488,6 +503,39 @@ class ImapClientSide:
     def _close_toobig(self, reason: str) -> list[Command]:
         """RFC 9051 §7.1.5: BYE before closing; TOOBIG (RFC 4469/7889) says why."""
         return self._close(reason, bye=f"[TOOBIG] {reason[0].upper()}{reason[1:]}")
+
+
+@functools.lru_cache(maxsize=64)
+def _announced(upstream: str | None, starttls: bool, plaintext_refused: bool) -> str:
+    """The pre-login list: the proxy's own capabilities, then the upstream's post-login ones.
+
+    Memoised: sessions pass the same upstream string until it changes, so a greeting costs a
+    dictionary look-up, not a merge.
+    """
+    caps = ["IMAP4rev1"]
+    if starttls:
+        caps.append("STARTTLS")
+    # RFC 3501 §6.2.3 / RFC 2595 §6: with LOGINDISABLED no plaintext mechanism is offered.
+    caps += ["LOGINDISABLED" if plaintext_refused else "AUTH=PLAIN", "SASL-IR"]
+    if upstream is None:
+        return " ".join([*caps, "LITERAL+", "ID"])
+    offered = upstream.split()
+    names = {cap.upper() for cap in offered}
+    # The parser here takes any non-synchronising literal, but after login the client's
+    # literals go to the upstream: promise only what it keeps (RFC 7888).
+    literal = "LITERAL+" if "LITERAL+" in names else "LITERAL-" if "LITERAL-" in names else None
+    caps += [literal, "ID"] if literal else ["ID"]
+    seen = {cap.upper() for cap in caps}
+    room = _UPSTREAM_CAPS_MAX
+    for cap in offered:
+        name = cap.upper()
+        if (name in seen or name in _PROXY_DECIDES or name.startswith("AUTH=")
+                or not _CAPABILITY_ATOM.fullmatch(cap) or len(cap) >= room):
+            continue
+        seen.add(name)
+        caps.append(cap)
+        room -= len(cap) + 1
+    return " ".join(caps)
 
 
 def _utf8(data: bytes, what: str) -> str:

@@ -5,6 +5,12 @@ sends ``AUTHENTICATE XOAUTH2`` (with SASL-IR when offered) and reports the outco
 ``UpstreamLoggedIn`` / ``UpstreamRejected`` / ``UpstreamBroken``. Replies may arrive split at
 any byte or several in one chunk. Server literals inside untagged responses are skipped by
 counting, never buffered.
+
+``UpstreamLoggedIn.capabilities`` is the server's list after login: from ``[CAPABILITY …]`` in
+its OK or an untagged CAPABILITY before it (Dovecot). Microsoft 365 sends neither; with
+``ask_capabilities`` the machine then sends its own ``CAPABILITY`` after the OK and consumes
+the reply, so the client never sees it; other untagged responses in between are kept, in
+order, at the front of ``server_bytes``.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ class _State(enum.Enum):
     AUTH_CONTINUE = "auth_continue"  # AUTHENTICATE sent without SASL-IR, waiting for "+"
     AUTH_RESULT = "auth_result"  # response sent, waiting for the tagged reply (or a challenge)
     AUTH_ERROR = "auth_error"  # empty line sent after an RFC 7628 error challenge
+    CAPS_AFTER_LOGIN = "caps_after_login"  # logged in; our CAPABILITY sent, awaiting its reply
     LOGGED_IN = "logged_in"  # UpstreamLoggedIn emitted: the machine is finished
     FAILED = "failed"  # UpstreamRejected/UpstreamBroken emitted: input is ignored
 
@@ -57,6 +64,9 @@ _TRANSITIONS: frozenset[tuple[_State, _State]] = frozenset(
         (_State.AUTH_RESULT, _State.AUTH_ERROR),
         (_State.AUTH_RESULT, _State.LOGGED_IN),
         (_State.AUTH_ERROR, _State.LOGGED_IN),
+        (_State.AUTH_RESULT, _State.CAPS_AFTER_LOGIN),
+        (_State.AUTH_ERROR, _State.CAPS_AFTER_LOGIN),
+        (_State.CAPS_AFTER_LOGIN, _State.LOGGED_IN),
     }
     | {(s, _State.FAILED) for s in _State if s not in (_State.LOGGED_IN, _State.FAILED)}
 )
@@ -65,13 +75,17 @@ _TRANSITIONS: frozenset[tuple[_State, _State]] = frozenset(
 class ImapUpstreamSide:
     """Logs in to the upstream IMAP server as ``user`` with the bearer ``token``.
 
-    ``starttls``: run STARTTLS after the greeting (plain port); ``max_line`` caps one
-    response line. Nothing is sent before the greeting arrives.
+    ``starttls``: run STARTTLS after the greeting (plain port); ``ask_capabilities``: send
+    CAPABILITY after the login if the OK did not report the capabilities; ``max_line`` caps one
+    response line (and what is kept for the client while that CAPABILITY is answered). Nothing
+    is sent before the greeting arrives.
     """
 
-    def __init__(self, *, user: str, token: Secret, starttls: bool, max_line: int = 64 * 1024):
+    def __init__(self, *, user: str, token: Secret, starttls: bool,
+                 ask_capabilities: bool = False, max_line: int = 64 * 1024):
         self._response = xoauth2_b64(user, token.reveal())  # raises SaslError for a bad user
         self._starttls = starttls
+        self._ask_capabilities = ask_capabilities
         self._max_line = max_line
         self._state = _State.GREETING
         self._buf = bytearray()
@@ -82,11 +96,13 @@ class ImapUpstreamSide:
         self._continued = False  # the next line continues an untagged response (after a literal)
         self._error = ""  # RFC 7628 error summary, if the server sent one
         self._caps_after_login: str | None = None  # untagged CAPABILITY after AUTHENTICATE
+        self._kept = bytearray()  # bytes for the client that arrived after the login's OK
 
     @property
     def buffered_bytes(self) -> int:
-        """Server bytes held by the machine (never more than ``max_line``)."""
-        return len(self._buf)
+        """Server bytes held by the machine (never more than ``max_line``, or twice that while
+        the CAPABILITY after login is answered)."""
+        return len(self._buf) + len(self._kept)
 
     def receive(self, data: bytes) -> list[Command]:
         """Bytes from the server; ``b""`` means the server closed the connection."""
@@ -103,6 +119,8 @@ class ImapUpstreamSide:
         while self._state not in (_State.TLS, _State.LOGGED_IN, _State.FAILED):
             if self._skip:
                 taken = min(self._skip, len(self._buf))
+                if self._state is _State.CAPS_AFTER_LOGIN:
+                    self._kept += self._buf[:taken]
                 del self._buf[:taken]
                 self._skip -= taken
                 if self._skip:
@@ -114,6 +132,8 @@ class ImapUpstreamSide:
             if line is None:
                 break
             out += self._line(line)
+            if len(self._kept) > self._max_line:
+                return out + self._broken("the server sent too much after the login")
         return out
 
     def tls_started(self) -> list[Command]:
@@ -139,9 +159,12 @@ class ImapUpstreamSide:
     def _broken(self, text: str) -> list[Command]:
         self._goto(_State.FAILED)
         self._buf.clear()
+        self._kept.clear()
         return [UpstreamBroken(text)]
 
     def _line(self, line: bytes) -> list[Command]:
+        if self._state is _State.CAPS_AFTER_LOGIN:
+            return self._after_login(line)
         if self._state is not _State.GREETING and (self._continued or line.startswith(b"* ")):
             return self._untagged(line)
         text = line.decode("utf-8", "replace")
@@ -235,17 +258,45 @@ class ImapUpstreamSide:
         # AUTH_CONTINUE, AUTH_RESULT or AUTH_ERROR: the verdict.
         if status == "OK":
             match = _CAPABILITY_CODE.match(resp_text)
-            server_bytes = bytes(self._buf)
-            self._buf.clear()
-            self._goto(_State.LOGGED_IN)
             caps = match.group(1) if match else self._caps_after_login
-            return [UpstreamLoggedIn(caps, server_bytes)]
+            if caps is None and self._ask_capabilities:
+                return self._send_command(b"CAPABILITY", _State.CAPS_AFTER_LOGIN)
+            return self._logged_in(caps)
         text = resp_text.strip().replace("\r", " ").replace("\n", " ")
         if self._error:
             text = f"{text}; {self._error}" if text else self._error
         self._goto(_State.FAILED)
         self._buf.clear()
         return [UpstreamRejected(text or "the server rejected the login")]
+
+    def _after_login(self, line: bytes) -> list[Command]:
+        """A line while our CAPABILITY after login is answered: its untagged CAPABILITY and
+        tagged reply are ours, anything else the server sent is kept for the client."""
+        continued, self._continued = self._continued, False
+        literal = _LITERAL_AT_END.search(line)
+        if continued or line.startswith(b"* "):
+            if not continued and not literal and line[2:13].upper() == b"CAPABILITY ":
+                self._caps_after_login = line[13:].decode("utf-8", "replace").strip() or None
+                return []
+            if literal:
+                self._skip, self._continued = int(literal.group(1)), True
+            self._kept += line + CRLF
+            return []
+        text = line.decode("utf-8", "replace")
+        tag, _, rest = text.partition(" ")
+        if tag.encode() != self._tag:
+            return self._broken(f"unexpected reply from the server: {_excerpt(text)}")
+        status, _, resp_text = rest.partition(" ")
+        match = _CAPABILITY_CODE.match(resp_text) if status.upper() == "OK" else None
+        # NO/BAD to CAPABILITY: still logged in, the list stays unknown.
+        return self._logged_in(match.group(1) if match else self._caps_after_login)
+
+    def _logged_in(self, capabilities: str | None) -> list[Command]:
+        server_bytes = bytes(self._kept + self._buf)
+        self._buf.clear()
+        self._kept.clear()
+        self._goto(_State.LOGGED_IN)
+        return [UpstreamLoggedIn(capabilities, server_bytes)]
 
     def _authenticate(self) -> list[Command]:
         assert self._caps is not None
