@@ -62,8 +62,8 @@ class Raw:
 
 def test_capabilities_and_login_refused(demo_upstream, ctx) -> None:
     m = imaps(demo_upstream, ctx)
-    for cap in ("IMAP4REV1", "AUTH=XOAUTH2", "SASL-IR", "IDLE", "UIDPLUS", "ID", "LITERAL+",
-                "LOGINDISABLED"):
+    for cap in ("IMAP4REV1", "AUTH=XOAUTH2", "SASL-IR", "IDLE", "UIDPLUS", "MOVE", "ID",
+                "LITERAL+", "LOGINDISABLED"):
         assert cap in m.capabilities
     assert "STARTTLS" not in m.capabilities
     with pytest.raises(imaplib.IMAP4.error, match="LOGIN failed."):
@@ -84,12 +84,17 @@ def test_plain_port_needs_starttls(demo_upstream, ctx, token) -> None:
     m.logout()
 
 
+M365_CAPS_AFTER_LOGIN = ("IMAP4 IMAP4rev1 AUTH=PLAIN AUTH=XOAUTH2 SASL-IR UIDPLUS MOVE ID "
+                         "UNSELECT CHILDREN IDLE NAMESPACE LITERAL+")
+
+
 def test_authenticate_with_continuation(demo_upstream, ctx, token) -> None:
+    """Like Microsoft 365: a plain OK, the capabilities only from CAPABILITY after login."""
     m = imaps(demo_upstream, ctx)
     typ, data = m.authenticate("XOAUTH2", lambda _: xoauth2_response(USER, token))
-    assert typ == "OK"
-    assert data[0].startswith(b"[CAPABILITY IMAP4rev1 ")
-    assert data[0].endswith(b"] AUTHENTICATE completed.")
+    assert (typ, data) == ("OK", [b"AUTHENTICATE completed."])
+    typ, data = m.capability()
+    assert (typ, data) == ("OK", [M365_CAPS_AFTER_LOGIN.encode()])
     m.logout()
 
 
@@ -99,8 +104,7 @@ def test_sasl_ir_good_and_bad(demo_upstream, ctx, token) -> None:
     raw.send(b"a1 AUTHENTICATE XOAUTH2 " + xoauth2_b64(USER, "wrong-token") + b"\r\n")
     assert raw.line() == b"a1 NO AUTHENTICATE failed."
     raw.send(b"a2 AUTHENTICATE XOAUTH2 " + xoauth2_b64(USER, token) + b"\r\n")
-    line = raw.line()
-    assert line.startswith(b"a2 OK [CAPABILITY IMAP4rev1 ") and b"IDLE" in line
+    assert raw.line() == b"a2 OK AUTHENTICATE completed."
     raw.send(b"a3 LOGOUT\r\n")
     assert raw.until(b"a3")[-1] == b"a3 OK LOGOUT completed."
     raw.close()
@@ -245,6 +249,32 @@ def test_mailbox_commands(demo_upstream, ctx, token) -> None:
     assert m.status("Archive", "(MESSAGES)") == ("OK", [b"Archive (MESSAGES 0)"])
     assert demo_upstream.mailbox(USER) == []
     m.logout()
+
+
+def test_move_and_uid_move(demo_upstream, ctx, token) -> None:
+    msgs = [MSG.replace(b"hello", b"hello %d" % n) for n in (1, 2, 3)]
+    for msg in msgs:
+        demo_upstream.deliver(USER, msg)
+    raw = Raw(demo_upstream, ctx)
+    raw.send(b"a1 AUTHENTICATE XOAUTH2 " + xoauth2_b64(USER, token) + b"\r\n")
+    raw.until(b"a1")
+    raw.send(b"a2 CREATE Archive\r\na3 SELECT INBOX\r\n")
+    raw.until(b"a2")
+    assert b"* 3 EXISTS" in raw.until(b"a3")
+    raw.send(b"a4 MOVE 2 Archive\r\n")
+    copyuid, *rest = raw.until(b"a4")
+    assert copyuid.startswith(b"* OK [COPYUID ") and copyuid.endswith(b" 2 1]")
+    assert rest == [b"* 2 EXPUNGE", b"a4 OK MOVE completed."]
+    raw.send(b"a5 UID MOVE 3 Archive\r\n")
+    copyuid, *rest = raw.until(b"a5")
+    assert copyuid.endswith(b" 3 2]")
+    assert rest == [b"* 2 EXPUNGE", b"a5 OK MOVE completed."]
+    raw.send(b"a6 UID MOVE 1 Nope\r\n")
+    assert raw.until(b"a6") == [b"a6 NO [TRYCREATE] Mailbox doesn't exist."]
+    raw.send(b"a7 STATUS Archive (MESSAGES)\r\n")
+    assert raw.until(b"a7")[0] == b"* STATUS Archive (MESSAGES 2)"
+    raw.close()
+    assert demo_upstream.mailbox(USER) == msgs[:1]
 
 
 def test_commands_need_login(demo_upstream, ctx) -> None:

@@ -4,9 +4,12 @@ What was added or replaced on top of Twisted:
 
 - login: only ``AUTHENTICATE XOAUTH2`` (with SASL-IR or an empty ``+ `` continuation) after
   TLS; LOGIN always ``NO LOGIN failed.``; the RFC 7628 error challenge when the knob asks;
-  ``[CAPABILITY ...]`` in the tagged OK, as Dovecot sends it;
+  a plain ``OK AUTHENTICATE completed.`` without ``[CAPABILITY ...]``, and after login the
+  capability list Microsoft 365 announces (``IMAP4 IMAP4rev1 AUTH=PLAIN AUTH=XOAUTH2 SASL-IR
+  UIDPLUS MOVE ID UNSELECT CHILDREN IDLE NAMESPACE LITERAL+``);
 - LITERAL+ (``{n+}`` literals), ID, UNSELECT, ``UID EXPUNGE`` and ``APPENDUID`` (UIDPLUS),
-  ``+ idling`` for IDLE, ``* SEARCH`` always answered (Twisted omits it when nothing matched);
+  MOVE and ``UID MOVE`` (RFC 6851, with ``COPYUID``), ``+ idling`` for IDLE, ``* SEARCH``
+  always answered (Twisted omits it when nothing matched);
 - FETCH of whole messages, ``TEXT``, ``HEADER`` and ``HEADER.FIELDS`` sends the stored bytes
   as they are (Twisted rebuilds headers from a parsed dict and ignores ``<partial>``
   ranges), in large chunks with backpressure instead of 64 KiB pull-producer steps.
@@ -88,15 +91,18 @@ class IMAPServer(imap4.IMAP4Server):
 
     # -- capabilities and greeting
     def listCapabilities(self):
+        if self.state != "unauth":  # Microsoft 365's list after login, in its order
+            return [b"IMAP4", b"IMAP4rev1", b"AUTH=PLAIN", b"AUTH=XOAUTH2", b"SASL-IR",
+                    b"UIDPLUS", b"MOVE", b"ID", b"UNSELECT", b"CHILDREN", b"IDLE",
+                    b"NAMESPACE", b"LITERAL+"]
         caps = [b"IMAP4rev1"]
-        if self.state == "unauth":
-            if not self._tls:
-                caps.append(b"STARTTLS")
-            else:
-                caps += [b"AUTH=XOAUTH2", b"SASL-IR"]
-            caps.append(b"LOGINDISABLED")
-        return caps + [b"IDLE", b"UIDPLUS", b"ID", b"LITERAL+", b"NAMESPACE", b"UNSELECT",
-                       b"CHILDREN"]
+        if not self._tls:
+            caps.append(b"STARTTLS")
+        else:
+            caps += [b"AUTH=XOAUTH2", b"SASL-IR"]
+        caps.append(b"LOGINDISABLED")
+        return caps + [b"IDLE", b"UIDPLUS", b"MOVE", b"ID", b"LITERAL+", b"NAMESPACE",
+                       b"UNSELECT", b"CHILDREN"]
 
     def do_LOGOUT(self, tag):
         self.sendUntaggedResponse(b"BYE Microsoft Exchange Server IMAP4 server signing off.")
@@ -177,8 +183,7 @@ class IMAPServer(imap4.IMAP4Server):
             self.account = AccountAdapter(self.factory.store.account(login.user))
             self.state = "auth"
             self.setTimeout(self.POSTAUTH_TIMEOUT)
-            caps = b" ".join(self.listCapabilities())
-            self.sendPositiveResponse(tag, b"[CAPABILITY " + caps + b"] AUTHENTICATE completed.")
+            self.sendPositiveResponse(tag, b"AUTHENTICATE completed.")  # no [CAPABILITY]
         elif self.factory.knobs.xoauth2_error_challenge:
             self.sendLine(b"+ " + common.error_challenge("imap"))
             self._await_line().addCallback(
@@ -272,7 +277,31 @@ class IMAPServer(imap4.IMAP4Server):
 
     select_EXPUNGE: Any = (do_EXPUNGE,)
 
+    # -- MOVE, UID MOVE (RFC 6851)
+    def do_MOVE(self, tag, messages, mailbox, uid=0):
+        target = self.account.select(mailbox.decode("imap4-utf-7"))
+        if target is None:
+            self.sendNegativeResponse(tag, b"[TRYCREATE] Mailbox doesn't exist.")
+            return
+        if not self.mbox.isWriteable():
+            self.sendNegativeResponse(tag, b"MOVE not allowed on a read-only mailbox.")
+            return
+        moved, copies, seqs = self.mbox.move(messages, uid, target.folder)
+        if moved:
+            self.sendPositiveResponse(None, b"[COPYUID %d %s %s]" % (
+                target.getUIDValidity(), b",".join(b"%d" % u for u in moved),
+                b",".join(b"%d" % u for u in copies)))
+        for seq in seqs:
+            self.sendUntaggedResponse(b"%d EXPUNGE" % seq)
+        self.sendPositiveResponse(tag, b"MOVE completed.")
+
+    select_MOVE: Any = (do_MOVE, imap4.IMAP4Server.arg_seqset,
+                        imap4.IMAP4Server.arg_finalastring)
+
     def do_UID(self, tag, command, line):
+        if command.upper() == b"MOVE":
+            self.dispatchCommand(tag, b"MOVE", line, uid=1)
+            return
         if command.upper() == b"EXPUNGE":
             messages, rest = self.arg_seqset(line)
             if rest:

@@ -194,6 +194,18 @@ class MailboxView:
         self._msgs = [m for m in self._msgs if id(m) not in gone]
         return [seq for seq, _ in reversed(doomed)]
 
+    def move(self, messages: imap4.MessageSet, uid: bool, target: Folder
+             ) -> tuple[list[int], list[int], list[int]]:
+        """Append the chosen messages to ``target`` and remove them here: their UIDs, the
+        UIDs of the copies, and their sequence numbers in descending order (for EXPUNGE)."""
+        chosen = self._select(messages, uid)
+        copies = [target.append(m.data, m.flags, m.internal_date) for _, m in chosen]
+        self.folder.remove(m for _, m in chosen)
+        gone = {id(m) for _, m in chosen}
+        self._msgs = [m for m in self._msgs if id(m) not in gone]
+        return ([m.uid for _, m in chosen], [c.uid for c in copies],
+                [seq for seq, _ in reversed(chosen)])
+
     def _select(self, messages: imap4.MessageSet, uid: bool) -> list[tuple[int, StoredMessage]]:
         msgs = self._msgs
         if uid:
