@@ -86,11 +86,31 @@ class UpstreamLoggedIn:
     server_bytes: bytes = b""
 
 
+class ReplyKind(enum.Enum):
+    """What an upstream's final reply to the XOAUTH2 login means (``proxy.protocol.login_reply``
+    classifies every reply form into one of these, by its response code before its text).
+
+    Only ``AUTH_FAILED`` earns a refresh-and-retry: a new token can cure nothing else."""
+
+    OK = "ok"  # logged in
+    AUTH_FAILED = "auth_failed"  # the token (or the account behind it) was refused
+    TEMPORARY = "temporary"  # the server cannot decide now (its token check is down …): try later
+    OTHER = "other"  # permanent and not about the token (policy, configuration): an admin acts
+
+
 @dataclass(frozen=True)
 class UpstreamRejected:
-    """The upstream refused the token; ``text`` is its reply text, verbatim (no CR/LF)."""
+    """The upstream did not accept the login. ``text`` is its reply text, verbatim (no CR/LF);
+    ``kind`` its classification (never ``OK``); ``code`` the response code it was classified
+    by (``UNAVAILABLE``, ``SYS/TEMP``, ``5.7.139``, ``454`` …), empty when it had none."""
 
     text: str
+    kind: ReplyKind
+    code: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind is ReplyKind.OK:
+            raise ValueError("a rejection cannot be of kind OK")
 
 
 @dataclass(frozen=True)
@@ -110,6 +130,6 @@ class Failure(enum.Enum):
     BAD_CREDENTIALS = "bad_credentials"  # wrong local password or unknown account
     AUTHORISATION_NEEDED = "authorisation_needed"  # run `xoauth2-proxy login ACCOUNT`
     UPSTREAM_REJECTED = "upstream_rejected"  # the upstream refused a fresh token
-    UNAVAILABLE = "unavailable"  # identity platform or upstream unreachable: try later
+    UNAVAILABLE = "unavailable"  # identity platform or upstream unreachable or busy: try later
     THROTTLED = "throttled"  # too many failed logins: try later
-    CONTACT_ADMIN = "contact_admin"  # proxy misconfigured for this account
+    CONTACT_ADMIN = "contact_admin"  # proxy or mailbox misconfigured: an administrator must act

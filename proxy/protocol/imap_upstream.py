@@ -2,9 +2,9 @@
 
 ``ImapUpstreamSide`` reads the greeting, optionally runs STARTTLS, learns the capabilities,
 sends ``AUTHENTICATE XOAUTH2`` (with SASL-IR when offered) and reports the outcome as one of
-``UpstreamLoggedIn`` / ``UpstreamRejected`` / ``UpstreamBroken``. Replies may arrive split at
-any byte or several in one chunk. Server literals inside untagged responses are skipped by
-counting, never buffered.
+``UpstreamLoggedIn`` / ``UpstreamRejected`` (classified by ``login_reply.imap_reply``) /
+``UpstreamBroken``. Replies may arrive split at any byte or several in one chunk. Server
+literals inside untagged responses are skipped by counting, never buffered.
 
 ``UpstreamLoggedIn.capabilities`` is the server's list after login: from ``[CAPABILITY …]`` in
 its OK or an untagged CAPABILITY before it (Dovecot). Microsoft 365 sends neither; with
@@ -20,6 +20,7 @@ import re
 
 from proxy.protocol.events import (
     ProtocolMisuse,
+    ReplyKind,
     SendToServer,
     StartServerTLS,
     UpstreamBroken,
@@ -27,6 +28,7 @@ from proxy.protocol.events import (
     UpstreamRejected,
 )
 from proxy.protocol.imap_syntax import CRLF, LineTooLong, take_line
+from proxy.protocol.login_reply import imap_reply
 from proxy.protocol.sasl import xoauth2_b64, xoauth2_error
 from proxy.secret import Secret
 
@@ -256,7 +258,8 @@ class ImapUpstreamSide:
         if state is _State.AUTH_CONTINUE and status == "OK":
             return self._broken("the server accepted AUTHENTICATE without a response")
         # AUTH_CONTINUE, AUTH_RESULT or AUTH_ERROR: the verdict.
-        if status == "OK":
+        reply = imap_reply(status, resp_text, token_sent=state is not _State.AUTH_CONTINUE)
+        if reply.kind is ReplyKind.OK:
             match = _CAPABILITY_CODE.match(resp_text)
             caps = match.group(1) if match else self._caps_after_login
             if caps is None and self._ask_capabilities:
@@ -267,7 +270,7 @@ class ImapUpstreamSide:
             text = f"{text}; {self._error}" if text else self._error
         self._goto(_State.FAILED)
         self._buf.clear()
-        return [UpstreamRejected(text or "the server rejected the login")]
+        return [UpstreamRejected(text or "the server rejected the login", reply.kind, reply.code)]
 
     def _after_login(self, line: bytes) -> list[Command]:
         """A line while our CAPABILITY after login is answered: its untagged CAPABILITY and

@@ -7,8 +7,9 @@ After login both sides are relayed as bytes by the driver; these machines are do
 
 Both take bytes (``b""`` = the peer closed) and return commands from ``proxy.protocol.events``.
 Peer input never raises: it gets a ``-ERR`` (client side) or ``UpstreamBroken`` (upstream
-side). ``ProtocolMisuse`` is raised only when the driver calls a method out of turn.
-Every line is capped (``max_line``) and nothing is buffered without bound.
+side); the upstream's answer to the login is classified by ``login_reply.pop_reply``.
+``ProtocolMisuse`` is raised only when the driver calls a method out of turn. Every line is
+capped (``max_line``) and nothing is buffered without bound.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from proxy.protocol.events import (
     CloseConnection,
     Failure,
     ProtocolMisuse,
+    ReplyKind,
     SendToClient,
     SendToServer,
     StartClientTLS,
@@ -30,6 +32,7 @@ from proxy.protocol.events import (
     UpstreamLoggedIn,
     UpstreamRejected,
 )
+from proxy.protocol.login_reply import pop_reply
 from proxy.protocol.sasl import SaslError, decode_plain, xoauth2_b64, xoauth2_error
 from proxy.secret import Secret
 
@@ -613,8 +616,7 @@ class PopUpstreamSide:
             response = xoauth2_b64(self._user, self._token.reveal())
             return [SendToServer(response + b"\r\n")]
         if status == "-ERR":  # for instance "unsupported mechanism"
-            self._goto(_U.FAILED)
-            return [UpstreamRejected(_text(line))]
+            return self._verdict(status, line, token_sent=False)
         return self._unexpected(line, "AUTH XOAUTH2")
 
     def _state_auth_result(self, line: bytes) -> list[UpstreamCommand]:
@@ -630,11 +632,16 @@ class PopUpstreamSide:
 
     def _final(self, line: bytes) -> list[UpstreamCommand]:
         status = _status(line)
-        if status == "+OK":
+        if status in ("+OK", "-ERR"):
+            return self._verdict(status, line, token_sent=True)
+        return self._unexpected(line, "AUTH XOAUTH2")
+
+    def _verdict(self, status: str, line: bytes, *, token_sent: bool) -> list[UpstreamCommand]:
+        text = _text(line)
+        reply = pop_reply(status, text, token_sent=token_sent)
+        if reply.kind is ReplyKind.OK:
             self._goto(UpstreamState.DONE)
             return [UpstreamLoggedIn(None, server_bytes=self._lines.take())]
-        if status == "-ERR":
-            self._goto(_U.FAILED)
-            self._lines.clear()
-            return [UpstreamRejected(_text(line))]
-        return self._unexpected(line, "AUTH XOAUTH2")
+        self._goto(_U.FAILED)
+        self._lines.clear()
+        return [UpstreamRejected(text, reply.kind, reply.code)]

@@ -29,6 +29,7 @@ from proxy.protocol.events import (
     Authenticate,
     CloseConnection,
     Failure,
+    ReplyKind,
     SendToClient,
     SendToServer,
     StartClientTLS,
@@ -41,7 +42,7 @@ from proxy.protocol.events import (
 from proxy.secret import Secret
 from proxy.server.endpoint import ConnectionClosed, Endpoint, relay
 from proxy.server.limits import PreauthLimiter, Throttle, is_loopback
-from proxy.server.logins import LoginAttempt, unreachable
+from proxy.server.logins import LoginAttempt, unreachable, upstream_refusal
 from proxy.server.pool import WarmPool
 
 log = logging.getLogger("proxy.session")
@@ -265,7 +266,8 @@ class Session:
                 return machine.login_failed(
                     Failure.UNAVAILABLE, f"The mail server {ctx.upstream.host} did not complete "
                                          "the login; try again later.")
-            if attempt == 1:  # a token the service thought valid was refused: refresh once
+            if outcome.kind is ReplyKind.AUTH_FAILED and attempt == 1:
+                # A token the service thought valid was refused: refresh once, and only then.
                 try:
                     token = await ctx.tokens.access_token(cmd.username, cmd.password, protocol,  # type: ignore[arg-type]
                                                           rejected=token)
@@ -273,11 +275,12 @@ class Session:
                     finish(exc.result, exc.detail)
                     return machine.login_failed(exc.failure, exc.user_text)
                 continue
-            finish("upstream_rejected", outcome.text)
-            return machine.login_failed(
-                Failure.UPSTREAM_REJECTED,
-                f"The mail server refused the login for {account.mailbox}: {outcome.text} "
-                "(check the mailbox's permissions for IMAP/POP/SMTP AUTH)")
+            refused = upstream_refusal(outcome.kind, outcome.code, outcome.text,
+                                       host=ctx.upstream.host, mailbox=account.mailbox,
+                                       permission=f"{protocol.upper()} access")
+            finish(refused.result, outcome.text, upstream_reply=outcome.kind.value,
+                   attempt=attempt if attempt > 1 else None)
+            return machine.login_failed(refused.failure, refused.text)
         raise AssertionError("unreachable")
 
     async def _upstream_login(self, user: str, token: str) -> tuple[Endpoint, Outcome]:

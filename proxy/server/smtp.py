@@ -7,9 +7,11 @@ mail commands; ``ConnectionHandler`` (one per connection) supplies the async
 
 - AUTH PLAIN/LOGIN with the *local* password → token service → ``UpstreamSession.open``
   (verified TLS, EHLO, AUTH XOAUTH2, one retry with a fresh token if the upstream refuses the
-  first). The AUTH reply is the verdict of that whole chain: 235, ``535 5.7.8`` (password,
-  authorisation, refused token), ``454 4.7.0`` (identity platform or upstream unreachable: a
-  device retries later) or ``454 4.3.5`` (proxy misconfigured for the account).
+  first as an authentication failure, and only then). The AUTH reply is the verdict of that
+  whole chain: 235, ``535 5.7.8`` (password, authorisation, refused token), ``454 4.7.0``
+  (identity platform or upstream unreachable, or the upstream answered the login with a
+  temporary failure: a device retries later) or ``454 4.3.5`` (proxy misconfigured for the
+  account, or the upstream refused for another reason, such as ``535 5.7.139``).
 - MAIL, RCPT, RSET, NOOP and DATA go to the upstream as the client sent them and the
   upstream's reply goes back unchanged. After its ``354`` the message streams through as it
   arrives, byte for byte and still dot-stuffed (``relay_message``), and the client hears the
@@ -48,12 +50,12 @@ from proxy import __version__, logs, metrics
 from proxy.auth.errors import TokenError
 from proxy.auth.service import TokenService
 from proxy.config import Config, Listener, RelayRule, Upstream
-from proxy.protocol.events import Failure
+from proxy.protocol.events import Failure, ReplyKind
 from proxy.protocol.sasl import SaslError, b64decode_strict, decode_plain
 from proxy.secret import Secret
 from proxy.server.limits import PreauthLimiter, Throttle, is_loopback
 from proxy.server.listener import ListenerBase
-from proxy.server.logins import LoginAttempt, unreachable
+from proxy.server.logins import LoginAttempt, unreachable, upstream_refusal
 from proxy.server.smtp_protocol import ProxySMTP, quiet_aiosmtpd
 from proxy.server.smtp_relay import RelayHandler, RelayRefused, count, seed_metrics
 from proxy.server.smtp_upstream import (
@@ -277,11 +279,11 @@ class ConnectionHandler(RelayHandler):
             finish("upstream_unavailable", str(exc))
             return _refused(failure_reply(Failure.UNAVAILABLE, unreachable(self.ctx.upstream.host)))
         except _Refused as exc:
-            finish("upstream_rejected", exc.text)
-            return _refused(failure_reply(
-                Failure.UPSTREAM_REJECTED,
-                f"The mail server refused the login for {exc.mailbox}: {exc.text} (check the "
-                "mailbox's permission for SMTP AUTH)"))
+            refused = upstream_refusal(exc.kind, exc.code, exc.text, host=self.ctx.upstream.host,
+                                       mailbox=exc.mailbox, permission="SMTP AUTH")
+            finish(refused.result, exc.text, upstream_reply=exc.kind.value,
+                   attempt=exc.attempt if exc.attempt > 1 else None)
+            return _refused(failure_reply(refused.failure, refused.text))
         if self.upstream is not None:  # AUTH again after STARTTLS: the old session is done
             self.upstream.close()
         self.upstream, self.account, self.credentials = upstream, account, (user, password)
@@ -294,7 +296,8 @@ class ConnectionHandler(RelayHandler):
     async def _open_upstream(self, user: str, password: Secret,
                              proven: Callable[[], None] | None = None,
                              ) -> tuple[UpstreamSession, str, int]:
-        """Token, then upstream login; a refused token is replaced once (``rejected=``).
+        """Token, then upstream login; a token refused as an authentication failure is
+        replaced once (``rejected=``), any other refusal ends the attempt at once.
         ``proven`` is called once the password has unlocked the token: as on IMAP and POP3,
         that clears the throttle, whatever the upstream then says."""
         ctx = self.ctx
@@ -309,8 +312,8 @@ class ConnectionHandler(RelayHandler):
                                                      local_name=ctx.hostname)
                 return session, account.name, attempt
             except UpstreamRejected as exc:
-                if attempt == 2:
-                    raise _Refused(account.mailbox, str(exc)) from None
+                if exc.kind is not ReplyKind.AUTH_FAILED or attempt == 2:
+                    raise _Refused(account.mailbox, exc, attempt) from None
                 token = await ctx.tokens.access_token(user, password, "smtp", rejected=token)
         raise AssertionError("unreachable")
 
@@ -527,11 +530,13 @@ class ConnectionHandler(RelayHandler):
 
 
 class _Refused(Exception):
-    """The upstream refused the login twice (a fresh token included)."""
+    """The upstream did not accept the login: for an authentication failure, twice (a fresh
+    token included); otherwise at the first answer."""
 
-    def __init__(self, mailbox: str, text: str) -> None:
-        super().__init__(text)
-        self.mailbox, self.text = mailbox, text
+    def __init__(self, mailbox: str, rejected: UpstreamRejected, attempt: int) -> None:
+        super().__init__(rejected.text)
+        self.mailbox, self.attempt = mailbox, attempt
+        self.text, self.kind, self.code = rejected.text, rejected.kind, rejected.code
 
 
 def _result(reply: Reply) -> str:

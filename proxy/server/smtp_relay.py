@@ -31,7 +31,9 @@ from proxy.auth.errors import (
     WrongPassword,
 )
 from proxy.config import RelayRule
+from proxy.protocol.events import Failure, ReplyKind
 from proxy.server.limits import peer_address
+from proxy.server.logins import upstream_refusal
 from proxy.server.smtp_upstream import UpstreamRejected, UpstreamSession, UpstreamUnavailable
 
 if TYPE_CHECKING:
@@ -93,8 +95,9 @@ def check_sender(rule: RelayRule, sender: str) -> str:
 
 
 async def open_service_session(ctx: SmtpContext, rule: RelayRule) -> UpstreamSession:
-    """Log in upstream as the rule's account with a token its service key unlocks; a refused
-    token is replaced once. Raises ``RelayRefused`` with a ``451`` (or a config ``451 4.3.5``)."""
+    """Log in upstream as the rule's account with a token its service key unlocks; a token
+    refused as an authentication failure is replaced once, any other refusal is final. Raises
+    ``RelayRefused`` with a ``451`` (``451 4.3.5`` for what an administrator must fix)."""
     tokens = ctx.tokens
     try:
         account = tokens.account(rule.account)
@@ -105,13 +108,15 @@ async def open_service_session(ctx: SmtpContext, rule: RelayRule) -> UpstreamSes
                                                   account.mailbox, token,
                                                   local_name=ctx.hostname)
             except UpstreamRejected as exc:
-                if attempt == 2:
-                    raise RelayRefused(
-                        f"451 4.7.0 The mail server refused the login for {account.mailbox} "
-                        f"(relay rule {rule.name}): {exc} (check the mailbox's permission for "
-                        "SMTP AUTH)", "unavailable", f"upstream rejected the token: {exc}"
-                    ) from None
-                token = await tokens.service_token(account.name, "smtp", rejected=token)
+                if exc.kind is ReplyKind.AUTH_FAILED and attempt == 1:
+                    token = await tokens.service_token(account.name, "smtp", rejected=token)
+                    continue
+                refusal = upstream_refusal(exc.kind, exc.code, exc.text, host=ctx.upstream.host,
+                                           mailbox=account.mailbox, permission="SMTP AUTH")
+                status = "451 4.3.5" if refusal.failure is Failure.CONTACT_ADMIN else "451 4.7.0"
+                raise RelayRefused(f"{status} {refusal.text} (relay rule {rule.name})",
+                                   "unavailable", f"upstream refused the login "
+                                   f"({exc.kind.value}): {exc}") from None
     except (WrongPassword, UnknownAccount, AuthConfigError) as exc:
         raise RelayRefused(f"451 4.3.5 The proxy is not configured correctly for relay rule "
                            f"{rule.name}; contact the administrator",

@@ -11,8 +11,9 @@ protocol's ``write`` / ``read_response`` are used, and the message goes out byte
 the client sent it (still dot-stuffed: the upstream un-stuffs it).
 
 Library exceptions are translated here, once (STYLE 10): ``UpstreamUnavailable`` (cannot
-connect, finish TLS, or the server answered the login with a temporary error: try later),
-``UpstreamRejected`` (the token was refused), ``UpstreamLost`` (the session broke after login:
+connect, finish TLS or EHLO: try later), ``UpstreamRejected`` (the server did not accept the
+login; its reply classified by ``login_reply.smtp_reply`` as an authentication failure, a
+temporary failure or another refusal), ``UpstreamLost`` (the session broke after login:
 closed, reset, timed out, or an unreadable reply).
 """
 
@@ -31,6 +32,8 @@ from aiosmtplib.protocol import SMTPProtocol
 from proxy import metrics
 from proxy.config import Upstream
 from proxy.protocol import sasl
+from proxy.protocol.events import ReplyKind
+from proxy.protocol.login_reply import smtp_reply
 from proxy.server.session import TLS_HANDSHAKE_TIMEOUT
 
 COMMAND_TIMEOUT = 300.0  # RFC 5321 4.5.3.2: MAIL and RCPT 5 minutes, DATA initiation 2
@@ -49,7 +52,12 @@ class UpstreamUnavailable(Exception):
 
 
 class UpstreamRejected(Exception):
-    """The upstream refused the token; the message is its reply (code and text)."""
+    """The upstream did not accept the login; the message is its reply (code and text),
+    ``kind`` its classification (never ``OK``) and ``code`` the code that decided it."""
+
+    def __init__(self, text: str, kind: ReplyKind, code: str) -> None:
+        super().__init__(text)
+        self.text, self.kind, self.code = text, kind, code
 
 
 class UpstreamLost(Exception):
@@ -251,19 +259,22 @@ async def _xoauth2(client: aiosmtplib.SMTP, up: Upstream, mailbox: str, token: s
     else:
         response = await client.execute_command(b"AUTH", b"XOAUTH2", timeout=up.connect_timeout)
         if response.code != 334:
-            raise UpstreamUnavailable(f"{up.host}:{up.port} answered AUTH XOAUTH2 with "
-                                      f"{response.code} {_flat(response.message)}")
+            _verdict(response.code, response.message, "", token_sent=False)
+            raise UpstreamUnavailable(f"{up.host}:{up.port} accepted AUTH XOAUTH2 without "
+                                      "a response")
         response = await client.execute_command(b64, timeout=up.connect_timeout)
     detail = ""
     if response.code == 334:
         detail = f" ({sasl.xoauth2_error(response.message.encode('utf-8', 'surrogateescape'))})"
         response = await client.execute_command(b"", timeout=up.connect_timeout)
-    if response.code == 235:
-        return
-    text = f"{response.code} {_flat(response.message)}{detail}"
-    if 500 <= response.code < 600:
-        raise UpstreamRejected(text)
-    raise UpstreamUnavailable(f"{up.host}:{up.port} answered the login with {text}")
+    _verdict(response.code, response.message, detail, token_sent=True)
+
+
+def _verdict(code: int, message: str, detail: str, *, token_sent: bool) -> None:
+    """Return on success; otherwise raise ``UpstreamRejected`` with the reply's kind."""
+    reply = smtp_reply(code, message, token_sent=token_sent)
+    if reply.kind is not ReplyKind.OK:
+        raise UpstreamRejected(f"{code} {_flat(message)}{detail}", reply.kind, reply.code)
 
 
 def _size(client: aiosmtplib.SMTP) -> int | None:

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from proxy.protocol.events import (
     ProtocolMisuse,
+    ReplyKind,
     SendToServer,
     StartServerTLS,
     UpstreamBroken,
@@ -177,14 +178,14 @@ def test_rejected_verbatim() -> None:
         make(),
         [
             (GREETING_IR, [AUTH_IR]),
-            (b"x1 NO AUTHENTICATE failed.\r\n", [UpstreamRejected("AUTHENTICATE failed.")]),
+            (b"x1 NO AUTHENTICATE failed.\r\n", [UpstreamRejected("AUTHENTICATE failed.", ReplyKind.AUTH_FAILED)]),
         ],
     )
     run_transcript(
         make(),
         [
             (GREETING_IR, [AUTH_IR]),
-            (b"x1 BAD\r\n", [UpstreamRejected("the server rejected the login")]),
+            (b"x1 BAD\r\n", [UpstreamRejected("the server rejected the login", ReplyKind.OTHER)]),
         ],
     )
 
@@ -200,7 +201,9 @@ def test_dovecot_error_challenge() -> None:
                 [
                     UpstreamRejected(
                         "[AUTHENTICATIONFAILED] Authentication failed.; "
-                        "the server rejected the token (status invalid_token, scope mail)"
+                        "the server rejected the token (status invalid_token, scope mail)",
+                        ReplyKind.AUTH_FAILED,
+                        "AUTHENTICATIONFAILED",
                     )
                 ],
             ),

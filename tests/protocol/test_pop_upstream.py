@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from proxy.protocol.events import (
     ProtocolMisuse,
+    ReplyKind,
     SendToServer,
     StartServerTLS,
     UpstreamBroken,
@@ -209,7 +210,11 @@ def test_err_after_the_token_is_rejected_verbatim() -> None:
             send(b"CAPA\r\n"),
             send(b"AUTH XOAUTH2\r\n"),
             send(b64(USER, LONG) + b"\r\n"),
-            UpstreamRejected("[AUTH]  Authentication failure: unknown user name or bad password."),
+            UpstreamRejected(
+                "[AUTH]  Authentication failure: unknown user name or bad password.",
+                ReplyKind.AUTH_FAILED,
+                "AUTH",
+            ),
         ],
     )
 
@@ -217,7 +222,7 @@ def test_err_after_the_token_is_rejected_verbatim() -> None:
 def test_err_to_auth_line_is_rejected() -> None:
     check(
         [GREETING, CAPA_OK, b"-ERR Unsupported mechanism\r\n"],
-        [send(b"CAPA\r\n"), send(b"AUTH XOAUTH2\r\n"), UpstreamRejected("Unsupported mechanism")],
+        [send(b"CAPA\r\n"), send(b"AUTH XOAUTH2\r\n"), UpstreamRejected("Unsupported mechanism", ReplyKind.OTHER)],
     )
 
 
@@ -236,7 +241,7 @@ def test_error_challenge_is_acknowledged_with_an_empty_line() -> None:
             send(b"AUTH XOAUTH2\r\n"),
             send(b64(USER, LONG) + b"\r\n"),
             send(b"\r\n"),
-            UpstreamRejected("[AUTH] Authentication failed."),
+            UpstreamRejected("[AUTH] Authentication failed.", ReplyKind.AUTH_FAILED, "AUTH"),
         ],
     )
     m = make()
@@ -252,7 +257,7 @@ def test_error_challenge_with_initial_response() -> None:
             send(b"CAPA\r\n"),
             send(b"AUTH XOAUTH2 " + b64(USER, SHORT) + b"\r\n"),
             send(b"\r\n"),
-            UpstreamRejected("no"),
+            UpstreamRejected("no", ReplyKind.AUTH_FAILED),
         ],
         token=SHORT,
     )
@@ -265,7 +270,7 @@ def test_err_without_text() -> None:
             send(b"CAPA\r\n"),
             send(b"AUTH XOAUTH2\r\n"),
             send(b64(USER, LONG) + b"\r\n"),
-            UpstreamRejected(""),
+            UpstreamRejected("", ReplyKind.AUTH_FAILED),
         ],
     )
 

@@ -547,15 +547,37 @@ async def test_refused_token_is_replaced_once(tmp_path: Path, demo_upstream: Dem
 
 async def test_token_refused_twice_is_535_with_upstream_text(
         tmp_path: Path, demo_upstream: DemoUpstream, proxies: list[ProxyEnv]) -> None:
-    refusal = b"535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled"
+    refusal = b"535 5.7.3 Authentication unsuccessful [SN4PR0201CA0000]"
     env, fake = await scripted_proxy(tmp_path, demo_upstream, proxies,
                                      auth_replies=[refusal, refusal])
     before = login_count("upstream_rejected")
     code, text = await in_thread(lambda: auth_plain(env.ports["smtp"], DEVICE_PASSWORD))
     assert code == 535
     assert text.startswith(b"5.7.8 The mail server refused the login for alice@contoso.example: "
-                           b"535 5.7.139 Authentication unsuccessful")
+                           b"535 5.7.3 Authentication unsuccessful")
     assert login_count("upstream_rejected") == before + 1
+    assert fake.commands.count(b"AUTH") == 2  # refreshed once and retried
+    await fake.close()
+
+
+async def test_smtp_auth_disabled_is_not_retried(
+        tmp_path: Path, demo_upstream: DemoUpstream, proxies: list[ProxyEnv]) -> None:
+    """Exchange's 535 5.7.139 (SMTP AUTH disabled for the tenant or mailbox): no new token can
+    help, so none is asked for; the client hears what the administrator must do."""
+    refusal = b"535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled"
+    env, fake = await scripted_proxy(tmp_path, demo_upstream, proxies, auth_replies=[refusal])
+    demo_upstream.reset_stats()
+    before = login_count("upstream_rejected")
+    code, text = await in_thread(lambda: auth_plain(env.ports["smtp"], DEVICE_PASSWORD))
+    assert code == 454
+    assert text == (b"4.3.5 The mail server refused the login for alice@contoso.example: "
+                    b"535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is "
+                    b"disabled (SMTP AUTH is disabled for this mailbox or its organisation; an "
+                    b"administrator must enable authenticated SMTP for the mailbox)")
+    assert fake.commands.count(b"AUTH") == 1
+    assert demo_upstream.stats()["token_requests"] == 0  # no refresh
+    assert login_count("upstream_rejected") == before + 1
+    await in_thread(lambda: send_ok(env.ports["smtp"], "enabled again"))  # the next AUTH is 235
     await fake.close()
 
 
