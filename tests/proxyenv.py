@@ -3,8 +3,10 @@ and a running daemon on the test's own event loop (listeners on 127.0.0.1, port 
 
 from __future__ import annotations
 
+import imaplib
 import io
 import os
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,6 +14,7 @@ from typing import Any
 from proxy import config as config_mod
 from proxy import store
 from proxy.auth import flows
+from proxy.demo import certs
 from proxy.demo.process import DemoUpstream
 from proxy.secret import Secret
 from proxy.server.daemon import Daemon
@@ -98,6 +101,25 @@ async def start_proxy(tmp_path: Path, upstream: DemoUpstream, *, user: str = USE
     daemon = Daemon(cfg)
     await daemon.start()
     return ProxyEnv(upstream, cfg, token_store, daemon, user, password)
+
+
+def local_tls(tmp_path: Path, mode: str) -> tuple[dict[str, Any], ssl.SSLContext]:
+    """Listener settings for ``mode`` ("none", "starttls", "implicit") with a certificate for
+    127.0.0.1, and a client context that trusts it."""
+    paths = certs.generate(tmp_path / "local-tls")
+    context = ssl.create_default_context(cafile=str(paths.ca_file))
+    if mode == "none":
+        return {}, context
+    return {"tls": mode, "cert_file": str(paths.cert_file),
+            "key_file": str(paths.key_file)}, context
+
+
+def imap_client(port: int, mode: str, context: ssl.SSLContext) -> imaplib.IMAP4:
+    """An imaplib client on a listener in ``mode``; its ``capabilities`` are those announced
+    before login (read once at connect, as imaplib does; again after STARTTLS)."""
+    if mode == "implicit":
+        return imaplib.IMAP4_SSL("127.0.0.1", port, ssl_context=context, timeout=30)
+    return imaplib.IMAP4("127.0.0.1", port, timeout=30)
 
 
 def to_toml(data: dict[str, Any]) -> str:

@@ -123,6 +123,8 @@ class ImapUpstreamSide:
                 taken = min(self._skip, len(self._buf))
                 if self._state is _State.CAPS_AFTER_LOGIN:
                     self._kept += self._buf[:taken]
+                    if len(self._kept) > self._max_line:
+                        return out + self._too_much()
                 del self._buf[:taken]
                 self._skip -= taken
                 if self._skip:
@@ -135,7 +137,7 @@ class ImapUpstreamSide:
                 break
             out += self._line(line)
             if len(self._kept) > self._max_line:
-                return out + self._broken("the server sent too much after the login")
+                return out + self._too_much()
         return out
 
     def tls_started(self) -> list[Command]:
@@ -163,6 +165,9 @@ class ImapUpstreamSide:
         self._buf.clear()
         self._kept.clear()
         return [UpstreamBroken(text)]
+
+    def _too_much(self) -> list[Command]:
+        return self._broken("the server sent too much after the login")
 
     def _line(self, line: bytes) -> list[Command]:
         if self._state is _State.CAPS_AFTER_LOGIN:

@@ -32,6 +32,7 @@ from proxy.config import Config, Listener
 from proxy.protocol.imap import ImapClientSide, ImapUpstreamSide
 from proxy.protocol.pop import PopClientSide, PopUpstreamSide
 from proxy.server import tls, tlsbuffer
+from proxy.server.capabilities import CapabilityCache
 from proxy.server.endpoint import Endpoint
 from proxy.server.http import MetricsServer, log_listening
 from proxy.server.limits import PreauthLimiter, Throttle
@@ -42,7 +43,8 @@ log = logging.getLogger("proxy.daemon")
 SPECS = {
     "imap": Spec("imap", ImapClientSide, ImapUpstreamSide,
                  b"* BYE Idle too long before login; connection closed\r\n",
-                 b"* BYE [UNAVAILABLE] Too many connections; try again later\r\n"),
+                 b"* BYE [UNAVAILABLE] Too many connections; try again later\r\n",
+                 mirrors_capabilities=True),
     "pop": Spec("pop", PopClientSide, PopUpstreamSide,
                 b"-ERR [SYS/TEMP] Idle too long before login; connection closed\r\n",
                 b"-ERR [SYS/TEMP] Too many connections; try again later\r\n"),
@@ -124,6 +126,8 @@ class Daemon:
         # Shared by every listener: failures and pre-login connections count across protocols.
         self.throttle = Throttle(config.limits)
         self.preauth = PreauthLimiter(config.limits)
+        # Each IMAP upstream's post-login capabilities, announced before login (all listeners).
+        self.capabilities = CapabilityCache(config.state_dir)
         self.listeners: list[ListenerRuntime] = []
         self.extra_servers: list[Callable[[], object]] = []
         self.metrics_server: MetricsServer | None = None
@@ -194,7 +198,8 @@ class Daemon:
         else:
             runtime = ListenerRuntime(Context(SPECS[li.protocol], li, up, self.tokens,
                                               upstream_tls, server_tls,
-                                              throttle=self.throttle, preauth=self.preauth))
+                                              throttle=self.throttle, preauth=self.preauth,
+                                              capability_cache=self.capabilities))
         await runtime.start(sock)
         self.listeners.append(runtime)
         if li.tls == "implicit" and server_tls is not None:
@@ -277,6 +282,7 @@ class Daemon:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
         await self.tokens.aclose()
+        await self.capabilities.flush()
         if self.metrics_server is not None:
             await self.metrics_server.stop()
         self.state = "stopped"

@@ -40,6 +40,7 @@ from proxy.protocol.events import (
     UpstreamRejected,
 )
 from proxy.secret import Secret
+from proxy.server.capabilities import CapabilityCache
 from proxy.server.endpoint import ConnectionClosed, Endpoint, relay
 from proxy.server.limits import PreauthLimiter, Throttle, is_loopback
 from proxy.server.logins import LoginAttempt, unreachable, upstream_refusal
@@ -68,13 +69,18 @@ class UpstreamMachine(Protocol):
 
 @dataclass(frozen=True)
 class Spec:
-    """What differs between IMAP and POP3: the two machines and a goodbye for timeouts."""
+    """What differs between IMAP and POP3: the two machines and a goodbye for timeouts.
+
+    ``mirrors_capabilities``: the client machine announces the upstream's post-login
+    capabilities (``upstream_capabilities=``) and the upstream machine can ask for them
+    (``ask_capabilities=``); see ``proxy.server.capabilities``."""
 
     protocol: str
     client_machine: Callable[..., ClientMachine]
     upstream_machine: Callable[..., UpstreamMachine]
     timeout_reply: bytes
     busy_reply: bytes
+    mirrors_capabilities: bool = False
 
 
 class UpstreamUnavailable(Exception):
@@ -93,6 +99,7 @@ class Context:
     server_tls: ssl.SSLContext | None
     throttle: Throttle = field(default_factory=lambda: Throttle(Limits()))
     preauth: PreauthLimiter = field(default_factory=lambda: PreauthLimiter(Limits()))
+    capability_cache: CapabilityCache = field(default_factory=lambda: CapabilityCache(None))
 
     def __post_init__(self) -> None:
         p = self.spec.protocol
@@ -100,6 +107,7 @@ class Context:
         self.count_down = metrics.BYTES_RELAYED.labels(p, "upstream_to_client").inc
         self.warm = WarmPool(self.connect, self.upstream.warm_connections,
                              self.upstream.warm_seconds, protocol=p, name=self.upstream.name)
+        self.capabilities = self.capability_cache.get(self.upstream)
 
     def connect(self) -> Awaitable[Endpoint]:
         """A new connection to the upstream as currently configured."""
@@ -108,6 +116,7 @@ class Context:
     def reconfigure(self, upstream: Upstream, upstream_tls: ssl.SSLContext) -> None:
         """A reload: new sessions use ``upstream``; warm connections made before are closed."""
         self.upstream, self.upstream_tls = upstream, upstream_tls
+        self.capabilities = self.capability_cache.get(upstream)
         self.warm.clear()
         self.warm.size, self.warm.max_age = upstream.warm_connections, upstream.warm_seconds
 
@@ -178,10 +187,12 @@ class Session:
 
     async def _serve(self) -> None:
         ctx, client = self.ctx, self.client
+        mirrored = ({"upstream_capabilities": ctx.capabilities.text}
+                    if ctx.spec.mirrors_capabilities else {})
         machine = ctx.spec.client_machine(
             starttls=ctx.listener.tls == "starttls",
             tls_active=ctx.listener.tls == "implicit",
-            login_disabled=self._login_disabled())
+            login_disabled=self._login_disabled(), **mirrored)
         work: deque[object] = deque(machine.greeting())
         limits = ctx.tokens.config.limits
         deadline = asyncio.get_running_loop().time() + limits.preauth_total
@@ -300,8 +311,10 @@ class Session:
 
     async def _login_on(self, upstream: Endpoint, user: str, token: str) -> tuple[Endpoint, Outcome]:
         ctx = self.ctx
+        mirrors = ctx.spec.mirrors_capabilities
+        ask = {"ask_capabilities": ctx.capabilities.due()} if mirrors else {}
         machine = ctx.spec.upstream_machine(user=user, token=Secret(token),
-                                            starttls=ctx.upstream.tls == "starttls")
+                                            starttls=ctx.upstream.tls == "starttls", **ask)
         try:
             async with asyncio.timeout(UPSTREAM_LOGIN_TIMEOUT):
                 while True:
@@ -316,6 +329,8 @@ class Session:
                                                      timeout=TLS_HANDSHAKE_TIMEOUT)
                             work.extend(machine.tls_started())
                         elif isinstance(cmd, UpstreamLoggedIn | UpstreamRejected | UpstreamBroken):
+                            if isinstance(cmd, UpstreamLoggedIn) and cmd.capabilities and mirrors:
+                                ctx.capabilities.learned(cmd.capabilities)
                             return upstream, cmd
         except TimeoutError:
             return upstream, UpstreamBroken("the server did not answer the login in time")

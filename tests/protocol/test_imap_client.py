@@ -85,6 +85,134 @@ def test_greeting_and_capability(kw: dict, caps: str) -> None:
     )
 
 
+# What Microsoft 365 and Dovecot 2.3 announce after login.
+M365 = ("IMAP4 IMAP4rev1 AUTH=PLAIN AUTH=XOAUTH2 SASL-IR UIDPLUS MOVE ID UNSELECT CHILDREN IDLE "
+        "NAMESPACE LITERAL+")
+M365_EXTRAS = "IMAP4 UIDPLUS MOVE UNSELECT CHILDREN IDLE NAMESPACE"
+DOVECOT = ("IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE IDLE SORT SORT=DISPLAY THREAD=REFERENCES "
+           "MULTIAPPEND URL-PARTIAL CATENATE UNSELECT CHILDREN NAMESPACE UIDPLUS LIST-EXTENDED "
+           "I18NLEVEL=1 CONDSTORE QRESYNC ESEARCH SEARCHRES WITHIN CONTEXT=SEARCH LIST-STATUS "
+           "BINARY MOVE SNIPPET=FUZZY PREVIEW=FUZZY PREVIEW STATUS=SIZE SAVEDATE LITERAL+ "
+           "NOTIFY SPECIAL-USE")
+DOVECOT_EXTRAS = ("LOGIN-REFERRALS ENABLE IDLE SORT SORT=DISPLAY THREAD=REFERENCES MULTIAPPEND "
+                  "URL-PARTIAL CATENATE UNSELECT CHILDREN NAMESPACE UIDPLUS LIST-EXTENDED "
+                  "I18NLEVEL=1 CONDSTORE QRESYNC ESEARCH SEARCHRES WITHIN CONTEXT=SEARCH "
+                  "LIST-STATUS BINARY MOVE SNIPPET=FUZZY PREVIEW=FUZZY PREVIEW STATUS=SIZE "
+                  "SAVEDATE NOTIFY SPECIAL-USE")
+
+
+@pytest.mark.parametrize(
+    "kw, own",
+    [
+        ({}, "IMAP4rev1 STARTTLS AUTH=PLAIN SASL-IR LITERAL+ ID"),
+        ({"starttls": False}, "IMAP4rev1 AUTH=PLAIN SASL-IR LITERAL+ ID"),
+        ({"tls_active": True}, "IMAP4rev1 AUTH=PLAIN SASL-IR LITERAL+ ID"),
+        ({"login_disabled": True}, "IMAP4rev1 STARTTLS LOGINDISABLED SASL-IR LITERAL+ ID"),
+        ({"login_disabled": True, "tls_active": True}, "IMAP4rev1 AUTH=PLAIN SASL-IR LITERAL+ ID"),
+    ],
+)
+def test_upstream_post_login_capabilities_are_announced_before_login(kw: dict, own: str) -> None:
+    """The proxy's own list first (STARTTLS/LOGINDISABLED per listener), then the upstream's
+    post-login list without its AUTH=, SASL-IR, ID, IMAP4rev1; the OK after login still carries
+    the upstream's list as the driver reports it."""
+    caps = f"{own} {M365_EXTRAS}"
+    args: dict = {"starttls": True, "tls_active": False, "login_disabled": False} | kw
+    m = ImapClientSide(**args, greeting="hi", upstream_capabilities=M365)
+    assert m.greeting() == [C(f"* OK [CAPABILITY {caps}] hi\r\n".encode())]
+    steps: list = [
+        (
+            b"a1 CAPABILITY\r\n",
+            [C(f"* CAPABILITY {caps}\r\n".encode()), C(b"a1 OK CAPABILITY completed\r\n")],
+        ),
+    ]
+    if "LOGINDISABLED" not in own:
+        steps += [
+            (b"a2 LOGIN u p\r\n", [login("u", "p")]),
+            (
+                succeeded(M365),
+                [C(f"a2 OK [CAPABILITY {M365}] Logged in\r\n".encode()), StartRelay(b"")],
+            ),
+        ]
+    run_transcript(make(**kw, upstream_capabilities=M365), steps)
+
+
+def test_upstream_capabilities_after_starttls() -> None:
+    """RFC 3501 §6.2.1: the list is asked again after STARTTLS; it keeps the upstream's part and
+    loses STARTTLS and LOGINDISABLED."""
+    run_transcript(
+        make(login_disabled=True, upstream_capabilities=DOVECOT),
+        [
+            (
+                b"a1 CAPABILITY\r\n",
+                [
+                    C(f"* CAPABILITY IMAP4rev1 STARTTLS LOGINDISABLED SASL-IR LITERAL+ ID "
+                      f"{DOVECOT_EXTRAS}\r\n".encode()),
+                    C(b"a1 OK CAPABILITY completed\r\n"),
+                ],
+            ),
+            (b"a2 STARTTLS\r\n", [C(b"a2 OK Begin TLS negotiation now\r\n"), StartClientTLS()]),
+            (lambda m: m.tls_started(), []),
+            (
+                b"a3 CAPABILITY\r\n",
+                [
+                    C(f"* CAPABILITY IMAP4rev1 AUTH=PLAIN SASL-IR LITERAL+ ID {DOVECOT_EXTRAS}"
+                      "\r\n".encode()),
+                    C(b"a3 OK CAPABILITY completed\r\n"),
+                ],
+            ),
+        ],
+    )
+
+
+@pytest.mark.parametrize(
+    "upstream, literal",
+    [
+        (None, "LITERAL+ "),  # unknown: as before; that login's OK will carry the real list
+        ("IMAP4rev1 IDLE LITERAL+", "LITERAL+ "),
+        ("IMAP4rev1 IDLE literal+ LITERAL-", "LITERAL+ "),
+        ("IMAP4rev1 IDLE LITERAL-", "LITERAL- "),
+        ("IMAP4rev1 IDLE", ""),  # after login the upstream would not take {n+}
+    ],
+)
+def test_literal_plus_only_if_the_upstream_keeps_it(upstream: str | None, literal: str) -> None:
+    m = machine(starttls=False, upstream_capabilities=upstream)
+    extras = "" if upstream is None else " IDLE"
+    assert m.capabilities == f"IMAP4rev1 AUTH=PLAIN SASL-IR {literal}ID{extras}"
+    # Whatever is announced, the proxy's own parser still takes a LITERAL+ literal.
+    assert m.receive(b"a1 LOGIN {1+}\r\nu {1+}\r\np\r\n") == [login("u", "p")]
+
+
+def test_upstream_login_capabilities_and_junk_are_not_announced() -> None:
+    upstream = ("imap4rev1 STARTTLS LOGINDISABLED AUTH=XOAUTH2 auth=plain sasl-ir id IDLE idle "
+                "X]Y [X (Z) Q%R \x01BAD \u00e9T\u00e9 " + "LONG" * 700 + " MOVE\tUIDPLUS")
+    m = machine(starttls=False, upstream_capabilities=upstream)
+    assert m.capabilities == "IMAP4rev1 AUTH=PLAIN SASL-IR ID IDLE MOVE UIDPLUS"
+    assert machine(upstream_capabilities="").capabilities == (
+        "IMAP4rev1 STARTTLS AUTH=PLAIN SASL-IR ID")
+
+
+@settings(max_examples=300, deadline=None)
+@given(upstream=st.text(max_size=300) | st.lists(
+    st.sampled_from(["AUTH=PLAIN", "STARTTLS", "IDLE", "idle", "LITERAL+", "LITERAL-", "]", "X",
+                     "LOGINDISABLED", "ID", "\r\n", "MOVE"]), max_size=12).map(" ".join),
+       login_disabled=st.booleans(), tls_active=st.booleans())
+def test_announced_capabilities_are_well_formed(upstream: str, login_disabled: bool,
+                                                tls_active: bool) -> None:
+    m = ImapClientSide(starttls=True, tls_active=tls_active, login_disabled=login_disabled,
+                       upstream_capabilities=upstream)
+    (greeting,) = m.greeting()
+    assert isinstance(greeting, SendToClient)
+    line = greeting.data.decode("ascii")
+    assert line.startswith("* OK [CAPABILITY IMAP4rev1 ") and line.endswith("] xoauth2-proxy ready\r\n")
+    caps = m.capabilities.split(" ")
+    assert line.count("]") == 1 and "\r" not in m.capabilities and "" not in caps
+    assert len({c.upper() for c in caps}) == len(caps)
+    assert [c for c in caps if c.upper().startswith("AUTH=")] == ([] if login_disabled and not tls_active else ["AUTH=PLAIN"])
+    assert ("STARTTLS" in caps) is not tls_active
+    assert ("LOGINDISABLED" in caps) is (login_disabled and not tls_active)
+    assert len(m.capabilities) < 2200
+
+
 def test_noop_and_case_insensitive_commands() -> None:
     run_transcript(
         make(),

@@ -31,9 +31,10 @@ AUTH_IR = S(b"x1 AUTHENTICATE XOAUTH2 " + B64 + b"\r\n")
 GREETING_IR = b"* OK [CAPABILITY IMAP4rev1 SASL-IR AUTH=PLAIN AUTH=XOAUTH2] ready\r\n"
 
 
-def make(starttls: bool = False, max_line: int = 64 * 1024):
+def make(starttls: bool = False, max_line: int = 64 * 1024, ask_capabilities: bool = False):
     return lambda: ImapUpstreamSide(
-        user=USER, token=Secret(TOKEN), starttls=starttls, max_line=max_line
+        user=USER, token=Secret(TOKEN), starttls=starttls, max_line=max_line,
+        ask_capabilities=ask_capabilities,
     )
 
 
@@ -98,6 +99,115 @@ def test_no_greeting_capabilities_and_no_sasl_ir() -> None:
             (b"x2 OK AUTHENTICATE completed.\r\n", [UpstreamLoggedIn(None, b"")]),
         ],
     )
+
+
+# --- the capabilities after login (announced to later clients before their login) ------------
+
+M365_GREETING = b"* OK The Microsoft Exchange IMAP4 service is ready.\r\n"
+M365_CAPS = ("IMAP4 IMAP4rev1 AUTH=PLAIN AUTH=XOAUTH2 SASL-IR UIDPLUS MOVE ID UNSELECT CHILDREN "
+             "IDLE NAMESPACE LITERAL+")
+
+
+def test_capability_asked_after_a_login_ok_without_it() -> None:
+    """Microsoft 365: no capabilities in the OK; the machine asks and consumes the answer."""
+    run_transcript(
+        make(ask_capabilities=True),
+        [
+            (M365_GREETING, [S(b"x1 CAPABILITY\r\n")]),
+            (
+                f"* CAPABILITY {M365_CAPS}\r\nx1 OK CAPABILITY completed.\r\n".encode(),
+                [S(b"x2 AUTHENTICATE XOAUTH2 " + B64 + b"\r\n")],
+            ),
+            (b"x2 OK AUTHENTICATE completed.\r\n", [S(b"x3 CAPABILITY\r\n")]),
+            (
+                f"* CAPABILITY {M365_CAPS}\r\nx3 OK CAPABILITY completed.\r\n".encode(),
+                [UpstreamLoggedIn(M365_CAPS, b"")],
+            ),
+        ],
+    )
+
+
+def test_capability_after_login_keeps_other_server_bytes_in_order() -> None:
+    """Untagged responses around our CAPABILITY (with a literal) and whatever follows its OK
+    reach the client, in order; only the CAPABILITY response and our tagged reply are taken."""
+    run_transcript(
+        make(ask_capabilities=True),
+        [
+            (GREETING_IR, [AUTH_IR]),
+            (
+                b"x1 OK AUTHENTICATE completed.\r\n* OK [ALERT] maintenance at 22:00\r\n",
+                [S(b"x2 CAPABILITY\r\n")],
+            ),
+            (
+                b"* 1 FETCH (BODY[] {12}\r\nx2 OK fake\r\n)\r\n"
+                b"* capability IMAP4rev1 IDLE\r\n"
+                b"* NO [ALERT] {5}\n\r\nab)\r\n"
+                b"x2 OK done\r\n* 2 EXISTS\r\n* par",
+                [
+                    UpstreamLoggedIn(
+                        "IMAP4rev1 IDLE",
+                        b"* OK [ALERT] maintenance at 22:00\r\n"
+                        b"* 1 FETCH (BODY[] {12}\r\nx2 OK fake\r\n)\r\n"
+                        b"* NO [ALERT] {5}\r\n\r\nab)\r\n"
+                        b"* 2 EXISTS\r\n* par",
+                    )
+                ],
+            ),
+        ],
+    )
+
+
+@pytest.mark.parametrize(
+    "reply, caps",
+    [
+        (b"x2 OK [CAPABILITY IMAP4rev1 MOVE] done\r\n", "IMAP4rev1 MOVE"),
+        (b"x2 NO not now\r\n", None),
+        (b"x2 BAD what\r\n", None),
+        (b"* CAPABILITY IMAP4rev1 IDLE\r\nx2 BAD what\r\n", "IMAP4rev1 IDLE"),
+    ],
+)
+def test_capability_after_login_other_replies(reply: bytes, caps: str | None) -> None:
+    run_transcript(
+        make(ask_capabilities=True),
+        [
+            (GREETING_IR, [AUTH_IR]),
+            (b"x1 OK Logged in\r\n", [S(b"x2 CAPABILITY\r\n")]),
+            (reply, [UpstreamLoggedIn(caps, b"")]),
+        ],
+    )
+
+
+@pytest.mark.parametrize(
+    "ok",
+    [
+        b"x1 OK [CAPABILITY IMAP4rev1 IDLE] Logged in\r\n",  # Dovecot
+        b"* CAPABILITY IMAP4rev1 IDLE\r\nx1 OK Logged in\r\n",
+    ],
+)
+def test_capability_not_asked_when_the_login_reported_it(ok: bytes) -> None:
+    run_transcript(
+        make(ask_capabilities=True),
+        [(GREETING_IR, [AUTH_IR]), (ok, [UpstreamLoggedIn("IMAP4rev1 IDLE", b"")])],
+    )
+
+
+@pytest.mark.parametrize(
+    "reply, text",
+    [
+        (b"x9 OK CAPABILITY completed.\r\n", "unexpected reply from the server: x9 OK"),
+        (b"+ more\r\n", "unexpected reply from the server: + more"),
+        (b"* BYE shutting down\r\n", "the server closed the connection during login"),
+        (b"* 1 FETCH (BODY[] {200}\r\n" + b"a" * 200, "the server sent too much after the login"),
+    ],
+)
+def test_capability_after_login_broken(reply: bytes, text: str) -> None:
+    m = make(ask_capabilities=True, max_line=128)()
+    assert m.receive(GREETING_IR) == [AUTH_IR]
+    assert m.receive(b"x1 OK Logged in\r\n") == [S(b"x2 CAPABILITY\r\n")]
+    out = m.receive(reply) or m.receive(b"")
+    assert len(out) == 1 and isinstance(out[0], UpstreamBroken)
+    assert out[0].text.startswith(text)
+    assert m.buffered_bytes == 0
 
 
 def test_short_greeting_list_is_checked_with_capability() -> None:
@@ -369,10 +479,12 @@ _stream = st.builds(
     data=_stream,
     cuts=st.lists(st.integers(min_value=0, max_value=2000), max_size=20),
     starttls=st.booleans(),
+    ask=st.booleans(),
 )
-def test_fuzz_upstream_side(data: bytes, cuts: list[int], starttls: bool) -> None:
+def test_fuzz_upstream_side(data: bytes, cuts: list[int], starttls: bool, ask: bool) -> None:
     max_line = 128
-    m = ImapUpstreamSide(user=USER, token=Secret(TOKEN), starttls=starttls, max_line=max_line)
+    m = ImapUpstreamSide(user=USER, token=Secret(TOKEN), starttls=starttls, max_line=max_line,
+                         ask_capabilities=ask)
     points = sorted({c for c in cuts if c < len(data)} | {0, len(data)})
     chunks = [data[a:b] for a, b in zip(points, points[1:], strict=False)] + [b""]
     for chunk in chunks:
@@ -391,7 +503,7 @@ def test_fuzz_upstream_side(data: bytes, cuts: list[int], starttls: bool) -> Non
                     finished = True
                 elif isinstance(command, UpstreamLoggedIn):
                     finished = True
-            assert m.buffered_bytes <= max_line
+            assert m.buffered_bytes <= 2 * max_line
             out = follow
         if finished:
             break

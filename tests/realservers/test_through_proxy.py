@@ -22,7 +22,8 @@ from typing import Any
 
 import pytest
 
-from tests.proxyenv import ProxyEnv, start_proxy
+from proxy.server.daemon import Daemon
+from tests.proxyenv import ProxyEnv, imap_client, local_tls, start_proxy
 
 from .dovecot import Dovecot
 from .postfix import Postfix
@@ -103,6 +104,52 @@ async def test_imap_suite_against_dovecot(env: ProxyEnv) -> None:
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+@pytest.mark.parametrize("mode", ["none", "starttls", "implicit"])
+async def test_dovecot_capabilities_announced_before_login(tmp_path: Path, demo_upstream: Any,
+                                                           dovecot: Dovecot, mode: str) -> None:
+    """Dovecot puts its post-login list in the OK: one login teaches the proxy, and the next
+    imaplib client sees IDLE, MOVE, UIDPLUS… before login; a restarted proxy at once."""
+    listener, context = local_tls(tmp_path, mode)
+    upstream = {"port": dovecot.ports["imaps"], "tls": "implicit", "ca_file": str(dovecot.ca_file)}
+    env = await start_proxy(tmp_path, demo_upstream, user=USER, password=PASSWORD,
+                            protocols=("imap",), upstreams={"imap": upstream},
+                            listener_extra={"imap": listener}, accounts={USER: {"provider": "demo"}})
+
+    def session(port: int) -> tuple[set[str], bytes]:
+        client = imap_client(port, mode, context)
+        caps = set(client.capabilities)
+        if mode == "starttls":
+            assert "STARTTLS" in caps
+            client.starttls(context)
+            assert set(client.capabilities) == caps - {"STARTTLS"}
+        assert "STARTTLS" not in client.capabilities and "LOGINDISABLED" not in caps
+        assert [c for c in caps if c.startswith("AUTH=")] == ["AUTH=PLAIN"]
+        client.literal = PASSWORD.encode()  # type: ignore[attr-defined]
+        typ, data = client._simple_command("LOGIN", USER)  # type: ignore[attr-defined]
+        assert typ == "OK", data
+        client.state = "AUTH"
+        assert client.select("INBOX")[0] == "OK"
+        client.logout()
+        return caps, data[0]
+
+    try:
+        first, ok = await asyncio.to_thread(session, env.ports["imap"])
+        assert "IDLE" not in first  # nothing learned yet
+        assert ok.startswith(b"[CAPABILITY IMAP4rev1 ") and b" IDLE " in ok  # Dovecot's own OK
+        learned = set(ok[len(b"[CAPABILITY "):ok.index(b"]")].decode().upper().split())
+        caps, _ = await asyncio.to_thread(session, env.ports["imap"])
+        assert {"IDLE", "MOVE", "UIDPLUS", "ENABLE", "CONDSTORE", "LITERAL+"} <= caps
+        assert caps - first == learned - first  # all of Dovecot's post-login list, no more
+    finally:
+        await env.daemon.stop(grace=1)
+    daemon = Daemon(env.config)
+    await daemon.start()
+    try:
+        assert (await asyncio.to_thread(session, daemon.ports()["imap"]))[0] == caps
+    finally:
+        await daemon.stop(grace=1)
+
+
 async def test_curl_through_proxy_to_dovecot(env: ProxyEnv) -> None:
     def run() -> None:
         client = imap_login(env.ports["imap"])

@@ -16,7 +16,9 @@ import pytest
 
 from proxy.demo import certs
 from proxy.demo.process import DemoUpstream
-from tests.proxyenv import PASSWORD, USER, ProxyEnv, start_proxy
+from proxy.server.capabilities import FILE_NAME
+from proxy.server.daemon import Daemon
+from tests.proxyenv import PASSWORD, USER, ProxyEnv, imap_client, local_tls, start_proxy
 
 MESSAGE = b"From: bob@contoso.example\r\nTo: alice@contoso.example\r\nSubject: hello\r\n\r\nHi Alice!\r\n"
 
@@ -184,6 +186,59 @@ async def test_local_starttls(tmp_path: Path, demo_upstream: DemoUpstream) -> No
         await asyncio.to_thread(session)
     finally:
         await env.daemon.stop(grace=1)
+
+
+M365_EXTRAS = {"IDLE", "MOVE", "UIDPLUS", "UNSELECT", "CHILDREN", "NAMESPACE", "IMAP4"}
+
+
+@pytest.mark.parametrize("mode", ["none", "starttls", "implicit"])
+async def test_upstream_capabilities_announced_before_login(tmp_path: Path, demo_upstream: DemoUpstream,
+                                                            mode: str) -> None:
+    """imaplib reads the capabilities once, before login: after one login has taught the proxy
+    what the upstream offers after login (the demo, like Microsoft 365, says so only when
+    asked), the next client sees IDLE, MOVE, UIDPLUS there; so does the first client after a
+    restart (the list is kept in the state directory)."""
+    listener, context = local_tls(tmp_path, mode)
+    env = await start_proxy(tmp_path, demo_upstream, protocols=("imap",),
+                            listener_extra={"imap": listener})
+
+    def session(port: int) -> tuple[set[str], bytes]:
+        client = imap_client(port, mode, context)
+        caps = set(client.capabilities)
+        assert ("STARTTLS" in caps) is (mode == "starttls")
+        if mode == "starttls":
+            client.starttls(context)
+            assert set(client.capabilities) == caps - {"STARTTLS"}
+        assert {"IMAP4REV1", "AUTH=PLAIN", "SASL-IR", "ID"} <= caps
+        assert not {"AUTH=XOAUTH2", "LOGINDISABLED"} & caps
+        typ, data = login_literal(client, USER, PASSWORD)
+        assert typ == "OK", data
+        assert client.noop()[0] == "OK"  # the proxy's own CAPABILITY reply stayed with it
+        assert client.select("INBOX")[0] == "OK"
+        client.logout()
+        return caps, data[0]
+
+    asked = (b"[CAPABILITY IMAP4 IMAP4rev1 AUTH=PLAIN AUTH=XOAUTH2 SASL-IR UIDPLUS MOVE ID "
+             b"UNSELECT CHILDREN IDLE NAMESPACE LITERAL+] Logged in")  # the upstream's, in full
+    try:
+        first, ok = await asyncio.to_thread(session, env.ports["imap"])
+        assert not M365_EXTRAS & first and "LITERAL+" in first  # nothing learned yet
+        assert ok == asked  # the proxy asked the upstream after this login
+        caps, ok = await asyncio.to_thread(session, env.ports["imap"])
+        assert M365_EXTRAS | {"LITERAL+"} <= caps
+        assert ok == b"Logged in"  # known and fresh: not asked again
+    finally:
+        await env.daemon.stop(grace=1)
+    saved = env.config.state_dir / FILE_NAME
+    assert saved.stat().st_mode & 0o777 == 0o600
+    assert b"MOVE" in saved.read_bytes() and b"AUTH=" in saved.read_bytes()  # as the upstream said
+
+    daemon = Daemon(env.config)
+    await daemon.start()
+    try:
+        assert await asyncio.to_thread(session, daemon.ports()["imap"]) == (caps, asked)
+    finally:
+        await daemon.stop(grace=1)
 
 
 async def test_idle_sees_new_mail(env: ProxyEnv) -> None:
