@@ -80,10 +80,25 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     config = _load(args)
     logs.setup(args.log_level or config.log_level)
+    warn_missing_credentials(config)
     try:
         return asyncio.run(daemon.run(config, log_level=args.log_level))
     except daemon.StartupError as exc:
         raise CommandError(f"cannot start: {exc}") from None
+
+
+def warn_missing_credentials(config: Config) -> None:
+    """A secret the config expects from systemd's credentials but systemd did not pass: the
+    daemon starts (accounts without it work), and says at once which credential is missing and
+    where systemd looks for it; logins that need it fail with the same advice."""
+    import logging
+
+    from proxy import logs, systemd
+
+    log = logging.getLogger("proxy.daemon")
+    for setting, path, advice in systemd.missing_credentials(config.secret_files()):
+        logs.event(log, logging.WARNING, "credential_missing", setting=setting, path=str(path),
+                   action=advice)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from proxy import systemd
+
 Protocol = Literal["imap", "pop", "smtp"]
 PROTOCOLS: tuple[Protocol, ...] = ("imap", "pop", "smtp")
 LocalTLS = Literal["none", "starttls", "implicit"]
@@ -106,9 +108,12 @@ class Provider:
             try:
                 return self.client_secret_file.read_text(encoding="utf-8").strip()
             except OSError as exc:
+                advice = (systemd.missing_credential(self.client_secret_file)
+                          if isinstance(exc, FileNotFoundError) else None)
                 raise ConfigError(
                     f"providers.{self.name}.client_secret_file: cannot read "
                     f"{self.client_secret_file}: {exc.strerror}"
+                    + (f"; {advice}" if advice else "")
                 ) from None
         if self.client_secret_env is not None:
             value = os.environ.get(self.client_secret_env)
@@ -224,6 +229,14 @@ class Config:
         for protocol in PROTOCOLS:
             seen.update(dict.fromkeys(provider.scopes[protocol]))
         return tuple(seen)
+
+    def secret_files(self) -> list[tuple[str, Path]]:
+        """Every secret the config reads from a file, with the setting that names it."""
+        files = [(f"providers.{p.name}.client_secret_file", p.client_secret_file)
+                 for p in self.providers.values() if p.client_secret_file is not None]
+        files += [(f'accounts."{a.name}".service_key_file', a.service_key_file)
+                  for a in self.accounts.values() if a.service_key_file is not None]
+        return files
 
 
 # --- reading -------------------------------------------------------------------------------

@@ -8,6 +8,8 @@
   process (``$WATCHDOG_PID`` absent or ours).
 - ``listen_fds()``: socket activation, ``sd_listen_fds_with_names(3)``: the sockets systemd
   passed as fds 3… when ``$LISTEN_PID`` is ours, keyed by ``$LISTEN_FDNAMES``.
+- ``missing_credential()``: what to tell the operator when a secret the config expects from
+  ``LoadCredential=`` (a file in ``$CREDENTIALS_DIRECTORY``) is not there.
 
 Sending never raises: a notification that cannot be delivered is logged at debug level (the
 service manager has gone away, or a test closed its socket), and the daemon carries on.
@@ -19,7 +21,8 @@ import logging
 import os
 import socket
 import time
-from collections.abc import MutableMapping
+from collections.abc import Iterable, Mapping, MutableMapping
+from pathlib import Path
 
 log = logging.getLogger("proxy.systemd")
 
@@ -146,4 +149,41 @@ def check_listening(sock: socket.socket, what: str) -> None:
                               "(use ListenStream= with Accept=no)")
 
 
-__all__ = ["Notifier", "ActivationError", "watchdog_interval", "listen_fds", "check_listening"]
+# Where systemd (251+) looks for a credential the unit names without a path (LoadCredential=ID);
+# it skips one it does not find, so the service starts without it (systemd.exec(5)).
+CREDENTIAL_STORES = ("/etc/credstore/", "/run/credstore/", "/usr/lib/credstore/")
+CREDENTIALS_ROOT = Path("/run/credentials")  # $CREDENTIALS_DIRECTORY is /run/credentials/UNIT
+
+
+def missing_credential(path: Path, environ: Mapping[str, str] | None = None) -> str | None:
+    """For a file that does not exist: if it is a systemd credential (in
+    ``$CREDENTIALS_DIRECTORY`` or ``/run/credentials/UNIT/``), which credential, where systemd
+    looks for it and what to do; None for any other file."""
+    env = os.environ if environ is None else environ
+    path = Path(path)
+    directory = env.get("CREDENTIALS_DIRECTORY")
+    if path.parent.parent != CREDENTIALS_ROOT and not (directory and
+                                                        path.parent == Path(directory)):
+        return None
+    name, unit = path.name, path.parent.name
+    return (f"systemd did not pass the credential {name!r}: it does when the unit names it "
+            f"(LoadCredential={name}) and it finds a file {name} in "
+            f"{', '.join(CREDENTIAL_STORES[:-1])} or {CREDENTIAL_STORES[-1]}; create "
+            f"/etc/credstore/{name} (mode 0600) and run: systemctl restart {unit}")
+
+
+def missing_credentials(files: Iterable[tuple[str, Path]],
+                        environ: Mapping[str, str] | None = None) -> list[tuple[str, Path, str]]:
+    """``(setting, path)`` pairs whose file is a systemd credential that is not there, with
+    ``missing_credential``'s advice."""
+    found = []
+    for setting, path in files:
+        if not path.exists():
+            advice = missing_credential(path, environ)
+            if advice is not None:
+                found.append((setting, path, advice))
+    return found
+
+
+__all__ = ["Notifier", "ActivationError", "watchdog_interval", "listen_fds", "check_listening",
+           "missing_credential", "missing_credentials", "CREDENTIAL_STORES"]

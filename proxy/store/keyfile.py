@@ -4,8 +4,9 @@ A service key file holds raw bytes and its whole content, byte for byte, is the 
 encoding, no trailing-newline stripping. It must hold at least 32 bytes and at most 4096.
 ``generate_key_file`` writes 32 bytes from ``os.urandom`` (raw, not base64), mode 0600, and never
 overwrites. Equivalent by hand: ``(umask 077; head -c 32 /dev/urandom > service.key)``.
-With systemd, pass it as a credential (``LoadCredential=`` or ``LoadCredentialEncrypted=``)
-and point the config at ``$CREDENTIALS_DIRECTORY/<name>``.
+With systemd, pass it as a credential (``LoadCredential=NAME`` finds ``/etc/credstore/NAME``)
+and point the config at ``/run/credentials/xoauth2-proxy.service/NAME``; a missing one is
+reported as the credential systemd did not pass (``proxy.systemd.missing_credential``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 from proxy.store.atomic import fsync_dir
 from proxy.store.errors import KeyFileError
 from proxy.store.slots import MIN_SERVICE_KEY
+from proxy.systemd import missing_credential
 
 log = logging.getLogger("proxy.store")
 
@@ -37,10 +39,9 @@ def read_key_file(path: Path) -> bytes:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except FileNotFoundError:
-        raise KeyFileError(
-            f"service key file {path} does not exist; create one with: "
-            f"(umask 077; head -c 32 /dev/urandom > {quoted})"
-        ) from None
+        advice = (missing_credential(path)  # under systemd: a credential it did not pass
+                  or f"create one with: (umask 077; head -c 32 /dev/urandom > {quoted})")
+        raise KeyFileError(f"service key file {path} does not exist; {advice}") from None
     except OSError as exc:
         raise KeyFileError(f"cannot open service key file {path}: {exc.strerror}") from None
     try:

@@ -5,6 +5,7 @@ skip→fail rule for external tools (promtool, systemd-analyze)."""
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import os
 import re
 import shutil
@@ -22,13 +23,26 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import proxy
-from proxy.paths import data_dir
+from proxy.paths import DISTRIBUTION, data_dir
 
 PROJECT_ROOT = Path(proxy.__file__).resolve().parent.parent
 # The example configs, Prometheus rules and systemd units as installed (share/xoauth2-proxy),
 # or a source checkout's top folder when the tests run from one.
 SHIPPED = data_dir() or PROJECT_ROOT
+SERVICE_UNIT = SHIPPED / "systemd" / "xoauth2-proxy.service"
 REQUIRE_ENV = "XOAUTH2_PROXY_REQUIRE_REAL_SERVERS"
+
+
+def readme() -> str:
+    """The README: a source checkout's, else the installed distribution's long description
+    (setup.cfg: ``long_description = file: README.md``, the METADATA file's body)."""
+    path = PROJECT_ROOT / "README.md"
+    if path.is_file():
+        return path.read_text(encoding="utf-8")
+    meta: Any = importlib.metadata.metadata(DISTRIBUTION)
+    text = meta.get_payload() or meta.get("Description") or ""
+    assert "# xoauth2-proxy" in text, "the installed metadata carries no README"
+    return str(text)
 
 
 def require_tool(name: str, package: str) -> str:
@@ -158,11 +172,13 @@ os.execv(sys.executable, [sys.executable, "-m", "proxy", *sys.argv[3:]])
 
 
 class ProxyProcess:
-    """``python -m proxy run`` as a child; stderr goes to a file the test can read."""
+    """``python -m proxy run`` as a child; stderr goes to a file the test can read. ``wrap``
+    turns the command into another that ends by running it (e.g. ``Sandbox.command``)."""
 
     def __init__(self, config: Path, log: Path, *, notify: NotifySocket | None = None,
                  env: dict[str, str] | None = None, args: tuple[str, ...] = (),
-                 activate: dict[str, socket.socket] | None = None) -> None:
+                 activate: dict[str, socket.socket] | None = None,
+                 wrap: Callable[[list[str]], list[str]] | None = None) -> None:
         self.log = log
         environ = {k: v for k, v in os.environ.items()
                    if not k.startswith(("LISTEN_", "WATCHDOG_", "NOTIFY_", "JOURNAL_"))}
@@ -178,6 +194,8 @@ class ProxyProcess:
                        ":".join(activate), *run_args]
         else:
             command = [sys.executable, "-m", "proxy", *run_args]
+        if wrap is not None:
+            command = wrap(command)
         with open(log, "wb") as stderr:
             self.proc = subprocess.Popen(command, stdin=subprocess.DEVNULL,
                                          stdout=subprocess.DEVNULL, stderr=stderr,

@@ -1,0 +1,206 @@
+"""The service unit's kernel-enforced restrictions, rebuilt outside systemd for the tests.
+
+systemd turns some unit settings into seccomp filters and a prctl that it installs in the service
+process just before ``execve``. ``Sandbox.from_unit`` derives the same from the unit file, and
+``Sandbox.command(argv)`` is a small wrapper program that installs them and then execs ``argv``
+(filters and the W^X flag are kept across ``execve``, as they are for the service):
+
+- ``MemoryDenyWriteExecute=yes``: systemd 252 (Debian 12) installs a seccomp filter that refuses
+  ``mmap`` with PROT_WRITE|PROT_EXEC, ``mprotect``/``pkey_mprotect`` adding PROT_EXEC and
+  ``shmat`` with SHM_EXEC (EPERM); newer systemd uses the kernel's own
+  ``prctl(PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN)`` (Linux 6.3+) instead. Both are available here.
+- ``SystemCallFilter=`` (with ``SystemCallErrorNumber=``): an allow list expanded from the
+  groups as ``systemd-analyze syscall-filter`` prints them, ``@default`` added as systemd does,
+  ``~…`` lines removing from it, every other call failing with that errno (or killing the process
+  when the unit sets no errno). ``SystemCallArchitectures=native``: the filter is built for the
+  native architecture only, so other ABIs are refused.
+- ``RestrictAddressFamilies=``: ``socket()`` with any other family fails with EAFNOSUPPORT.
+
+The wrapper needs libseccomp's Python bindings (Debian ``python3-seccomp``, for the system
+Python); ``seccomp_python()`` finds an interpreter that has them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import json
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Literal
+
+import pytest
+
+from tests.ops.util import REQUIRE_ENV
+
+PR_SET_MDWE, PR_GET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN = 65, 66, 1
+
+# Runs in the interpreter that has libseccomp's bindings; argv: the JSON spec, then the program.
+# The allow list goes in last, as systemd does: loading a filter after it would need seccomp(2).
+WRAPPER = r"""
+import ctypes, errno, json, mmap, os, sys
+spec, argv = json.loads(sys.argv[1]), sys.argv[2:]
+if spec["mdwe"] == "prctl":
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(65, 1, 0, 0, 0) != 0:  # PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN
+        sys.exit("sandbox: prctl(PR_SET_MDWE): " + os.strerror(ctypes.get_errno()))
+import seccomp
+filters = []
+if spec["mdwe"] == "seccomp":
+    f, refuse = seccomp.SyscallFilter(seccomp.ALLOW), seccomp.ERRNO(errno.EPERM)
+    wx, x, shm_exec = mmap.PROT_WRITE | mmap.PROT_EXEC, mmap.PROT_EXEC, 0o100000
+    f.add_rule(refuse, "mmap", seccomp.Arg(2, seccomp.MASKED_EQ, wx, wx))
+    f.add_rule(refuse, "mprotect", seccomp.Arg(2, seccomp.MASKED_EQ, x, x))
+    f.add_rule(refuse, "pkey_mprotect", seccomp.Arg(2, seccomp.MASKED_EQ, x, x))
+    f.add_rule(refuse, "shmat", seccomp.Arg(2, seccomp.MASKED_EQ, shm_exec, shm_exec))
+    filters.append(f)
+if spec["families"] is not None:
+    f, refuse = seccomp.SyscallFilter(seccomp.ALLOW), seccomp.ERRNO(errno.EAFNOSUPPORT)
+    allowed = sorted(spec["families"])
+    f.add_rule(refuse, "socket", seccomp.Arg(0, seccomp.LT, allowed[0]))
+    f.add_rule(refuse, "socket", seccomp.Arg(0, seccomp.GT, allowed[-1]))
+    for family in range(allowed[0] + 1, allowed[-1]):
+        if family not in allowed:
+            f.add_rule(refuse, "socket", seccomp.Arg(0, seccomp.EQ, family))
+    filters.append(f)
+if spec["syscalls"] is not None:
+    denied = seccomp.ERRNO(spec["errno"]) if spec["errno"] else seccomp.KILL_PROCESS
+    f = seccomp.SyscallFilter(denied)
+    for name in spec["syscalls"]:
+        if seccomp.resolve_syscall(seccomp.Arch.NATIVE, name) == -1:
+            continue  # not a system call of this architecture (systemd skips these too)
+        f.add_rule(seccomp.ALLOW, name)
+    filters.append(f)
+for f in filters:
+    f.load()
+os.execv(argv[0], argv)
+"""
+
+
+# --- the unit file ------------------------------------------------------------------------------
+
+
+def unit_settings(text: str, section: str = "Service") -> dict[str, list[str]]:
+    """``Key=value`` assignments of one section, in order; an empty assignment resets the list,
+    as it does for systemd's list settings."""
+    settings: dict[str, list[str]] = {}
+    current = None
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            current = line[1:-1]
+            continue
+        if current != section or "=" not in line:
+            continue
+        key, value = (part.strip() for part in line.split("=", 1))
+        if value:
+            settings.setdefault(key, []).append(value)
+        else:
+            settings[key] = []
+    return settings
+
+
+def syscall_groups(analyze: str) -> dict[str, list[str]]:
+    """Every group ``systemd-analyze syscall-filter`` knows: its members (calls and ``@groups``)."""
+    output = subprocess.run([analyze, "syscall-filter", "--no-pager"], capture_output=True,
+                            text=True, check=True, timeout=60).stdout
+    groups: dict[str, list[str]] = {}
+    members: list[str] | None = None
+    for line in output.splitlines():
+        if line.startswith("@"):
+            members = groups.setdefault(line.strip(), [])
+        elif not line.strip() or not line.startswith(" "):
+            members = None  # a blank line or a heading other than a group's
+        elif members is not None and not line.strip().startswith("#"):
+            members.append(line.strip())
+    return groups
+
+
+def expand(items: Iterable[str], groups: Mapping[str, list[str]]) -> set[str]:
+    calls: set[str] = set()
+    for item in items:
+        if item.startswith("@"):
+            if item not in groups:
+                raise ValueError(f"{item} is not a group this systemd knows")
+            calls |= expand(groups[item], groups)
+        else:
+            calls.add(item.split(":", 1)[0])  # "name:errno" sets that call's own errno
+    return calls
+
+
+def allowed_syscalls(lines: Sequence[str], groups: Mapping[str, list[str]]) -> set[str]:
+    """The allow list systemd builds from ``SystemCallFilter=`` lines that start with an allow
+    list (a leading ``~`` line makes a deny list, which this helper does not model)."""
+    if not lines or lines[0].startswith("~"):
+        raise ValueError("SystemCallFilter= does not start with an allow list")
+    allowed = expand(["@default"], groups)  # systemd always allows these in allow-list mode
+    for line in lines:
+        deny = line.startswith("~")
+        names = expand(line.removeprefix("~").split(), groups)
+        allowed = allowed - names if deny else allowed | names
+    return allowed
+
+
+# --- the sandbox --------------------------------------------------------------------------------
+
+Mdwe = Literal["prctl", "seccomp"] | None
+
+
+@dataclass(frozen=True)
+class Sandbox:
+    mdwe: Mdwe = None
+    syscalls: frozenset[str] | None = None  # the allow list; None: no system-call filter
+    errno: int | None = None  # what a refused call returns; None: the process is killed
+    families: tuple[int, ...] | None = None  # RestrictAddressFamilies=; None: any family
+
+    @classmethod
+    def from_unit(cls, settings: Mapping[str, list[str]], groups: Mapping[str, list[str]],
+                  mdwe: Mdwe = "seccomp") -> Sandbox:
+        """Everything seccomp-based that the unit sets; W^X the way ``mdwe`` says."""
+        assert settings.get("MemoryDenyWriteExecute") == ["yes"]
+        assert settings.get("SystemCallArchitectures") == ["native"]
+        number = settings.get("SystemCallErrorNumber", [None])[-1]
+        families = [getattr(socket, name) for line in settings["RestrictAddressFamilies"]
+                    for name in line.split()]
+        return cls(mdwe=mdwe,
+                   syscalls=frozenset(allowed_syscalls(settings["SystemCallFilter"], groups)),
+                   errno=getattr(errno, number) if number else None,
+                   families=tuple(sorted(families)))
+
+    def only(self, *, mdwe: Mdwe = None, syscalls: bool = False) -> Sandbox:
+        """A part of this sandbox: W^X alone, or the system-call and address-family filters."""
+        return replace(self, mdwe=mdwe, syscalls=self.syscalls if syscalls else None,
+                       families=self.families if syscalls else None)
+
+    def command(self, python: str, argv: Sequence[str]) -> list[str]:
+        spec = {"mdwe": self.mdwe, "errno": self.errno, "families": self.families,
+                "syscalls": sorted(self.syscalls) if self.syscalls is not None else None}
+        return [python, "-I", "-c", WRAPPER, json.dumps(spec), *argv]
+
+
+def seccomp_python() -> str:
+    """An interpreter that can import libseccomp's bindings: this one, or the system Python
+    (Debian's ``python3-seccomp`` is built for it). Skips without one, fails in CI."""
+    for python in dict.fromkeys((sys.executable, "/usr/bin/python3")):
+        if Path(python).exists() and subprocess.run(
+                [python, "-I", "-c", "import seccomp"], capture_output=True, timeout=60,
+                check=False).returncode == 0:
+            return python
+    reason = ("libseccomp's Python bindings are not installed (Debian package python3-seccomp; "
+              ".ci/run installs it)")
+    if os.environ.get(REQUIRE_ENV) == "1":
+        pytest.fail(f"{REQUIRE_ENV}=1 but {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+def kernel_has_mdwe() -> bool:
+    """Linux 6.3+ knows PR_GET_MDWE (and so PR_SET_MDWE)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    return int(libc.prctl(PR_GET_MDWE, 0, 0, 0, 0)) >= 0
