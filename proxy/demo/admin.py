@@ -28,9 +28,11 @@ from typing import Any
 from twisted.web import server
 
 from proxy.demo.entra import Entra, arg, send_json
-from proxy.demo.knobs import Knobs, TokenEndpointMode
+from proxy.demo.knobs import IntrospectionMode, Knobs, TokenEndpointMode
 
 TEST_CLIENT_ID = "00000000-0000-0000-0000-00000000feed"
+_MODES: dict[str, Any] = {"token_endpoint_mode": TokenEndpointMode,
+                          "introspection_mode": IntrospectionMode}
 
 
 def read_body(request: server.Request) -> bytes:
@@ -86,11 +88,10 @@ class Admin:
 
     def post_config(self, request: server.Request) -> dict:
         values = self._body(request)
-        mode = values.get("token_endpoint_mode", "ok")
-        if mode not in typing.get_args(TokenEndpointMode):
-            raise BadRequest(
-                f"token_endpoint_mode: {mode!r} is not one of {typing.get_args(TokenEndpointMode)}"
-            )
+        for name, modes in _MODES.items():
+            mode = values.get(name, "ok")
+            if mode not in typing.get_args(modes):
+                raise BadRequest(f"{name}: {mode!r} is not one of {typing.get_args(modes)}")
         candidate = Knobs(**self.knobs.as_dict())
         try:
             candidate.update(values)  # all or nothing: check on a copy first

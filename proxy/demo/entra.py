@@ -13,7 +13,8 @@ Routes (any tenant path segment is accepted; tokens always carry :data:`TENANT_I
     /_test/...                                  test administration, see :mod:`proxy.demo.admin`
 
 Grant logic lives in :mod:`proxy.demo.tokens`; this module only speaks HTTP, counts
-requests and applies ``knobs.token_endpoint_mode`` ("503", "hang", "garbage").
+requests and applies ``knobs.token_endpoint_mode`` ("503", "hang", "garbage") and
+``knobs.introspection_mode`` ("503", "hang").
 """
 
 from __future__ import annotations
@@ -392,8 +393,16 @@ class Entra(resource.Resource):
 
     # -- introspection ---------------------------------------------------------------------
 
-    def _introspect(self, request: server.Request) -> bytes:
+    def _introspect(self, request: server.Request) -> bytes | int:
         self.stats.other["introspect"] += 1
+        mode = self.knobs.introspection_mode
+        if mode == "hang":
+            self.hanging.add(request)
+            request.notifyFinish().addBoth(lambda _: self.hanging.discard(request))
+            return server.NOT_DONE_YET
+        if mode == "503":
+            body = {"error": "temporarily_unavailable", "error_description": "try again later"}
+            return send_json(request, body, 503)
         token = arg(request, "token")
         if not token:
             header = (request.getHeader("authorization") or "").strip()

@@ -11,6 +11,7 @@ from dataclasses import dataclass, fields
 from typing import Any, Literal
 
 TokenEndpointMode = Literal["ok", "503", "hang", "garbage"]
+IntrospectionMode = Literal["ok", "503", "hang"]
 
 
 @dataclass
@@ -23,8 +24,14 @@ class Knobs:
     device_code_interval: int = 1  # seconds between device-code polls asked of the client
     auto_approve_user: str | None = None  # device codes are approved at once as this user
     client_secret: str = "demo-client-secret"  # the confidential client's secret
+    # Token introspection (what a real Dovecot checks tokens with): "503", or "hang" (never
+    # answers); Dovecot then refuses XOAUTH2 logins as temporary failures.
+    introspection_mode: IntrospectionMode = "ok"
     # Mail servers
     xoauth2_error_challenge: bool = False  # Dovecot style "+ <error json>" instead of NO/535
+    # Every XOAUTH2 login answered with a temporary failure, as Dovecot does when it cannot check
+    # tokens: NO [UNAVAILABLE] / -ERR [SYS/TEMP] / 454 4.7.0 (common.TEMPORARY_FAILURE).
+    xoauth2_temporary_failure: bool = False
     max_message_size: int = 64 * 1024 * 1024
     preauth_timeout: int = 60  # IMAP/POP3: seconds a connection may wait without logging in
 

@@ -36,6 +36,7 @@ from . import (
     log_tail,
     make_tls_files,
     port_accepts,
+    process_group_members,
     read_greeting,
     record_process_group,
     remove_tree,
@@ -370,6 +371,23 @@ class Dovecot(ServerInstance):
         self._terminate()
         if not keep_files:
             remove_tree(self.root)
+
+    def kill_auth(self) -> int:
+        """SIGKILL the auth process (``…/auth``; the master starts a new one on demand):
+        whoever waits on the auth socket, such as Postfix's SASL client, loses its connection.
+        Returns the pid killed."""
+        assert self.process is not None
+        titles = []
+        for pid in process_group_members(self.process.pid):
+            try:
+                title = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
+            except OSError:
+                continue
+            titles.append(title)
+            if title.strip().endswith(b"/auth"):  # "dovecot-<instance>/auth"
+                os.kill(pid, signal.SIGKILL)
+                return pid
+        raise AssertionError(f"no dovecot/auth process among {titles}")
 
     # -- inspection ------------------------------------------------------------------
     def maildir(self, user: str) -> Path:

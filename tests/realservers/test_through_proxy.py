@@ -7,6 +7,7 @@ answers a rejected token with an RFC 7628 error challenge (unlike Microsoft 365)
 from __future__ import annotations
 
 import asyncio
+import base64
 import email.message
 import email.utils
 import imaplib
@@ -103,7 +104,6 @@ async def test_imap_suite_against_dovecot(env: ProxyEnv) -> None:
     await asyncio.to_thread(session)
 
 
-@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
 @pytest.mark.parametrize("mode", ["none", "starttls", "implicit"])
 async def test_dovecot_capabilities_announced_before_login(tmp_path: Path, demo_upstream: Any,
                                                            dovecot: Dovecot, mode: str) -> None:
@@ -150,6 +150,7 @@ async def test_dovecot_capabilities_announced_before_login(tmp_path: Path, demo_
         await daemon.stop(grace=1)
 
 
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
 async def test_curl_through_proxy_to_dovecot(env: ProxyEnv) -> None:
     def run() -> None:
         client = imap_login(env.ports["imap"])
@@ -227,3 +228,89 @@ async def test_dovecot_rejection_after_refresh(env: ProxyEnv, demo_upstream: Any
     finally:
         env.config.accounts[USER] = account
     assert "[AUTHENTICATIONFAILED]" in text and "Authentication failed" in text
+
+
+
+# --- Dovecot cannot check tokens: a temporary failure, passed on as one, with no refresh ------
+
+
+def attempt_login(env: ProxyEnv, protocol: str) -> str:
+    """One login through the proxy with a real client: "OK", or the client-visible error."""
+    port = env.ports[protocol]
+    if protocol == "imap":
+        try:
+            imap_login(port).logout()
+        except imaplib.IMAP4.error as exc:
+            return f"NO {exc}"
+        return "OK"
+    if protocol == "pop":
+        pop = poplib.POP3("127.0.0.1", port, timeout=30)
+        try:
+            pop.user(USER)
+            pop.pass_(ASCII_PASSWORD)
+        except poplib.error_proto as exc:
+            return bytes(exc.args[0]).decode()
+        finally:
+            pop.close()
+        return "OK"
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as smtp:  # one AUTH, not smtplib's round
+        smtp.ehlo()
+        plain = base64.b64encode(f"\0{USER}\0{ASCII_PASSWORD}".encode()).decode()
+        code, text = smtp.docmd("AUTH", "PLAIN " + plain)
+        return "OK" if code == 235 else f"{code} {text.decode()}"
+
+
+@pytest.mark.parametrize(
+    ("protocol", "reply"),
+    [("imap", "NO [UNAVAILABLE] The mail server 127.0.0.1 cannot log alice@example.test in right "
+              "now: [UNAVAILABLE] Temporary authentication failure. ["),
+     ("pop", "-ERR [SYS/TEMP] The mail server 127.0.0.1 cannot log alice@example.test in right "
+             "now: [SYS/TEMP] Temporary authentication failure. [")])
+async def test_dovecot_token_check_down_is_temporary(env: ProxyEnv, demo_upstream: Any,
+                                                    protocol: str, reply: str) -> None:
+    """The introspection endpoint Dovecot checks tokens with answers 503: Dovecot answers the
+    login NO [UNAVAILABLE] / -ERR [SYS/TEMP]. The client hears a temporary failure with
+    Dovecot's text (not AUTHENTICATIONFAILED, which makes clients ask for a new password),
+    and the proxy asks the identity platform for no new token."""
+    demo_upstream.configure(introspection_mode="503")
+    demo_upstream.reset_stats()
+    text = await asyncio.to_thread(attempt_login, env, protocol)
+    assert text.startswith(reply), text
+    assert text.endswith("(try again later)")
+    stats = demo_upstream.stats()
+    assert stats["introspect_requests"] == 1  # Dovecot asked once: one login, no retry
+    assert stats["token_requests"] == 0  # no refresh
+
+    demo_upstream.configure(introspection_mode="ok")  # the check is back: the same login works
+    assert await asyncio.to_thread(attempt_login, env, protocol) == "OK"
+
+
+async def test_postfix_dovecot_token_check_down_is_535(env: ProxyEnv, demo_upstream: Any) -> None:
+    """Postfix's Dovecot SASL client does not pass Dovecot's temporary failure on: it answers
+    535 5.7.8 as for a bad token, so the proxy cannot tell them apart and refreshes once."""
+    demo_upstream.configure(introspection_mode="503")
+    demo_upstream.reset_stats()
+    text = await asyncio.to_thread(attempt_login, env, "smtp")
+    assert text.startswith("535 5.7.8 The mail server refused the login for alice@example.test: "
+                           "535 5.7.8 Error: authentication failed"), text
+    assert demo_upstream.stats()["grant_types"] == {"refresh_token": 1}
+
+
+async def test_postfix_losing_dovecot_auth_is_temporary(env: ProxyEnv, demo_upstream: Any,
+                                                        dovecot: Dovecot) -> None:
+    """Postfix answers 454 4.7.0 when its connection to Dovecot's auth server is lost during
+    the login (here: Dovecot's token check hangs and its auth process dies meanwhile). The
+    client hears 454 4.7.0 with Postfix's text, and the proxy asks for no new token."""
+    demo_upstream.configure(introspection_mode="hang")
+    demo_upstream.reset_stats()
+    login = asyncio.ensure_future(asyncio.to_thread(attempt_login, env, "smtp"))
+    deadline = time.monotonic() + 10
+    while (await asyncio.to_thread(demo_upstream.stats))["introspect_requests"] < 1:
+        assert not login.done() and time.monotonic() < deadline, "Dovecot never asked"
+        await asyncio.sleep(0.02)
+    dovecot.kill_auth()  # Postfix now waits on a dead socket
+    text = await login
+    assert text == ("454 4.7.0 The mail server 127.0.0.1 cannot log alice@example.test in right "
+                    "now: 454 4.7.0 Temporary authentication failure: Connection lost to "
+                    "authentication server (try again later)"), text
+    assert demo_upstream.stats()["token_requests"] == 0  # no refresh

@@ -22,6 +22,8 @@ from proxy.protocol.sasl import SaslError, b64decode_strict, b64encode
 
 HOSTNAME = "demo.outlook.example"
 FRONTEND = "SN4PR0201CA0000.namprd02.prod.outlook.com"
+# The text of every XOAUTH2 refusal while ``knobs.xoauth2_temporary_failure`` is set.
+TEMPORARY_FAILURE = b"Temporary authentication failure, the token service cannot be reached."
 
 class MailFactory(protocol.ServerFactory):
     """One listener of a fake mail server: what its connections share. ``server`` is the

@@ -3,7 +3,8 @@
 What was added or replaced on top of Twisted:
 
 - login: only ``AUTHENTICATE XOAUTH2`` (with SASL-IR or an empty ``+ `` continuation) after
-  TLS; LOGIN always ``NO LOGIN failed.``; the RFC 7628 error challenge when the knob asks;
+  TLS; LOGIN always ``NO LOGIN failed.``; the RFC 7628 error challenge when the knob asks,
+  ``NO [UNAVAILABLE]`` to every XOAUTH2 login when the temporary-failure knob does;
   a plain ``OK AUTHENTICATE completed.`` without ``[CAPABILITY ...]``, and after login the
   capability list Microsoft 365 announces (``IMAP4 IMAP4rev1 AUTH=PLAIN AUTH=XOAUTH2 SASL-IR
   UIDPLUS MOVE ID UNSELECT CHILDREN IDLE NAMESPACE LITERAL+``);
@@ -179,7 +180,9 @@ class IMAPServer(imap4.IMAP4Server):
             self._auth_verdict, tag)
 
     def _auth_verdict(self, login: common.Login, tag: bytes) -> None:
-        if login.ok:
+        if self.factory.knobs.xoauth2_temporary_failure:
+            self.sendNegativeResponse(tag, b"[UNAVAILABLE] " + common.TEMPORARY_FAILURE)
+        elif login.ok:
             self.account = AccountAdapter(self.factory.store.account(login.user))
             self.state = "auth"
             self.setTimeout(self.POSTAUTH_TIMEOUT)

@@ -3,9 +3,10 @@
 Twisted supplies the line handling, STAT/LIST/UIDL formatting, pipelining ("blocked"
 commands) and timeouts. Replaced here: the command dispatch (M365 wording, states), CAPA,
 ``AUTH XOAUTH2`` with an initial response or a ``+ `` continuation and the optional RFC
-7628 error challenge, USER/PASS (always refused), STLS (Twisted has none), and RETR/TOP:
-Twisted's ``transformChunk`` turns every LF into CRLF (so CRLF becomes CR CR LF) and
-dot-stuffs per chunk; here the whole message is stuffed once and streamed in big chunks.
+7628 error challenge (or ``-ERR [SYS/TEMP]`` when the temporary-failure knob is set),
+USER/PASS (always refused), STLS (Twisted has none), and RETR/TOP: Twisted's
+``transformChunk`` turns every LF into CRLF (so CRLF becomes CR CR LF) and dot-stuffs per
+chunk; here the whole message is stuffed once and streamed in big chunks.
 DELE marks; the deletions reach the shared store at QUIT.
 """
 
@@ -188,7 +189,9 @@ class POPServer(pop3.POP3):
         d.addCallback(self._auth_verdict)
 
     def _auth_verdict(self, login: common.Login) -> None:
-        if login.ok:
+        if self.factory.knobs.xoauth2_temporary_failure:
+            self.failResponse(b"[SYS/TEMP] " + common.TEMPORARY_FAILURE)
+        elif login.ok:
             self.mbox = _Maildrop(self.factory.store.account(login.user).inbox)
             self.setTimeout(self.timeOut)
             self.sendLine(b"+OK User successfully authenticated.")

@@ -6,8 +6,9 @@ challengers only. Kept from Twisted: ``sendCode``, the timeout handling and STAR
 the transport. Replaced: input framing (commands are split from a bytearray; DATA is read
 raw and its end found with ``bytes.find``, so a 20 MB message costs a few C-level passes),
 every command handler (M365 replies and codes), and AUTH (XOAUTH2 with an initial
-response or a ``334`` continuation and the RFC 7628 error challenge; AUTH LOGIN is offered
-and refused as "basic authentication is disabled", as Microsoft does).
+response or a ``334`` continuation and the RFC 7628 error challenge, or ``454 4.7.0`` when the
+temporary-failure knob is set; AUTH LOGIN is offered and refused as "basic authentication is
+disabled", as Microsoft does).
 """
 
 from __future__ import annotations
@@ -219,7 +220,9 @@ class SMTPServer(smtp.ESMTP):
         d.addCallback(self._auth_verdict)
 
     def _auth_verdict(self, login: common.Login) -> None:
-        if login.ok:
+        if self.factory.knobs.xoauth2_temporary_failure:
+            self.sendCode(454, b"4.7.0 " + common.TEMPORARY_FAILURE)
+        elif login.ok:
             self._user = login.user
             self._app_only = login.app_only
             self.authenticated = True
