@@ -15,6 +15,8 @@ process just before ``execve``. ``Sandbox.from_unit`` derives the same from the 
   when the unit sets no errno). ``SystemCallArchitectures=native``: the filter is built for the
   native architecture only, so other ABIs are refused.
 - ``RestrictAddressFamilies=``: ``socket()`` with any other family fails with EAFNOSUPPORT.
+- ``ProtectProc=``/``ProcSubset=``: a private mount namespace with ``/proc`` mounted with
+  ``hidepid=``/``subset=pid`` as systemd mounts it (``unshare``; needs root).
 
 The wrapper needs libseccomp's Python bindings (Debian ``python3-seccomp``, for the system
 Python); ``seccomp_python()`` finds an interpreter that has them.
@@ -30,13 +32,13 @@ import socket
 import subprocess
 import sys
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import pytest
 
-from tests.ops.util import REQUIRE_ENV
+from tests.ops.util import REQUIRE_ENV, require_tool
 
 PR_SET_MDWE, PR_GET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN = 65, 66, 1
 
@@ -159,6 +161,7 @@ class Sandbox:
     syscalls: frozenset[str] | None = None  # the allow list; None: no system-call filter
     errno: int | None = None  # what a refused call returns; None: the process is killed
     families: tuple[int, ...] | None = None  # RestrictAddressFamilies=; None: any family
+    proc: str | None = None  # mount options of a private /proc (ProtectProc=, ProcSubset=)
 
     @classmethod
     def from_unit(cls, settings: Mapping[str, list[str]], groups: Mapping[str, list[str]],
@@ -169,20 +172,34 @@ class Sandbox:
         number = settings.get("SystemCallErrorNumber", [None])[-1]
         families = [getattr(socket, name) for line in settings["RestrictAddressFamilies"]
                     for name in line.split()]
+        proc = [f"hidepid={value}" for value in settings.get("ProtectProc", [])[-1:]
+                if value != "default"]
+        proc += [f"subset={value}" for value in settings.get("ProcSubset", [])[-1:]
+                 if value != "all"]
         return cls(mdwe=mdwe,
                    syscalls=frozenset(allowed_syscalls(settings["SystemCallFilter"], groups)),
                    errno=getattr(errno, number) if number else None,
-                   families=tuple(sorted(families)))
+                   families=tuple(sorted(int(f) for f in families)),
+                   proc=",".join(proc) or None)
 
-    def only(self, *, mdwe: Mdwe = None, syscalls: bool = False) -> Sandbox:
-        """A part of this sandbox: W^X alone, or the system-call and address-family filters."""
-        return replace(self, mdwe=mdwe, syscalls=self.syscalls if syscalls else None,
-                       families=self.families if syscalls else None)
+    def only(self, *, mdwe: Mdwe = None, syscalls: bool = False, proc: bool = False) -> Sandbox:
+        """A part of this sandbox: W^X alone, the system-call and address-family filters, or
+        the /proc view."""
+        return Sandbox(mdwe=mdwe, syscalls=self.syscalls if syscalls else None,
+                       errno=self.errno, families=self.families if syscalls else None,
+                       proc=self.proc if proc else None)
 
     def command(self, python: str, argv: Sequence[str]) -> list[str]:
+        """The command that runs ``argv`` in this sandbox (the same process all along: each
+        step execs the next, so the pid the caller sees is the program's)."""
         spec = {"mdwe": self.mdwe, "errno": self.errno, "families": self.families,
                 "syscalls": sorted(self.syscalls) if self.syscalls is not None else None}
-        return [python, "-I", "-c", WRAPPER, json.dumps(spec), *argv]
+        command = [python, "-I", "-c", WRAPPER, json.dumps(spec), *argv]
+        if self.proc is not None:
+            mount = 'mount -t proc -o "$0" proc /proc && exec "$@"'
+            command = ["unshare", "--mount", "--propagation", "private", "sh", "-c", mount,
+                       self.proc, *command]
+        return command
 
 
 def seccomp_python() -> str:
@@ -195,6 +212,23 @@ def seccomp_python() -> str:
             return python
     reason = ("libseccomp's Python bindings are not installed (Debian package python3-seccomp; "
               ".ci/run installs it)")
+    if os.environ.get(REQUIRE_ENV) == "1":
+        pytest.fail(f"{REQUIRE_ENV}=1 but {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+def require_mount_namespace() -> None:
+    """A private /proc needs root (CAP_SYS_ADMIN) and util-linux's unshare; skips without them
+    (fails in CI, which runs as root)."""
+    require_tool("unshare", "util-linux")
+    reason = None
+    if os.geteuid() != 0:
+        reason = "mounting a private /proc needs root"
+    elif subprocess.run(["unshare", "--mount", "true"], capture_output=True, timeout=60,
+                        check=False).returncode != 0:
+        reason = "unshare --mount fails here (no CAP_SYS_ADMIN?)"
+    if reason is None:
+        return
     if os.environ.get(REQUIRE_ENV) == "1":
         pytest.fail(f"{REQUIRE_ENV}=1 but {reason}", pytrace=False)
     pytest.skip(reason)

@@ -7,7 +7,9 @@ SIGTERM, while the kernel enforces what systemd derives from the unit (``tests/o
   systemd uses on Linux 6.3+);
 - everything systemd 252 (Debian 12) installs with seccomp for the unit at once: its W^X filter,
   the ``SystemCallFilter=`` allow list with ``SystemCallErrorNumber=EPERM``, native
-  architecture only, and ``RestrictAddressFamilies=``.
+  architecture only, and ``RestrictAddressFamilies=``;
+- ``/proc`` as ``ProtectProc=`` (and ``ProcSubset=``, if set) mounts it, in a private mount
+  namespace (root only), with the ``process_*`` metrics still there.
 
 Only the daemon is sandboxed, as under systemd: the fake Microsoft 365 runs outside it (the
 ``demo_upstream_factory`` fixture). A first test shows each restriction is in force, so a
@@ -31,8 +33,15 @@ import pytest
 
 from proxy.demo.process import DemoUpstream
 from proxy.demo.run import DEMO_PASSWORD, DEMO_USER, round_trip
-from tests.ops.sandbox import Sandbox, kernel_has_mdwe, seccomp_python, syscall_groups, unit_settings
-from tests.ops.util import SERVICE_UNIT, NotifySocket, ProxyProcess, http_get, require_tool
+from tests.ops.sandbox import (
+    Sandbox,
+    kernel_has_mdwe,
+    require_mount_namespace,
+    seccomp_python,
+    syscall_groups,
+    unit_settings,
+)
+from tests.ops.util import SERVICE_UNIT, NotifySocket, ProxyProcess, http_get, names, require_tool, scrape
 from tests.proxyenv import authorise, config_dict, make_config, to_toml
 
 # What the sandboxed process tries; the errno of each attempt (0: it worked).
@@ -49,6 +58,9 @@ attempt("wx_mmap", lambda: mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_W
                                                      | mmap.PROT_EXEC).close())
 attempt("sched_setaffinity", lambda: os.sched_setaffinity(0, os.sched_getaffinity(0)))
 attempt("netlink_socket", lambda: socket.socket(socket.AF_NETLINK, socket.SOCK_RAW).close())
+attempt("proc_stat", lambda: open("/proc/stat").close())  # what the process_* metrics need
+with open("/proc/self/mounts") as mounts:
+    out["proc_mount"] = [line.split()[3] for line in mounts if line.split()[1] == "/proc"][-1]
 print(json.dumps(out))
 """
 
@@ -77,15 +89,31 @@ def test_each_restriction_is_in_force(unit_sandbox: Sandbox, python: str) -> Non
     # The system-call filter refuses what the unit leaves out (@resources: sched_setaffinity)
     # with EPERM, and a socket family it does not list with EAFNOSUPPORT; W^X refuses a
     # writable and executable mapping. Without the sandbox all three work.
-    assert probe(Sandbox(), python) == {"wx_mmap": 0, "sched_setaffinity": 0, "netlink_socket": 0}
-    assert probe(unit_sandbox, python) == {"wx_mmap": errno.EPERM,
-                                           "sched_setaffinity": errno.EPERM,
-                                           "netlink_socket": errno.EAFNOSUPPORT}
-    assert probe(unit_sandbox.only(mdwe="seccomp"), python)["wx_mmap"] == errno.EPERM
-    assert probe(unit_sandbox.only(syscalls=True), python) == {
-        "wx_mmap": 0, "sched_setaffinity": errno.EPERM, "netlink_socket": errno.EAFNOSUPPORT}
+    calls = ("wx_mmap", "sched_setaffinity", "netlink_socket", "proc_stat")
+
+    def attempts(sandbox: Sandbox) -> dict[str, int]:
+        return {name: value for name, value in probe(sandbox, python).items() if name in calls}
+
+    assert attempts(Sandbox()) == dict.fromkeys(calls, 0)
+    assert attempts(unit_sandbox.only(mdwe="seccomp", syscalls=True)) == {
+        "wx_mmap": errno.EPERM, "sched_setaffinity": errno.EPERM,
+        "netlink_socket": errno.EAFNOSUPPORT, "proc_stat": 0}
+    assert attempts(unit_sandbox.only(mdwe="seccomp"))["wx_mmap"] == errno.EPERM
+    assert attempts(unit_sandbox.only(syscalls=True)) == {
+        "wx_mmap": 0, "sched_setaffinity": errno.EPERM, "netlink_socket": errno.EAFNOSUPPORT,
+        "proc_stat": 0}
     if kernel_has_mdwe():
-        assert probe(Sandbox(mdwe="prctl"), python)["wx_mmap"] == errno.EACCES
+        assert attempts(Sandbox(mdwe="prctl"))["wx_mmap"] == errno.EACCES
+
+
+def test_the_units_proc_view_is_in_force(unit_sandbox: Sandbox, python: str) -> None:
+    """ProtectProc=invisible mounts /proc with hidepid=invisible; /proc/stat stays readable
+    (ProcSubset=pid would hide it, and with it the process_* metrics)."""
+    require_mount_namespace()
+    assert unit_sandbox.proc is not None and "hidepid=invisible" in unit_sandbox.proc
+    result = probe(unit_sandbox.only(proc=True), python)
+    assert "hidepid=invisible" in result["proc_mount"].split(","), result
+    assert result["proc_stat"] == 0, "the unit hides /proc/stat: no process_* metrics"
 
 
 @pytest.fixture
@@ -96,7 +124,8 @@ def processes() -> Iterator[list[ProxyProcess]]:
         proc.stop()
 
 
-@pytest.mark.parametrize("restrictions", ["w^x by prctl(PR_SET_MDWE)", "the unit's seccomp filters"])
+@pytest.mark.parametrize("restrictions", ["w^x by prctl(PR_SET_MDWE)", "the unit's seccomp filters",
+                                          "the unit's /proc"])
 async def test_demo_round_trip_in_the_sandbox(
         restrictions: str, tmp_path: Path, unit_sandbox: Sandbox, python: str,
         demo_upstream_factory: Callable[..., DemoUpstream],
@@ -106,8 +135,11 @@ async def test_demo_round_trip_in_the_sandbox(
             pytest.skip("this kernel has no PR_SET_MDWE (Linux 6.3+); systemd 252 enforces "
                         "MemoryDenyWriteExecute= with the seccomp filter tested beside this")
         sandbox = Sandbox(mdwe="prctl")
+    elif restrictions.endswith("/proc"):
+        require_mount_namespace()
+        sandbox = unit_sandbox.only(proc=True)
     else:
-        sandbox = unit_sandbox
+        sandbox = unit_sandbox.only(mdwe="seccomp", syscalls=True)
     # Access tokens live a second: every login refreshes over HTTPS, inside the sandbox.
     upstream = demo_upstream_factory(access_token_lifetime=1)
     accounts = {DEMO_USER: {"provider": "demo"}}
@@ -136,7 +168,9 @@ async def test_demo_round_trip_in_the_sandbox(
         await asyncio.to_thread(round_trip, ports, said.append)
         assert [line.split(":")[0] for line in said] == ["SMTP", "IMAP", "POP3"], said
         assert upstream.stats()["grant_types"].get("refresh_token", 0) >= 1
-        assert (await http_get(proc.port("metrics_listening"), "/readyz"))[0] == 200
+        metrics_port = proc.port("metrics_listening")
+        assert (await http_get(metrics_port, "/readyz"))[0] == 200
+        assert "process_start_time_seconds" in names(await scrape(metrics_port))
         await asyncio.to_thread(notify.expect, "WATCHDOG", timeout=5)
 
         proc.signal(signal.SIGHUP)
