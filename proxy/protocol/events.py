@@ -78,9 +78,11 @@ class StartServerTLS:
 class UpstreamLoggedIn:
     """The upstream accepted the token.
 
-    ``capabilities``: the capability list the upstream announced in its tagged OK (IMAP
-    ``[CAPABILITY …]``), or None. ``server_bytes``: bytes the upstream sent after the login
-    reply; they go to the client first when relaying starts."""
+    ``capabilities``: the capability list the upstream announces after login (IMAP: the
+    ``[CAPABILITY …]`` of its tagged OK, an untagged CAPABILITY, or the reply to the machine's
+    own CAPABILITY after the OK), or None. ``server_bytes``: bytes the upstream sent after the
+    login reply (less that CAPABILITY exchange); they go to the client first when relaying
+    starts."""
 
     capabilities: str | None = None
     server_bytes: bytes = b""
