@@ -15,6 +15,9 @@ process just before ``execve``. ``Sandbox.from_unit`` derives the same from the 
   when the unit sets no errno). ``SystemCallArchitectures=native``: the filter is built for the
   native architecture only, so other ABIs are refused.
 - ``RestrictAddressFamilies=``: ``socket()`` with any other family fails with EAFNOSUPPORT.
+- ``RestrictNamespaces=yes``: ``unshare``/``clone`` with a namespace flag and ``setns`` fail
+  with EPERM, and ``clone3`` with ENOSYS (its flags cannot be filtered), so that libc starts
+  threads with ``clone`` instead.
 - ``ProtectProc=``/``ProcSubset=``: a private mount namespace with ``/proc`` mounted with
   ``hidepid=``/``subset=pid`` as systemd mounts it (``unshare``; needs root).
 
@@ -69,6 +72,16 @@ if spec["families"] is not None:
     for family in range(allowed[0] + 1, allowed[-1]):
         if family not in allowed:
             f.add_rule(refuse, "socket", seccomp.Arg(0, seccomp.EQ, family))
+    filters.append(f)
+if spec["namespaces"]:
+    f, refuse = seccomp.SyscallFilter(seccomp.ALLOW), seccomp.ERRNO(errno.EPERM)
+    # clone3 takes its flags in memory a filter cannot read: ENOSYS, and libc falls back to clone
+    f.add_rule(seccomp.ERRNO(errno.ENOSYS), "clone3")
+    f.add_rule(refuse, "setns")
+    for flag in (0x00020000, 0x02000000, 0x04000000, 0x08000000, 0x10000000, 0x20000000,
+                 0x40000000):  # CLONE_NEWNS, _NEWCGROUP, _NEWUTS, _NEWIPC, _NEWUSER, _NEWPID, _NEWNET
+        f.add_rule(refuse, "unshare", seccomp.Arg(0, seccomp.MASKED_EQ, flag, flag))
+        f.add_rule(refuse, "clone", seccomp.Arg(0, seccomp.MASKED_EQ, flag, flag))
     filters.append(f)
 if spec["syscalls"] is not None:
     denied = seccomp.ERRNO(spec["errno"]) if spec["errno"] else seccomp.KILL_PROCESS
@@ -161,6 +174,7 @@ class Sandbox:
     syscalls: frozenset[str] | None = None  # the allow list; None: no system-call filter
     errno: int | None = None  # what a refused call returns; None: the process is killed
     families: tuple[int, ...] | None = None  # RestrictAddressFamilies=; None: any family
+    namespaces: bool = False  # RestrictNamespaces=yes
     proc: str | None = None  # mount options of a private /proc (ProtectProc=, ProcSubset=)
 
     @classmethod
@@ -180,19 +194,27 @@ class Sandbox:
                    syscalls=frozenset(allowed_syscalls(settings["SystemCallFilter"], groups)),
                    errno=getattr(errno, number) if number else None,
                    families=tuple(sorted(int(f) for f in families)),
+                   namespaces=settings.get("RestrictNamespaces", ["no"])[-1] == "yes",
                    proc=",".join(proc) or None)
 
     def only(self, *, mdwe: Mdwe = None, syscalls: bool = False, proc: bool = False) -> Sandbox:
-        """A part of this sandbox: W^X alone, the system-call and address-family filters, or
-        the /proc view."""
+        """A part of this sandbox: W^X alone, the other seccomp filters (system calls, address
+        families, namespaces), or the /proc view."""
         return Sandbox(mdwe=mdwe, syscalls=self.syscalls if syscalls else None,
                        errno=self.errno, families=self.families if syscalls else None,
-                       proc=self.proc if proc else None)
+                       namespaces=self.namespaces and syscalls, proc=self.proc if proc else None)
+
+    @property
+    def seccomp_filters(self) -> int:
+        """How many seccomp filters ``command`` installs."""
+        return sum((self.mdwe == "seccomp", self.families is not None, self.namespaces,
+                    self.syscalls is not None))
 
     def command(self, python: str, argv: Sequence[str]) -> list[str]:
         """The command that runs ``argv`` in this sandbox (the same process all along: each
         step execs the next, so the pid the caller sees is the program's)."""
         spec = {"mdwe": self.mdwe, "errno": self.errno, "families": self.families,
+                "namespaces": self.namespaces,
                 "syscalls": sorted(self.syscalls) if self.syscalls is not None else None}
         command = [python, "-I", "-c", WRAPPER, json.dumps(spec), *argv]
         if self.proc is not None:

@@ -7,7 +7,7 @@ SIGTERM, while the kernel enforces what systemd derives from the unit (``tests/o
   systemd uses on Linux 6.3+);
 - everything systemd 252 (Debian 12) installs with seccomp for the unit at once: its W^X filter,
   the ``SystemCallFilter=`` allow list with ``SystemCallErrorNumber=EPERM``, native
-  architecture only, and ``RestrictAddressFamilies=``;
+  architecture only, ``RestrictAddressFamilies=`` and ``RestrictNamespaces=``;
 - ``/proc`` as ``ProtectProc=`` (and ``ProcSubset=``, if set) mounts it, in a private mount
   namespace (root only), with the ``process_*`` metrics still there.
 
@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -46,7 +47,7 @@ from tests.proxyenv import authorise, config_dict, make_config, to_toml
 
 # What the sandboxed process tries; the errno of each attempt (0: it worked).
 PROBE = r"""
-import json, mmap, os, socket
+import ctypes, json, mmap, os, socket, threading
 out = {}
 def attempt(name, action):
     try:
@@ -59,6 +60,14 @@ attempt("wx_mmap", lambda: mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_W
 attempt("sched_setaffinity", lambda: os.sched_setaffinity(0, os.sched_getaffinity(0)))
 attempt("netlink_socket", lambda: socket.socket(socket.AF_NETLINK, socket.SOCK_RAW).close())
 attempt("proc_stat", lambda: open("/proc/stat").close())  # what the process_* metrics need
+libc = ctypes.CDLL(None, use_errno=True)
+def unshare_uts():  # a namespace of its own (only root may, without the filter)
+    if libc.unshare(0x04000000) != 0:
+        raise OSError(ctypes.get_errno(), "unshare")
+attempt("unshare", unshare_uts)
+thread = threading.Thread(target=lambda: None)  # clone3, or clone when it is refused
+attempt("thread", thread.start)
+thread.join()
 with open("/proc/self/mounts") as mounts:
     out["proc_mount"] = [line.split()[3] for line in mounts if line.split()[1] == "/proc"][-1]
 print(json.dumps(out))
@@ -89,21 +98,29 @@ def test_each_restriction_is_in_force(unit_sandbox: Sandbox, python: str) -> Non
     # The system-call filter refuses what the unit leaves out (@resources: sched_setaffinity)
     # with EPERM, and a socket family it does not list with EAFNOSUPPORT; W^X refuses a
     # writable and executable mapping. Without the sandbox all three work.
-    calls = ("wx_mmap", "sched_setaffinity", "netlink_socket", "proc_stat")
+    # RestrictNamespaces= refuses a new namespace (root could make one otherwise); threads still
+    # start.
+    calls = ("wx_mmap", "sched_setaffinity", "netlink_socket", "proc_stat", "unshare", "thread")
+    root = os.geteuid() == 0
 
     def attempts(sandbox: Sandbox) -> dict[str, int]:
-        return {name: value for name, value in probe(sandbox, python).items() if name in calls}
+        found = {name: value for name, value in probe(sandbox, python).items() if name in calls}
+        if not root and sandbox.namespaces is False:
+            found.pop("unshare")  # refused without root anyway: shows nothing
+        return found
 
-    assert attempts(Sandbox()) == dict.fromkeys(calls, 0)
-    assert attempts(unit_sandbox.only(mdwe="seccomp", syscalls=True)) == {
-        "wx_mmap": errno.EPERM, "sched_setaffinity": errno.EPERM,
-        "netlink_socket": errno.EAFNOSUPPORT, "proc_stat": 0}
-    assert attempts(unit_sandbox.only(mdwe="seccomp"))["wx_mmap"] == errno.EPERM
-    assert attempts(unit_sandbox.only(syscalls=True)) == {
-        "wx_mmap": 0, "sched_setaffinity": errno.EPERM, "netlink_socket": errno.EAFNOSUPPORT,
-        "proc_stat": 0}
+    free = dict.fromkeys(calls, 0)
+    if not root:
+        del free["unshare"]
+    assert attempts(Sandbox()) == free
+    seccomp_filters = {"wx_mmap": errno.EPERM, "sched_setaffinity": errno.EPERM,
+                       "netlink_socket": errno.EAFNOSUPPORT, "proc_stat": 0,
+                       "unshare": errno.EPERM, "thread": 0}
+    assert attempts(unit_sandbox.only(mdwe="seccomp", syscalls=True)) == seccomp_filters
+    assert attempts(unit_sandbox.only(mdwe="seccomp")) == {**free, "wx_mmap": errno.EPERM}
+    assert attempts(unit_sandbox.only(syscalls=True)) == {**seccomp_filters, "wx_mmap": 0}
     if kernel_has_mdwe():
-        assert attempts(Sandbox(mdwe="prctl"))["wx_mmap"] == errno.EACCES
+        assert attempts(Sandbox(mdwe="prctl")) == {**free, "wx_mmap": errno.EACCES}
 
 
 def test_the_units_proc_view_is_in_force(unit_sandbox: Sandbox, python: str) -> None:
@@ -160,9 +177,9 @@ async def test_demo_round_trip_in_the_sandbox(
         await asyncio.to_thread(notify.expect, "READY", proc=proc.proc)
         # The daemon itself (the wrapper exec'd it: same pid) runs with the filters.
         status = Path(f"/proc/{proc.proc.pid}/status").read_text()
-        if sandbox.syscalls is not None:  # libseccomp sets no_new_privs, as NoNewPrivileges=
-            assert "\nSeccomp:\t2\n" in status and "\nSeccomp_filters:\t3\n" in status
-            assert "\nNoNewPrivs:\t1\n" in status
+        if sandbox.seccomp_filters:  # libseccomp sets no_new_privs, as NoNewPrivileges=
+            assert "\nSeccomp:\t2\n" in status and "\nNoNewPrivs:\t1\n" in status
+            assert f"\nSeccomp_filters:\t{sandbox.seccomp_filters}\n" in status
         ports = {p: proc.port("listening", f" listener={p} ") for p in ("imap", "pop", "smtp")}
         said: list[str] = []
         await asyncio.to_thread(round_trip, ports, said.append)
