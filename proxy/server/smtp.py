@@ -331,7 +331,7 @@ class ConnectionHandler(RelayHandler):
         await self._abandon_transaction()
         allowed = self._auth_allowed(server)
         out = [r for r in responses if allowed or not r.startswith("250-AUTH ")]
-        out.insert(len(out) - 1, "250-PIPELINING")
+        out[-1:-1] = ["250-PIPELINING", "250-ENHANCEDSTATUSCODES"]
         return out
 
     async def handle_HELO(self, server: SMTP, session: Session, envelope: Envelope,

@@ -2,6 +2,11 @@
 
 ``ProxySMTP`` adds what the proxy needs on top of aiosmtpd's public hooks; ``quiet_aiosmtpd``
 keeps aiosmtpd's own logger from logging commands and message lines.
+
+Every reply the proxy itself gives carries an enhanced status code (RFC 2034/3463; EHLO
+advertises ENHANCEDSTATUSCODES). Command lines, MAIL and RCPT are checked by
+``proxy.protocol.smtp_syntax`` (strict, never raising); what aiosmtpd still answers itself is
+reworded on the way out (``_AIOSMTPD_REPLIES``).
 """
 
 from __future__ import annotations
@@ -10,12 +15,28 @@ import asyncio
 import collections
 import logging
 import re
-from collections.abc import AsyncGenerator
-from typing import TYPE_CHECKING, Any
+from base64 import b64decode, b64encode
+from collections.abc import AsyncGenerator, Callable
+from typing import TYPE_CHECKING, Any, AnyStr, TypeVar
 
-from aiosmtpd.smtp import SMTP
+from aiosmtpd.smtp import ALLOWED_BEFORE_STARTTLS, BOGUS_LIMIT, MISSING, SMTP, TLSSetupException
 
 from proxy.protocol.smtp_data import DataScanner
+from proxy.protocol.smtp_syntax import (
+    AUTH_LINE_TOO_LONG,
+    EMPTY_LINE,
+    LINE_TOO_LONG,
+    TOO_MANY_UNKNOWN,
+    Mail,
+    Rcpt,
+    Refused,
+    command_line,
+    line_too_long,
+    parse_mail,
+    parse_rcpt,
+    split_command,
+    unknown_command,
+)
 
 if TYPE_CHECKING:
     from proxy.server.smtp import ConnectionHandler
@@ -43,6 +64,12 @@ def quiet_aiosmtpd() -> None:
 class ProxySMTP(SMTP):
     """aiosmtpd's protocol with what the proxy needs on top of the public hooks.
 
+    - its own command loop (``_handle_client``): lines framed and checked by ``smtp_syntax``
+      (CR LF only, no control characters, caps), every refusal a 5xx with an enhanced status
+      code, and the session goes on (only aiosmtpd's five unknown commands end it); no PROXY
+      protocol or per-command call limits (the listener configures neither);
+    - MAIL and RCPT parsed strictly by ``smtp_syntax`` (aiosmtpd's parser repairs some paths
+      and raises on others), their parameters sent upstream in canonical form;
     - a per-connection life task (``ConnectionHandler.life``) the daemon can wait for;
     - the idle timer restarts on every byte received, so a slow 20 MB DATA is not cut off at
       CLIENT_IDLE (aiosmtpd restarts it per command only), and can be held while the upstream
@@ -152,20 +179,183 @@ class ProxySMTP(SMTP):
         if transport is not None:
             self.loop.call_soon(transport.close)
 
-    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
-        """aiosmtpd's MAIL/RCPT path parser, with a fast path for the usual ``<dot-atom@domain>``:
-        aiosmtpd's runs the RFC 5322 header parser (and defines a class) on every call, a tenth
-        of the proxy's CPU per message. Anything else goes to aiosmtpd's own."""
-        match = _SIMPLE_PATH.match(arg)
-        if match is None:
-            return super()._getaddr(arg)
-        rest = arg[match.end():].lstrip(" \t")
-        if rest.startswith("("):  # a comment after the path: aiosmtpd's parser drops it
-            return super()._getaddr(arg)
-        address = match.group(1)
-        if self.local_part_limit and len(address.rpartition("@")[0]) > self.local_part_limit:
-            return None, None
-        return address, rest
+    # --- the command loop ---------------------------------------------------------------------
+
+    async def _handle_client(self) -> None:
+        """aiosmtpd's command loop, with the proxy's framing and replies (see the class)."""
+        assert self.session is not None
+        await self.push(f"220 {self.hostname} {self.__ident__}")
+        unknown_left = BOGUS_LIMIT
+        while self.transport is not None:
+            try:
+                raw = await self._read_line()
+                framed = command_line(raw) if raw is not None else LINE_TOO_LONG
+                if isinstance(framed, Refused):
+                    await self.push(str(framed))
+                    continue
+                split = split_command(framed, utf8=self.enable_SMTPUTF8)
+                if isinstance(split, Refused):
+                    await self.push(str(split))
+                    continue
+                verb, arg = split
+                limit = (self.command_size_limits.get(verb, self.command_size_limit)
+                         if self.session.extended_smtp else self.command_size_limit)
+                if len(framed) > limit:
+                    await self.push(str(line_too_long(verb, limit)))
+                    continue
+                method = self._smtp_methods.get(verb)
+                if method is None:
+                    unknown_left -= 1
+                    if unknown_left < 1:
+                        await self.push(str(TOO_MANY_UNKNOWN))
+                        self.transport.close()
+                        continue
+                    await self.push(str(unknown_command(verb)))
+                    continue
+                if not self._tls_handshake_okay and verb != "QUIT":
+                    await self.push("554 5.7.0 Command refused due to lack of security")
+                    continue
+                if (self.require_starttls and not self._tls_protocol
+                        and verb not in ALLOWED_BEFORE_STARTTLS):
+                    await self.push("530 5.7.0 Must issue a STARTTLS command first")
+                    continue
+                self._reset_timeout()
+                await method(arg)
+            except (asyncio.CancelledError, ConnectionResetError):
+                self._writer.close()
+                raise
+            except Exception as error:  # aiosmtpd's handling: the handler words the reply
+                status = await self.handle_exception(error)
+                if isinstance(error, TLSSetupException):
+                    if self.transport is not None:
+                        self.transport.close()
+                    self.connection_lost(error)
+                else:
+                    await self.push(status)
+
+    async def _read_line(self) -> bytes | None:
+        """The next line through its LF; None if it ran past the reader's limit (then it has
+        been read to its end and dropped). The client's end of stream: ConnectionResetError."""
+        reader = self._reader
+        try:
+            return await reader.readuntil(b"\n")
+        except asyncio.LimitOverrunError as error:
+            await reader.readexactly(error.consumed)
+        except asyncio.IncompleteReadError:
+            raise ConnectionResetError("the client closed the connection") from None
+        while True:
+            try:
+                await reader.readuntil(b"\n")
+                return None
+            except asyncio.LimitOverrunError as error:
+                await reader.readexactly(error.consumed)
+            except asyncio.IncompleteReadError:
+                raise ConnectionResetError("the client closed the connection") from None
+
+    async def push(self, status: AnyStr) -> None:
+        """A reply line; aiosmtpd's own are given an enhanced status code on the way."""
+        if isinstance(status, str):
+            await super().push(_enhanced(status))
+        else:
+            await super().push(status)
+
+    def _parse(self, parse: Callable[..., _T | Refused], arg: str | None,
+               **kwargs: Any) -> _T | Refused:
+        """Run a ``smtp_syntax`` parser. They are total (property-tested); should one raise all
+        the same, the command is refused and the session goes on."""
+        try:
+            return parse(arg, **kwargs)
+        except Exception:
+            log.error("smtp_parser_failed", exc_info=True,
+                      extra={"fields": {"peer": self.event_handler.peer}})
+            return _PARSER_FAILED
+
+    # --- commands ---------------------------------------------------------------------------
+
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        if await self.check_helo_needed() or await self.check_auth_needed("MAIL"):
+            return
+        assert self.session is not None and self.envelope is not None
+        mail = self._parse(parse_mail, arg, extended=self.session.extended_smtp,
+                           utf8=self.enable_SMTPUTF8, size_limit=self.data_size_limit,
+                           local_part_limit=self.local_part_limit)
+        if isinstance(mail, Refused):
+            await self.push(str(mail))
+            return
+        assert isinstance(mail, Mail)
+        if self.envelope.mail_from:
+            await self.push("503 5.5.1 Sender already given; send RSET to start again")
+            return
+        self.envelope.smtp_utf8 = mail.smtputf8
+        options = list(mail.options)
+        status = await self._call_handler_hook("MAIL", mail.sender, options)
+        if status is MISSING:
+            self.envelope.mail_from = mail.sender
+            self.envelope.mail_options.extend(options)
+            status = "250 2.1.0 OK"
+        await self.push(status)
+
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        if await self.check_helo_needed() or await self.check_auth_needed("RCPT"):
+            return
+        assert self.session is not None and self.envelope is not None
+        if not self.envelope.mail_from:
+            await self.push("503 5.5.1 Need MAIL command before RCPT")
+            return
+        rcpt = self._parse(parse_rcpt, arg, extended=self.session.extended_smtp,
+                           local_part_limit=self.local_part_limit)
+        if isinstance(rcpt, Refused):
+            await self.push(str(rcpt))
+            return
+        assert isinstance(rcpt, Rcpt)
+        status = await self._call_handler_hook("RCPT", rcpt.recipient, [])
+        if status is MISSING:
+            self.envelope.rcpt_tos.append(rcpt.recipient)
+            status = "250 2.1.5 OK"
+        await self.push(status)
+
+    async def smtp_VRFY(self, arg: str | None) -> None:
+        """Never forwarded (aiosmtpd echoed the argument, which could not always be encoded)."""
+        if not arg:
+            await self.push("501 5.5.4 Syntax: VRFY address")
+        else:
+            await self.push("252 2.5.0 Cannot VRFY user; send the message and the mail server "
+                            "will try to deliver it")
+
+    async def smtp_HELP(self, arg: str | None) -> None:
+        commands = {verb: usage for verb, usage in _HELP.items()
+                    if verb != "STARTTLS" or (self.tls_context and not self._tls_protocol)}
+        if not arg:
+            await self.push("214 2.0.0 Commands: " + " ".join(commands))
+        elif arg.upper() in commands:
+            await self.push(f"214 2.0.0 Syntax: {commands[arg.upper()]}")
+        else:
+            await self.push("501 5.5.4 HELP: no such command; send HELP for the list")
+
+    async def challenge_auth(self, challenge: str | bytes, encode_to_b64: bool = True,
+                             log_client_response: bool = False) -> Any:
+        """aiosmtpd's, with the response line framed like a command line and held to RFC
+        4954's 12288 octets; never logs the response. MISSING once the client was answered."""
+        if isinstance(challenge, str):
+            challenge = challenge.encode()
+        await self.push(b"334 " + (b64encode(challenge) if encode_to_b64 else challenge))
+        raw = await self._read_line()
+        if raw is None or len(raw) > _AUTH_RESPONSE_LIMIT:
+            await self.push(str(AUTH_LINE_TOO_LONG))
+            return MISSING
+        line = command_line(raw)
+        if isinstance(line, Refused) and line is not EMPTY_LINE:  # empty: an empty response
+            await self.push(f"501 {line.status} {line.text}")
+            return MISSING
+        blob = line.strip(b" ") if isinstance(line, bytes) else b""
+        if blob == b"*":
+            await self.push("501 5.7.0 Auth aborted")
+            return MISSING
+        try:
+            return b64decode(blob, validate=True)
+        except ValueError:  # binascii.Error
+            await self.push("501 5.5.2 Can't decode base64")
+            return MISSING
 
     async def smtp_AUTH(self, arg: str) -> None:
         if arg:  # mechanism names are case-insensitive (RFC 4954); aiosmtpd matches them exactly
@@ -219,10 +409,48 @@ class ProxySMTP(SMTP):
             return
 
 
-_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
-_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
-_SIMPLE_PATH = re.compile(rf"<({_ATEXT}(?:\.{_ATEXT})*@{_LABEL}(?:\.{_LABEL})*)>")
 _READ_ALL = 1 << 24  # more than a StreamReader with aiosmtpd's line limit ever buffers
+_AUTH_RESPONSE_LIMIT = 12288 + 2  # RFC 4954 4: a SASL response line, with its CR LF
+_PARSER_FAILED = Refused(501, "5.5.4", "Syntax error: the proxy could not read this command")
+_T = TypeVar("_T")
+_HELP = {
+    "AUTH": "AUTH mechanism [initial-response]", "DATA": "DATA", "EHLO": "EHLO hostname",
+    "HELO": "HELO hostname", "HELP": "HELP [command]", "MAIL": "MAIL FROM:<address> [parameters]",
+    "NOOP": "NOOP", "QUIT": "QUIT", "RCPT": "RCPT TO:<address>", "RSET": "RSET",
+    "STARTTLS": "STARTTLS", "VRFY": "VRFY address",
+}
+# What aiosmtpd still says itself (HELO, EHLO, QUIT, RSET, STARTTLS, AUTH, EXPN), reworded with
+# an enhanced status code. Anything else of its own at 4xx/5xx without one gets X.0.0.
+_AIOSMTPD_REPLIES = {
+    "503 Error: send HELO first": "503 5.5.1 Send EHLO or HELO first",
+    "503 Error: send EHLO first": "503 5.5.1 Send EHLO first",
+    "501 Syntax: HELO hostname": "501 5.5.4 Syntax: HELO hostname",
+    "501 Syntax: EHLO hostname": "501 5.5.4 Syntax: EHLO hostname",
+    "501 Syntax: QUIT": "501 5.5.4 Syntax: QUIT takes no arguments",
+    "501 Syntax: RSET": "501 5.5.4 Syntax: RSET takes no arguments",
+    "501 Syntax: STARTTLS": "501 5.5.4 Syntax: STARTTLS takes no arguments",
+    "454 TLS not available": "502 5.5.1 STARTTLS is not offered on this port",
+    "220 Ready to start TLS": "220 2.0.0 Ready to start TLS",
+    "500 Error: command 'AUTH' not recognized": "503 5.5.1 AUTH needs EHLO, not HELO",
+    "503 Already authenticated": "503 5.5.1 Already authenticated",
+    "501 Not enough value": "501 5.5.4 Syntax: AUTH mechanism [initial-response]",
+    "501 Too many values": "501 5.5.4 Syntax: AUTH mechanism [initial-response]",
+    "502 EXPN not implemented": "502 5.5.1 EXPN is not implemented",
+    "250 OK": "250 2.0.0 OK",
+    "221 Bye": "221 2.0.0 Bye",
+}
+_HAS_STATUS = re.compile(r"\d{3}[ -][245]\.\d{1,3}\.\d{1,3}(?: |$)")
+
+log = logging.getLogger("proxy.smtp")
+
+
+def _enhanced(status: str) -> str:
+    reworded = _AIOSMTPD_REPLIES.get(status)
+    if reworded is not None:
+        return reworded
+    if status[:1] in ("4", "5") and not _HAS_STATUS.match(status):
+        return f"{status[:3]} {status[0]}.0.0{status[3:]}"
+    return status
 
 
 def _retrieve(task: asyncio.Task[None]) -> None:
