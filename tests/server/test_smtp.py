@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
-import re
 import shutil
 import smtplib
 import time
@@ -25,11 +24,11 @@ from proxy.config import Address, Listener
 from proxy.demo import certs
 from proxy.demo.process import DemoUpstream
 from proxy.protocol import sasl
-from proxy.protocol.smtp_syntax import Refused, parse_mail, parse_rcpt
 from proxy.server import smtp as smtp_mod
 from proxy.server.smtp import ConnectionHandler, SmtpContext
-from proxy.server.smtp_upstream import Reply, UpstreamSession, queue_id
+from proxy.server.smtp_upstream import Reply, queue_id
 from tests.proxyenv import PASSWORD, USER, ProxyEnv, authorise
+from tests.server.smtp_commands import CLOSING, Client, UpstreamRecorder, check_reply
 from tests.server.smtp_util import (
     DEVICE_PASSWORD,
     RCPT,
@@ -673,9 +672,6 @@ def test_queue_id() -> None:
 
 # --- every command line gets a defined reply, over a real socket ---------------------------------
 
-DEFINED = {214, 221, 250, 252, 354, 500, 501, 502, 503, 504, 550, 552, 553, 555}
-CLOSING = {221, 502}  # QUIT; the fifth unknown command (aiosmtpd's limit)
-ENHANCED = re.compile(rb"[245]\.\d{1,3}\.\d{1,3}( |$)")
 VERBS = ["NOOP", "RSET", "VRFY", "HELP", "EHLO", "HELO", "AUTH", "EXPN", "DATA", "QUIT",
          "STARTTLS", "FROB", "noop", "MAIL", "RCPT", "\x00", "\x16\x03\x01"]
 PATH_BITS = ["<", ">", "@", '"', "\\", "[", "]", ":", ",", ".", " ", "a", "-", "é", "\r",
@@ -701,30 +697,11 @@ ENVELOPE = st.builds(lambda keyword, path: keyword + path,
 OTHER = st.builds(lambda verb, arg: verb + " " + arg if arg else verb,
                   st.sampled_from(VERBS),
                   st.just("") | st.text(st.characters(exclude_characters="\n"), max_size=30))
-LINES = (ENVELOPE | ENVELOPE | ENVELOPE | OTHER).map(lambda line: line.encode("utf-8", "surrogateescape"))
-UPSTREAM_VERBS = {b"MAIL", b"RCPT", b"NOOP", b"RSET", b"DATA", b"QUIT"}
+LINES = (ENVELOPE | ENVELOPE | ENVELOPE | OTHER).map(
+    lambda line: line.encode("utf-8", "surrogateescape"))  # "\udcff": a byte that is not UTF-8
 
 
-class Client:
-    """One logged-in smtplib connection, opened again whenever the proxy closed it."""
-
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.smtp: smtplib.SMTP | None = None
-
-    def get(self) -> smtplib.SMTP:
-        if self.smtp is None:
-            self.smtp = client(self.port)
-            self.smtp.login(USER, DEVICE_PASSWORD)
-        return self.smtp
-
-    def drop(self) -> None:
-        if self.smtp is not None:
-            self.smtp.close()
-            self.smtp = None
-
-
-def _command_lines_get_defined_replies(port: int, upstream_lines: list[bytes]) -> None:
+def _command_lines_get_defined_replies(port: int) -> None:
     conn = Client(port)
 
     @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -739,15 +716,10 @@ def _command_lines_get_defined_replies(port: int, upstream_lines: list[bytes]) -
         if in_transaction:  # most RCPT lines need a sender first
             assert conn.get().mail(USER)[0] == 250
         for line in lines:
-            s = conn.get()
-            s.send(line + b"\r\n")
-            code, text = s.getreply()
-            assert code in DEFINED, (line, code, text)
-            if code >= 500:
-                assert ENHANCED.match(text), (line, code, text)
+            [(code, text)] = conn.send(line + b"\r\n")
+            check_reply(line, code, text)
             if code == 354:  # a whole transaction was generated: end an empty message
-                s.send(b".\r\n")
-                assert s.getreply()[0] == 250
+                assert conn.send(b".\r\n")[0][0] == 250
             if code in CLOSING:
                 conn.drop()
         s = conn.get()
@@ -758,28 +730,14 @@ def _command_lines_get_defined_replies(port: int, upstream_lines: list[bytes]) -
         check()
     finally:
         conn.drop()
-    for line in upstream_lines:  # nothing malformed reached the upstream
-        verb, _, arg = line.partition(b" ")
-        assert verb in UPSTREAM_VERBS, line
-        if verb in (b"MAIL", b"RCPT"):
-            text = arg.decode("utf-8")
-            parsed = (parse_mail(text, extended=True, utf8=True, size_limit=None)
-                      if verb == b"MAIL" else parse_rcpt(text, extended=True))
-            assert not isinstance(parsed, Refused), line
-        else:
-            assert not arg, line
 
 
 async def test_every_command_line_gets_a_defined_reply_and_the_session_goes_on(
         smtp_env: ProxyEnv, monkeypatch: pytest.MonkeyPatch) -> None:
-    upstream_lines: list[bytes] = []
-    command = UpstreamSession.command
-
-    async def recorded(self: UpstreamSession, *args: bytes, **kwargs: Any) -> Reply:
-        upstream_lines.append(b" ".join(args))
-        return await command(self, *args, **kwargs)
-
-    monkeypatch.setattr(UpstreamSession, "command", recorded)
-    await in_thread(lambda: _command_lines_get_defined_replies(smtp_env.ports["smtp"],
-                                                               upstream_lines))
-    assert any(line.startswith(b"MAIL FROM:<") for line in upstream_lines)
+    """Generated MAIL/RCPT and other command lines, one logged-in connection for all: a reply
+    from a fixed set (5xx with an enhanced status code), the session alive afterwards (NOOP),
+    and nothing malformed sent upstream."""
+    upstream = UpstreamRecorder(monkeypatch)
+    await in_thread(lambda: _command_lines_get_defined_replies(smtp_env.ports["smtp"]))
+    upstream.assert_well_formed()
+    assert any(line.startswith(b"MAIL FROM:<") for line in upstream.lines)
