@@ -53,7 +53,13 @@ SHAPES = {
     "smtp": [b"EHLO fuzz\r\n", b"HELO fuzz\r\n", b"AUTH PLAIN\r\n", b"AUTH LOGIN\r\n",
              b"AUTH PLAIN " + _plain(USER, "wrong") + b"\r\n", b"MAIL FROM:<a@b>\r\n",
              b"RCPT TO:<c@d>\r\n", b"DATA\r\n", b"RSET\r\n", b"NOOP\r\n", b"STARTTLS\r\n",
-             b"QUIT\r\n", b".\r\n", b"\r\n"],
+             b"QUIT\r\n", b".\r\n", b"\r\n",
+             # logged in, then malformed and well-formed envelopes (the proxy's own parser)
+             b"AUTH PLAIN " + _plain(USER, PASSWORD) + b"\r\n",
+             b"MAIL FROM:<" + USER.encode() + b"> SIZE=10 BODY=8BITMIME\r\n",
+             b"RCPT TO:<bob@[IPv6:2001:db8::1]>\r\n", b"MAIL FROM:<\r\n", b'MAIL FROM:<"\r\n',
+             b"MAIL FROM:<a@[1.2.3\r\n", b"RCPT TO:<@\r\n", b"MAIL FROM:<a@b> X=\r\n",
+             b"VRFY \xff\r\n", b"HELP\r\n"],
 }
 
 
