@@ -76,14 +76,14 @@ class ProxySMTP(SMTP):
       takes its time over a message;
     - DATA after every recipient was refused: ``554 5.5.1`` (RFC 2920), not ``503``;
     - the message is not collected line by line but streamed (``message_chunks``);
-    - ``command_size_limits`` per instance (aiosmtpd shares one dict across all connections
-      and grows it on every EHLO).
+    - ``command_size_limits`` per instance and set afresh by each EHLO (aiosmtpd shares one
+      dict across all connections and grows it on every EHLO).
     """
 
     event_handler: ConnectionHandler
     # aiosmtpd sizes its StreamReader by this (its own DATA loop, replaced here, also checked
     # lines against it). At 1001 the reader paused and resumed the socket for every chunk of a
-    # message; command lines are still held to ``command_size_limits`` by aiosmtpd.
+    # message; command lines are still held to ``command_size_limits`` by the command loop.
     line_length_limit = 64 * 1024
 
     def __init__(self, handler: ConnectionHandler, **kwargs: Any) -> None:
@@ -240,7 +240,7 @@ class ProxySMTP(SMTP):
         try:
             return await reader.readuntil(b"\n")
         except asyncio.LimitOverrunError as error:
-            await reader.readexactly(error.consumed)
+            await reader.read(error.consumed)  # buffered already
         except asyncio.IncompleteReadError:
             raise ConnectionResetError("the client closed the connection") from None
         while True:
@@ -248,7 +248,7 @@ class ProxySMTP(SMTP):
                 await reader.readuntil(b"\n")
                 return None
             except asyncio.LimitOverrunError as error:
-                await reader.readexactly(error.consumed)
+                await reader.read(error.consumed)  # buffered already
             except asyncio.IncompleteReadError:
                 raise ConnectionResetError("the client closed the connection") from None
 
@@ -271,6 +271,11 @@ class ProxySMTP(SMTP):
             return _PARSER_FAILED
 
     # --- commands ---------------------------------------------------------------------------
+
+    async def smtp_EHLO(self, hostname: str) -> None:
+        if hostname:  # aiosmtpd adds SIZE's and SMTPUTF8's allowance to MAIL's cap per EHLO
+            self.command_size_limits.clear()
+        await super().smtp_EHLO(hostname)
 
     async def smtp_MAIL(self, arg: str | None) -> None:
         if await self.check_helo_needed() or await self.check_auth_needed("MAIL"):
