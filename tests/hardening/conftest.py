@@ -30,9 +30,7 @@ from proxy.demo.process import DemoUpstream
 from proxy.server.daemon import Daemon
 from tests.proxyenv import PASSWORD, USER, ProxyEnv, authorise, config_dict
 
-HERE = Path(__file__).resolve().parent
-SMTP_AVAILABLE = (HERE.parent.parent / "proxy" / "server" / "smtp.py").exists()
-PROTOCOLS: tuple[str, ...] = ("imap", "pop", "smtp") if SMTP_AVAILABLE else ("imap", "pop")
+PROTOCOLS: tuple[str, ...] = ("imap", "pop", "smtp")
 
 
 # --- what must never happen ----------------------------------------------------------------

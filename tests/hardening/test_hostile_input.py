@@ -21,7 +21,6 @@ import pytest
 from proxy.demo.process import DemoUpstream
 from tests.hardening.conftest import (
     PROTOCOLS,
-    SMTP_AVAILABLE,
     Raw,
     Trouble,
     assert_healthy,
@@ -341,7 +340,6 @@ async def test_many_slow_clients_do_not_block_a_real_one(env: ProxyEnv, trouble:
     await assert_healthy(env, trouble, fd_baseline=baseline)
 
 
-@pytest.mark.skipif(not SMTP_AVAILABLE, reason="no SMTP listener yet")
 async def test_smtp_silence_before_auth_ends_within_preauth_idle(env: ProxyEnv) -> None:
     client = await Raw.open(env.ports["smtp"])
     await client.expect(b"\r\n")
@@ -378,7 +376,7 @@ async def test_wrong_traffic_on_implicit_tls_ports(tmp_path: Path, demo_upstream
     paths = local_certs
     tls = {"tls": "implicit", "cert_file": str(paths.cert_file),  # type: ignore[attr-defined]
            "key_file": str(paths.key_file)}  # type: ignore[attr-defined]
-    protocols = tuple(p for p in PROTOCOLS if p != "smtp") + (("smtp",) if SMTP_AVAILABLE else ())
+    protocols = PROTOCOLS
     env = await start_env(tmp_path, demo_upstream, protocols=protocols,
                           listener_extra={p: tls for p in protocols},
                           limits={"preauth_idle": 1})

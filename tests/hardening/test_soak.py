@@ -35,7 +35,6 @@ import pytest
 from proxy.secret import Secret
 from proxy.server import session as session_mod
 from tests.hardening.conftest import (
-    SMTP_AVAILABLE,
     Trouble,
     assert_healthy,
     fd_baseline,
@@ -176,7 +175,7 @@ async def test_soak_with_faults(tmp_path: Path, demo_upstream_factory: Any, trou
                                 monkeypatch: pytest.MonkeyPatch) -> None:
     started = time.monotonic()
     upstream = demo_upstream_factory(access_token_lifetime=30)
-    protocols = ("imap", "pop", "smtp") if SMTP_AVAILABLE else ("imap", "pop")
+    protocols = ("imap", "pop", "smtp")
     relaying: weakref.WeakSet[session_mod.Session] = weakref.WeakSet()
     real_relay = session_mod.Session._relay
 
@@ -198,7 +197,7 @@ async def test_soak_with_faults(tmp_path: Path, demo_upstream_factory: Any, trou
 
         def session(i: int, seed: int) -> None:
             r = random.Random(seed)
-            weights = [4, 3, 3 if SMTP_AVAILABLE else 0, 1]
+            weights = [4, 3, 3, 1]
             kind = r.choices(["imap", "pop", "smtp", "reset"], weights)[0]
             try:
                 if kind == "imap":
@@ -290,14 +289,13 @@ async def test_soak_with_faults(tmp_path: Path, demo_upstream_factory: Any, trou
         for kind in protocols:
             assert tally.counts[f"{kind} ok"] > 0, (tally.counts, dict(tally.examples))
         await wait_for(lambda: open_sessions(env.daemon) == 0, 20, "every session to end")
-        if SMTP_AVAILABLE:
-            ids = collections.Counter()
-            for raw in await asyncio.to_thread(upstream.mailbox, USER):
-                mid = email.message_from_bytes(raw).get("Message-ID", "")
-                if mid.startswith("<smtp-"):
-                    ids[mid] += 1
-            missing = [m for m in tally.acknowledged if ids[m] != 1]
-            assert missing == [], (len(missing), [(m, ids[m]) for m in missing[:5]])
+        ids = collections.Counter()
+        for raw in await asyncio.to_thread(upstream.mailbox, USER):
+            mid = email.message_from_bytes(raw).get("Message-ID", "")
+            if mid.startswith("<smtp-"):
+                ids[mid] += 1
+        missing = [m for m in tally.acknowledged if ids[m] != 1]
+        assert missing == [], (len(missing), [(m, ids[m]) for m in missing[:5]])
         unlocked = env.store.unlock(USER, Secret(PASSWORD))
         assert unlocked.payload and unlocked.meta.refresh_token_present
         env.daemon.tokens.reconfigure(env.config)  # forget MSAL's replayed 503, if any
