@@ -31,7 +31,10 @@ def fake_browser(ca_file: str, seen: list[str]) -> object:
         def visit() -> None:
             page = http_session(ca_file).get(url, timeout=30)
             page.raise_for_status()
-            action = html.unescape(re.search(r'action="([^"]+)"', page.text).group(1))  # type: ignore[union-attr]
+            form = re.search(r'action="([^"]+)"', page.text)
+            if form is None:  # response_mode=query (older MSAL): the 302 to MSAL's loopback
+                return        # server was followed already, carrying the code
+            action = html.unescape(form.group(1))
             fields = {html.unescape(n): html.unescape(v) for n, v in
                       re.findall(r'name="([^"]+)"\s+value="([^"]*)"', page.text)}
             plain = requests.Session()
