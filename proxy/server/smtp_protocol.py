@@ -124,6 +124,12 @@ class ProxySMTP(SMTP):
             super().connection_lost(error)
         finally:
             self.event_handler.lost()
+            # asyncio's StreamReaderProtocol keeps a reset in its ``_closed`` future and marks
+            # it retrieved only in ``__del__``; when the protocol dies in a reference cycle the
+            # future can be collected first and asyncio logs "exception was never retrieved".
+            closed = getattr(self, "_closed", None)
+            if isinstance(closed, asyncio.Future) and closed.done() and not closed.cancelled():
+                closed.exception()
 
     def data_received(self, data: bytes) -> None:
         if self._refused:
