@@ -23,6 +23,7 @@ from proxy import systemd
 Protocol = Literal["imap", "pop", "smtp"]
 PROTOCOLS: tuple[Protocol, ...] = ("imap", "pop", "smtp")
 LocalTLS = Literal["none", "starttls", "implicit"]
+BareLineEndings = Literal["reject", "normalise"]
 UpstreamTLS = Literal["implicit", "starttls"]
 Flow = Literal["device_code", "auth_code", "client_credentials"]
 FLOWS: tuple[Flow, ...] = ("device_code", "auth_code", "client_credentials")
@@ -83,6 +84,9 @@ class Listener:
     cert_file: Path | None = None
     key_file: Path | None = None
     allow_insecure_non_loopback: bool = False
+    # SMTP: a message with a bare CR or LF is refused (550 5.6.11), or its line ends are made
+    # CR LF before they go upstream ("normalise", for devices that send LF only).
+    bare_line_endings: BareLineEndings = "reject"
 
 
 @dataclass(frozen=True)
@@ -399,7 +403,10 @@ def _read_listener(index: int, t: _Table, upstreams: dict[str, Upstream],
         cert_file=t.path_("cert_file", must_exist=True),
         key_file=t.path_("key_file", must_exist=True),
         allow_insecure_non_loopback=t.get("allow_insecure_non_loopback", bool, False),
+        bare_line_endings=t.choice("bare_line_endings", ("reject", "normalise"), "reject"),
     )
+    if listener.bare_line_endings != "reject" and protocol != "smtp":
+        raise t.fail("bare_line_endings", "applies to SMTP listeners only")
     if listener.tls != "none" and (listener.cert_file is None or listener.key_file is None):
         raise t.fail("cert_file", f"tls = {listener.tls!r} needs cert_file and key_file")
     # A relay listener's [[relay]] rules are an explicit allow list of sources, and AUTH on it

@@ -33,6 +33,9 @@ class Knobs:
     # tokens: NO [UNAVAILABLE] / -ERR [SYS/TEMP] / 454 4.7.0 (common.TEMPORARY_FAILURE).
     xoauth2_temporary_failure: bool = False
     max_message_size: int = 64 * 1024 * 1024
+    # SMTP: a second reply after the one to the end of a message, as an upstream out of step
+    # with the proxy would send (for example one that read a smuggled command in the message).
+    smtp_extra_reply_after_data: bool = False
     preauth_timeout: int = 60  # IMAP/POP3: seconds a connection may wait without logging in
 
     def update(self, values: dict[str, Any]) -> None:

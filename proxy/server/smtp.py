@@ -56,7 +56,7 @@ from proxy.secret import Secret
 from proxy.server.limits import PreauthLimiter, Throttle, is_loopback
 from proxy.server.listener import ListenerBase
 from proxy.server.logins import LoginAttempt, unreachable, upstream_refusal
-from proxy.server.smtp_protocol import ProxySMTP, quiet_aiosmtpd
+from proxy.server.smtp_protocol import BareLineEndingRefused, ProxySMTP, quiet_aiosmtpd
 from proxy.server.smtp_relay import RelayHandler, RelayRefused, count, seed_metrics
 from proxy.server.smtp_upstream import (
     DATA_END_TIMEOUT,
@@ -424,6 +424,11 @@ class ConnectionHandler(RelayHandler):
             self._message_logged(envelope, server.data_scanner.size, None, "failed", started,
                                  reason=str(exc))
             return self._lost(server, exc)
+        except BareLineEndingRefused as exc:
+            self._message_logged(envelope, server.data_scanner.size, None, "rejected", started,
+                                 reason=f"{exc}: the connection is closed without an end of "
+                                        "data upstream")
+            return bare_line_ending_reply(exc.kind)
         finally:
             server.hold_idle_timer(None)
             if not finished:  # never let the upstream see an end of data: drop the session
@@ -436,6 +441,13 @@ class ConnectionHandler(RelayHandler):
             return text
         self.in_transaction = False  # after the final dot the upstream's transaction is over
         self._message_logged(envelope, server.data_scanner.size, reply, _result(reply), started)
+        if upstream.out_of_step:
+            logs.event(log, logging.WARNING, "upstream_out_of_step", protocol="smtp",
+                       account=self.account, peer=self.peer,
+                       reason=f"{self.ctx.upstream.host} sent more than one reply to the end "
+                              "of a message; its session is closed and the next message "
+                              "opens a new one")
+            self.upstream = None
         if reply.code == 421:
             server.close_soon()
         return reply.wire()
@@ -537,6 +549,13 @@ class _Refused(Exception):
         super().__init__(rejected.text)
         self.mailbox, self.attempt = mailbox, attempt
         self.text, self.kind, self.code = rejected.text, rejected.kind, rejected.code
+
+
+def bare_line_ending_reply(kind: str) -> str:
+    return (f"550 5.6.11 Bare {kind} in the message: SMTP lines end with CR LF, and a mail "
+            "server could end the message at a bare line ending; the message was not sent and "
+            "the connection is closed. Fix the sender, or have the administrator set "
+            "bare_line_endings = \"normalise\" on this listener")
 
 
 def _result(reply: Reply) -> str:

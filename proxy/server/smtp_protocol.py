@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, AnyStr, TypeVar
 
 from aiosmtpd.smtp import ALLOWED_BEFORE_STARTTLS, BOGUS_LIMIT, MISSING, SMTP, TLSSetupException
 
-from proxy.protocol.smtp_data import DataScanner
+from proxy.protocol.smtp_data import BareLineEnding, DataScanner
 from proxy.protocol.smtp_syntax import (
     AUTH_LINE_TOO_LONG,
     EMPTY_LINE,
@@ -393,33 +393,69 @@ class ProxySMTP(SMTP):
         status = await self.event_handler.relay_message(self)
         self._set_post_data_state()
         await self.push(status)  # type: ignore[type-var]  # str, or the upstream's bytes
+        if self.data_scanner.bare is not None:
+            await self.discard_and_close()
 
     async def message_chunks(self) -> AsyncGenerator[tuple[bytes, bool], None]:
         """The client's message after ``354`` as it arrives, as sent (dot-stuffed), with whether
         it is the last chunk (which ends with the end-of-data line). Bytes after that
         (pipelined commands) are left to aiosmtpd's command loop. ``data_scanner.size`` is
-        the message size."""
+        the message size. A bare line ending (unless the listener normalises them) raises
+        ``BareLineEndingRefused`` before any byte from its chunk on is yielded."""
         reader = self._reader
-        scanner = self.data_scanner = DataScanner()
+        normalise = self.event_handler.ctx.listener.bare_line_endings == "normalise"
+        scanner = self.data_scanner = DataScanner(normalise=normalise)
         while True:
             chunk = await reader.read(_READ_ALL)
             if not chunk:  # EOF: aiosmtpd cancels this task as well
                 raise ConnectionResetError("the client closed the connection during DATA")
-            end = scanner.feed(chunk)
-            if end == -1:
-                yield chunk, False
+            forward, rest = scanner.feed(chunk)
+            if scanner.bare is not None:
+                raise BareLineEndingRefused(scanner.bare)
+            if rest is None:
+                if forward:
+                    yield forward, False
                 continue
-            if end < len(chunk):
-                rest, chunk = chunk[end:], chunk[:end]
-                if not reader.at_eof():
-                    # read() emptied the reader (its buffer never holds _READ_ALL bytes: the
-                    # transport pauses at twice its limit), so feeding the rest back keeps
-                    # the order of the bytes.
-                    reader.feed_data(rest)
-            yield chunk, True
+            if rest and not reader.at_eof():
+                # read() emptied the reader (its buffer never holds _READ_ALL bytes: the
+                # transport pauses at twice its limit), so feeding the rest back keeps
+                # the order of the bytes.
+                reader.feed_data(rest)
+            yield forward, True
             return
 
+    async def discard_and_close(self) -> None:
+        """After a refused bare line ending: where the client thinks its message ends is
+        unknown, so nothing more it sends is read as a command. The proxy stops writing
+        (a half-close, where the transport has one), reads and drops the client's bytes until
+        it stops sending (closing with unread input would reset the connection and could lose
+        the reply), then closes."""
+        reader, transport = self._reader, self.transport
+        if transport is None:
+            return
+        if self._writer.can_write_eof():  # a TLS transport cannot half-close
+            self._writer.write_eof()
+        try:
+            async with asyncio.timeout(DISCARD_SECONDS):
+                while True:
+                    async with asyncio.timeout(DISCARD_QUIET_SECONDS):
+                        if not await reader.read(_READ_ALL):
+                            break
+        except TimeoutError:
+            pass
+        transport.close()
 
+
+class BareLineEndingRefused(Exception):
+    """A message had a bare CR or LF; ``kind`` says which."""
+
+    def __init__(self, kind: BareLineEnding) -> None:
+        super().__init__(f"bare {kind} in the message")
+        self.kind = kind
+
+
+DISCARD_SECONDS = 10.0  # at most, after a refused bare line ending
+DISCARD_QUIET_SECONDS = 1.0  # or once the client has sent nothing for this long
 _READ_ALL = 1 << 24  # more than a StreamReader with aiosmtpd's line limit ever buffers
 _AUTH_RESPONSE_LIMIT = 12288 + 2  # RFC 4954 4: a SASL response line, with its CR LF
 _PARSER_FAILED = Refused(501, "5.5.4", "Syntax error: the proxy could not read this command")
@@ -469,4 +505,4 @@ def _retrieve(task: asyncio.Task[None]) -> None:
         task.exception()
 
 
-__all__ = ["ProxySMTP", "quiet_aiosmtpd"]
+__all__ = ["ProxySMTP", "BareLineEndingRefused", "quiet_aiosmtpd"]

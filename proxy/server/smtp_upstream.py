@@ -159,6 +159,7 @@ class UpstreamSession:
         self.upstream = upstream
         self.client = client
         self.size_limit: int | None = _size(client)
+        self.out_of_step = False  # the upstream answered more than was asked: closed
 
     @classmethod
     async def open(cls, upstream: Upstream, context: ssl.SSLContext, mailbox: str, token: str,
@@ -193,6 +194,7 @@ class UpstreamSession:
 
     async def command(self, *args: bytes, timeout: float = COMMAND_TIMEOUT) -> Reply:
         """Send one command line; return the reply whatever its code (raise ``UpstreamLost``)."""
+        self._check_in_step()
         with _session_errors(self.upstream):
             response = await self.client.execute_command(*args, timeout=timeout)
         return Reply(response.code, response.message)
@@ -219,7 +221,25 @@ class UpstreamSession:
                 raise
         if response.code == 421:
             self.client.close()
+        elif self._unclaimed():
+            # More than one reply to one end of data: the upstream read something else as
+            # commands. Its first reply answers the message; the session is done.
+            self.out_of_step = True
+            self.client.close()
         return Reply(response.code, response.message)
+
+    def _unclaimed(self) -> int:
+        """Bytes the upstream sent after the reply just read (aiosmtplib keeps them in its
+        protocol's buffer, where the next command would take them for its own reply)."""
+        buffer = getattr(self.client.protocol, "_buffer", None)
+        return len(buffer) if buffer is not None else 0
+
+    def _check_in_step(self) -> None:
+        if self._unclaimed():
+            self.out_of_step = True
+            self.client.close()
+            raise UpstreamLost(f"{self.upstream.host} sent a reply to no command; the session "
+                               "was out of step and is closed")
 
     def _protocol(self) -> SMTPProtocol:
         protocol = self.client.protocol

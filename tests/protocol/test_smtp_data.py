@@ -1,39 +1,92 @@
-"""proxy.protocol.smtp_data: the end of an SMTP message found chunk by chunk."""
+"""proxy.protocol.smtp_data: the end of an SMTP message found chunk by chunk, and the bare line
+endings that would let a message smuggle commands past the proxy."""
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
+
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from proxy.protocol.smtp_data import DataScanner
 
 
-def scan(stream: bytes, cuts: list[int]) -> tuple[int, int] | None:
-    """Feed ``stream`` cut at ``cuts``; (absolute end offset, size) or None if no end."""
-    scanner, offset, start = DataScanner(), 0, 0
+@dataclass(frozen=True)
+class Scan:
+    """What the scanner made of a stream: the bytes it passed on, whether (and where) the
+    message ended, what came after it, and the bare line ending it refused."""
+    forwarded: bytes
+    end: int | None = None  # offset in the stream just past the end-of-data line
+    size: int | None = None
+    bare: str | None = None
+
+
+def scan(stream: bytes, cuts: list[int], *, normalise: bool = False) -> Scan:
+    """Feed ``stream`` cut at ``cuts``."""
+    scanner, start, forwarded = DataScanner(normalise=normalise), 0, b""
     for cut in sorted({*cuts, len(stream)}):
         chunk = stream[start:cut]
         start = cut
         if not chunk:
             continue
-        end = scanner.feed(chunk)
-        if end != -1:
-            return offset + end, scanner.size
-        offset += len(chunk)
-    return None
+        forward, rest = scanner.feed(chunk)
+        forwarded += forward
+        if scanner.bare is not None:
+            assert (forward, rest) == (b"", None)
+            assert scanner.feed(b"more\r\n.\r\n") == (b"", None)  # refused for good
+            return Scan(forwarded, bare=scanner.bare)
+        if rest is not None:
+            after = rest + stream[start:]
+            return Scan(forwarded, len(stream) - len(after), scanner.size)
+    return Scan(forwarded)
 
 
-def reference(stream: bytes) -> tuple[int, int] | None:
-    """The end as a line-by-line reader finds it: the first line that is exactly ``.``."""
+def reference(stream: bytes) -> Scan:
+    """A line-by-line reader: lines end with CR LF only; a bare CR or LF before the line
+    holding just a dot is refused; a CR at the end of the stream is not decided yet."""
     at = 0
     while True:
-        nl = stream.find(b"\r\n", at)
-        if nl == -1:
-            return None
-        if stream[at:nl] == b".":
-            return nl + 2, at
-        at = nl + 2
+        brk = re.compile(rb"[\r\n]").search(stream, at)
+        if brk is None:
+            return Scan(stream)
+        j = brk.start()
+        if stream[j] == 13 and brk.end() == len(stream):
+            return Scan(stream[:j])
+        if stream[j] == 10:
+            return Scan(stream[:j], bare="LF")
+        if stream[j + 1] != 10:
+            return Scan(stream[:j], bare="CR")
+        if stream[at:j] == b".":
+            return Scan(stream[:j + 2], j + 2, at)
+        at = j + 2
+
+
+def reference_normalised(stream: bytes) -> Scan:
+    """A line-by-line reader that takes CR LF, CR and LF as line ends, as the upstream sees
+    the normalised message: the first line holding just a dot ends it."""
+    at, out = 0, b""
+    while True:
+        brk = re.compile(rb"\r\n|\r|\n").search(stream, at)
+        if brk is None:
+            return Scan(out + stream[at:])
+        if brk.group() == b"\r" and brk.end() == len(stream):
+            return Scan(out + stream[at:brk.start()])
+        line = stream[at:brk.start()]
+        out += line + b"\r\n"
+        if line == b".":
+            return Scan(out, brk.end(), len(out) - 3)
+        at = brk.end()
+
+
+def prefix_ok(got: Scan, want: Scan) -> bool:
+    """An ended message is passed on whole; otherwise what the scanner passed on is a prefix
+    of the most it may (it passes on chunks, not lines, and holds back a CR at a chunk's end)."""
+    if want.end is not None:
+        return got == want
+    return (got.end is None and got.bare == want.bare
+            and want.forwarded.startswith(got.forwarded))
 
 
 @pytest.mark.parametrize("stream, end, size", [
@@ -43,30 +96,87 @@ def reference(stream: bytes) -> tuple[int, int] | None:
     (b"a\r\n.\r\nQUIT\r\n", 6, 3),
     (b"..\r\n.\r\n", 7, 4),  # a stuffed dot line is content
     (b".x\r\n..\r\n.\r\n", 11, 8),
-    (b"a\n.\r\n", None, None),  # bare LF does not end a line
-    (b"a\r\n.\n", None, None),
     (b"a\r\n. \r\n", None, None),
+    (b"a\r\n.\r\nbare\nafter the end is not the message's\r", 6, 3),
     (b"", None, None),
 ])
 def test_end_of_data(stream: bytes, end: int | None, size: int | None) -> None:
-    expected = None if end is None else (end, size)
-    assert scan(stream, []) == expected
-    assert scan(stream, list(range(len(stream)))) == expected  # byte by byte
-    assert reference(stream) == expected
+    for cuts in ([], list(range(len(stream)))):  # whole, and byte by byte
+        got = scan(stream, cuts)
+        assert (got.end, got.size, got.bare) == (end, size, None)
+        assert prefix_ok(got, reference(stream))
 
 
-@given(st.lists(st.sampled_from([b"\r\n", b".", b"\r", b"\n", b"x", b"..", b"\r\n.\r\n"]),
-                max_size=30),
+# Every way a line-at-LF upstream could see an end of data that the proxy does not.
+SMUGGLED = b"MAIL FROM:<ceo@bank.example>\r\nRCPT TO:<victim@example.test>\r\nDATA\r\nforged\r\n"
+
+
+@pytest.mark.parametrize("marker, kind", [
+    (b"\n.\n", "LF"), (b"\r\n.\n", "LF"), (b"\n.\r\n", "LF"), (b"\r.\r", "CR"),
+    (b"\r.\r\n", "CR"), (b"\r\n.\r", "CR"), (b"\r\n\x00.\r\n", None),
+])
+def test_smuggling_markers_are_refused(marker: bytes, kind: str | None) -> None:
+    stream = b"Subject: hi\r\n\r\nbody" + marker + SMUGGLED + b".\r\n"
+    for cuts in ([], list(range(len(stream))), [len(b"Subject: hi\r\n\r\nbody") + 1]):
+        got = scan(stream, cuts)
+        if kind is None:  # not a line ending at all: content, ended at the real dot line
+            assert got.end == len(stream) and got.bare is None
+            continue
+        assert got.bare == kind
+        assert stream.startswith(got.forwarded) and BARE.search(got.forwarded) is None
+        assert b"MAIL FROM" not in got.forwarded
+
+
+def test_normalised_markers_end_where_the_upstream_would() -> None:
+    """Normalising, the proxy ends the message at the dot line the upstream sees, and the
+    smuggled lines come back as the client's own commands (which the proxy then checks)."""
+    for marker in (b"\n.\n", b"\r\n.\n", b"\n.\r\n", b"\r.\r"):
+        head = b"Subject: hi\r\n\r\nbody"
+        stream = head + marker + SMUGGLED
+        for cuts in ([], list(range(len(stream)))):
+            got = scan(stream, cuts, normalise=True)
+            assert got.forwarded == b"Subject: hi\r\n\r\nbody\r\n.\r\n"
+            assert got.end == len(head + marker)
+            assert got.size == len(b"Subject: hi\r\n\r\nbody\r\n")
+
+
+def test_normalise_keeps_crlf_messages_as_sent() -> None:
+    stream = b"a\r\nb\r\n..c\r\n.\r\nQUIT\r\n"
+    assert scan(stream, [5], normalise=True) == scan(stream, [5])
+
+
+BARE = re.compile(rb"\r(?!\n)|(?<!\r)\n")
+PARTS = [b"\r\n", b".", b"\r", b"\n", b"x", b"..", b"\r\n.\r\n", b"\n.\n"]
+
+
+@given(st.lists(st.sampled_from(PARTS), max_size=30),
        st.lists(st.integers(min_value=0, max_value=200), max_size=10))
+@example([b"x", b"\r"], [1])  # a CR at a chunk's end, undecided
+@example([b"\r", b"\n", b".", b"\r", b"\n"], [1, 4])
 def test_any_cut_finds_what_a_line_reader_finds(parts: list[bytes], cuts: list[int]) -> None:
     stream = b"".join(parts)
-    assert scan(stream, [c for c in cuts if c < len(stream)]) == reference(stream)
+    cuts = [c for c in cuts if c < len(stream)]
+    assert prefix_ok(scan(stream, cuts), reference(stream))
+
+
+@given(st.lists(st.sampled_from(PARTS), max_size=30),
+       st.lists(st.integers(min_value=0, max_value=200), max_size=10))
+@example([b"\n.\n"], [2])  # the dot line's bare LF the first byte of a chunk
+@example([b"x", b"\r", b".", b"\r"], [2, 3])
+def test_normalised_any_cut_matches_a_lenient_line_reader(parts: list[bytes],
+                                                          cuts: list[int]) -> None:
+    stream = b"".join(parts)
+    cuts = [c for c in cuts if c < len(stream)]
+    got = scan(stream, cuts, normalise=True)
+    want = reference_normalised(stream)
+    assert prefix_ok(got, want)
+    assert BARE.search(got.forwarded) is None  # the upstream sees CR LF line ends only
 
 
 def test_size_counts_a_large_message_across_chunks() -> None:
     body = b"x" * 998 + b"\r\n"
     scanner = DataScanner()
     for _ in range(1000):
-        assert scanner.feed(body) == -1
-    assert scanner.feed(b".\r\nQUIT\r\n") == 3
+        assert scanner.feed(body) == (body, None)
+    assert scanner.feed(b".\r\nQUIT\r\n") == (b".\r\n", b"QUIT\r\n")
     assert scanner.size == 1000 * len(body)

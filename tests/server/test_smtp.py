@@ -98,7 +98,7 @@ async def test_auth_plain_several_messages_with_rset_and_noop(smtp_env: ProxyEnv
     port, up = smtp_env.ports["smtp"], smtp_env.upstream
     accepted = message_count("accepted")
     logins = login_count("ok")
-    msgs = [message(f"message {i}", b"Line one\r\n.leading dot\r\nbare\nLF stays\r\n")
+    msgs = [message(f"message {i}", b"Line one\r\n.leading dot\r\nCR LF line ends\r\n")
             for i in range(3)]
 
     def run() -> None:

@@ -288,7 +288,10 @@ class SMTPServer(smtp.ESMTP):
             for rcpt in self._rcpts:
                 self.factory.store.deliver(rcpt, message)
             queue_id = f"<{uuid.uuid4().hex.upper()}@{common.HOSTNAME}>"
-            self.sendCode(250, f"2.0.0 OK {queue_id} [Hostname={common.HOSTNAME}]".encode())
+            reply = f"250 2.0.0 OK {queue_id} [Hostname={common.HOSTNAME}]\r\n".encode()
+            if self.factory.knobs.smtp_extra_reply_after_data:
+                reply += b"250 2.0.0 A reply to no command\r\n"  # in the same segment
+            self.transport.write(reply)
         self._reset_mail()
 
 
