@@ -2,9 +2,12 @@
 
 ``event(log, logging.INFO, "login", protocol="imap", account=…, result="ok")`` writes
 ``level=info event=login protocol=imap account=… result=ok``. Values are quoted when they hold
-spaces; CR/LF are escaped so a peer cannot forge log lines. A ``Secret`` renders as ``***``:
-passwords and tokens never reach a log line, at any level (``tests/ops/test_logs.py`` runs
-whole sessions at debug level and searches the output for them).
+spaces; every character that is not printable (C0 and C1 controls, DEL, line and paragraph
+separators, bidirectional and other format controls) is escaped as ``\\xNN`` or ``\\uNNNN``
+(``\\r``, ``\\n``, ``\\t`` for those three), so a peer cannot forge or disguise a log line.
+A ``Secret`` renders as ``***``: passwords and tokens never reach a log line, at any level
+(``tests/ops/test_logs.py`` runs whole sessions at debug level and searches the output for
+them).
 
 Stable field names, so that log queries keep working: ``event`` (what happened), ``protocol``,
 ``listener``, ``account``, ``peer`` (client ``host:port``), ``mechanism``, ``result`` (the same
@@ -39,10 +42,21 @@ def _render(value: Any) -> str:
         text = f"{value:.3f}".rstrip("0").rstrip(".")
     else:
         text = str(value)
-    text = text.replace("\\", "\\\\").replace("\r", "\\r").replace("\n", "\\n")
+    text = text.replace("\\", "\\\\")
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else _escape(c) for c in text)
     if not text or any(c in text for c in ' "='):
         text = '"' + text.replace('"', '\\"') + '"'
     return text
+
+
+_ESCAPES = {"\r": "\\r", "\n": "\\n", "\t": "\\t"}
+
+
+def _escape(char: str) -> str:
+    code = ord(char)
+    return _ESCAPES.get(char) or (f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+                                  if code < 0x10000 else f"\\U{code:08x}")
 
 
 class KeyValueFormatter(logging.Formatter):

@@ -142,6 +142,9 @@ def parse_path(text: str, *, local_part_limit: int = 0) -> Path | BadPath:
     """``<mailbox>`` at the start of ``text`` (after ``FROM:``/``TO:`` and spaces)."""
     if not text.startswith("<"):
         return BadPath("the address must be in angle brackets, like <name@example.com>")
+    if not text.isprintable():  # C1 controls, line separators, bidi and other format controls
+        return BadPath("the address or its parameters hold control or invisible formatting "
+                       "characters")
     end = _closing_bracket(text)
     if end == -2:
         return BadPath('a quoted local part is not closed with "')

@@ -260,6 +260,9 @@ class ConnectionHandler(RelayHandler):
 
     async def _login(self, server: SMTP, user: str, password: Secret,
                      mechanism: str) -> AuthResult:
+        if not user.isprintable():  # keeps log lines and the upstream's SASL intact
+            await server.push("501 5.5.2 The user name has control characters")
+            return AuthResult(success=False, handled=True)
         login = LoginAttempt(self.ctx.throttle, log, protocol="smtp", listener=self.ctx.listener.name,
                              user=user, peer=self.peer, peer_host=self.peer_host,
                              mechanism=mechanism)

@@ -136,7 +136,11 @@ def test_mail_accepts(arg: str, sender: str, options: tuple[str, ...]) -> None:
     ("FROM:<a@b..example>", 501, "5.1.7", "domain"),
     ("FROM:<a@b_c.example>", 501, "5.1.7", "domain"),
     ("FROM:<a@" + "x" * 64 + ".example>", 501, "5.1.7", "domain"),
-    ('FROM:<"a\\\x80"@b>', 501, "5.1.7", "quoted"),
+    ('FROM:<"a\\\x80"@b>', 501, "5.1.7", "control or invisible"),
+    ("FROM:<a\u2028b@c.example>", 501, "5.1.7", "control or invisible"),  # line separator
+    ("FROM:<ceo@bank.example\u202e>", 501, "5.1.7", "control or invisible"),  # bidi override
+    ("FROM:<a\x85@c.example>", 501, "5.1.7", "control or invisible"),  # C1 NEL
+    ("FROM:<a@b> X=\u2029", 501, "5.1.7", "control or invisible"),
     ("FROM:<a@b> SIZE=abc", 501, "5.5.4", "SIZE"),
     ("FROM:<a@b> SIZE", 501, "5.5.4", "SIZE"),
     ("FROM:<a@b> SIZE=" + "9" * 21, 501, "5.5.4", "SIZE"),
@@ -183,6 +187,7 @@ def test_mail_depends_on_the_session() -> None:
     ("TO:<bob@b> NOTIFY=NEVER", (555, "5.5.4")),
     ("TO:<bob@b> NOTIFY=", (501, "5.5.4")),
     ("TO:<@a.example:Postmaster>", (501, "5.1.3")),
+    ("TO:<bob@b.example\u2066>", (501, "5.1.3")),  # a bidi isolate
 ])
 def test_rcpt(arg: str | None, expected: Rcpt | tuple[int, str]) -> None:
     result = parse_rcpt(arg, extended=True)
