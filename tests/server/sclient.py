@@ -11,7 +11,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
-OPENSSL = shutil.which("openssl")
 # Debian's openssl refuses TLS 1.0/1.1 at its default security level, as a printer would not.
 OLD_CLIENT_CIPHERS = "DEFAULT@SECLEVEL=0"
 VERSION_FLAGS = {"1.0": "-tls1", "1.1": "-tls1_1", "1.2": "-tls1_2", "1.3": "-tls1_3"}
@@ -61,8 +60,9 @@ class SClient:
 
 def command(port: int, version: str, ca_file: Path, starttls: str | None = None,
             *extra: str) -> list[str]:
-    assert OPENSSL is not None
-    args = [OPENSSL, "s_client", "-connect", f"127.0.0.1:{port}", VERSION_FLAGS[version],
+    openssl = shutil.which("openssl")
+    assert openssl is not None, "tests.ops.util.require_tool('openssl', …) first"
+    args = [openssl, "s_client", "-connect", f"127.0.0.1:{port}", VERSION_FLAGS[version],
             "-cipher", OLD_CLIENT_CIPHERS, "-CAfile", str(ca_file), "-verify_return_error",
             "-verify_ip", "127.0.0.1", "-brief"]
     return args + (["-starttls", starttls] if starttls else []) + list(extra)

@@ -21,8 +21,9 @@ from proxy.demo import certs
 from proxy.demo.process import DemoUpstream
 from proxy.server import tls as tls_mod
 from proxy.server.daemon import Daemon, _Process
+from tests.ops.util import require_tool
 from tests.proxyenv import USER, ProxyEnv, authorise, config_dict, to_toml
-from tests.server.sclient import OPENSSL, handshake, s_client
+from tests.server.sclient import handshake, s_client
 from tests.server.smtp_util import (
     DEVICE_PASSWORD,
     RCPT,
@@ -34,14 +35,13 @@ from tests.server.smtp_util import (
     secret_forms,
 )
 
-pytestmark = pytest.mark.skipif(OPENSSL is None, reason="needs the openssl command (Debian: openssl)")
-
 OLD = {"min_tls_version": "1.0"}
 
 
 @pytest.fixture(autouse=True)
 def fresh_warnings(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> Iterator[None]:
     """Each test starts with no old-TLS warning remembered; no password reaches the logs."""
+    require_tool("openssl", "openssl")
     monkeypatch.setattr(tls_mod, "OLD_TLS_WARNINGS", tls_mod.OldTlsWarnings())
     caplog.set_level(logging.DEBUG)
     yield
