@@ -125,8 +125,8 @@ class Context:
 
 def source_refused(listener: Listener, host: str) -> bytes:
     """The reply sentence (and a log line) for a source the listener's allow_from excludes."""
-    logs.event(log, logging.WARNING, "connection_refused", listener=listener.name, peer=host,
-               reason="source not in the listener's allow_from")
+    logs.event(log, logging.WARNING, "connection_refused", protocol=listener.protocol,
+               listener=listener.name, peer=host, reason="source not in the listener's allow_from")
     return (f"Connections from {host} are not accepted on this port; ask the administrator "
             "to add the address to the listener's allow_from").encode("ascii", "replace")
 

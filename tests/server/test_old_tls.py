@@ -196,8 +196,8 @@ async def test_old_tls_warning_is_rate_limited(env: ProxyEnv,
         "old-smtp": "loopback only", "old-imap": "loopback only", "old-pop": "loopback only"}
 
 
-async def test_allow_from_keeps_other_sources_out(tmp_path: Path,
-                                                  demo_upstream: DemoUpstream) -> None:
+async def test_allow_from_keeps_other_sources_out(tmp_path: Path, demo_upstream: DemoUpstream,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
     only = {"allow_from": ["127.0.0.2/32"]}
     data = config_data(tmp_path, demo_upstream, {"old-smtp": only, "old-imap": only})
     cfg = config_mod.parse(data, tmp_path / "config.toml")
@@ -216,6 +216,10 @@ async def test_allow_from_keeps_other_sources_out(tmp_path: Path,
                             tmp_path / "local-tls" / "ca.pem") as c:
             bye = await c.until(r"\* ")
         assert bye.startswith("* BYE Connections from 127.0.0.1 are not accepted")
+        refused = fields(caplog, "connection_refused")
+        assert [(f["listener"], f["peer"]) for f in refused] == [("old-smtp", "127.0.0.1"),
+                                                                 ("old-imap", "127.0.0.1")]
+        assert all("allow_from" in f["reason"] for f in refused)
         # Listeners without allow_from still take everyone.
         assert (await in_thread(lambda: smtplib.SMTP("127.0.0.1", ports["smtp"],
                                                      timeout=10).quit()))[0] == 221
