@@ -46,8 +46,13 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     print(f"  state directory: {cfg.state_dir}")
     for li in cfg.listeners:
         up = cfg.upstreams[li.upstream]
-        print(f"  listener {li.name}: {li.protocol} on {li.listen} (local TLS {li.tls}) -> "
-              f"{up.host}:{up.port} ({up.tls} TLS)")
+        floor = f" {li.min_tls_version}+" if li.tls != "none" else ""
+        sources = f", only from {', '.join(map(str, li.allow_from))}" if li.allow_from else ""
+        print(f"  listener {li.name}: {li.protocol} on {li.listen} (local TLS {li.tls}{floor}"
+              f"{sources}) -> {up.host}:{up.port} ({up.tls} TLS)")
+        if li.old_tls and li.tls != "none":
+            print(f"  warning: listener {li.name} accepts TLS {li.min_tls_version}, which is weak; "
+                  "serve only devices that cannot do TLS 1.2 (docs/devices.md)")
     for name, p in cfg.providers.items():
         secret = ("file " + str(p.client_secret_file) if p.client_secret_file else
                   "env " + p.client_secret_env if p.client_secret_env else "none (public client)")

@@ -14,11 +14,11 @@ import os
 import re
 import tomllib
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from proxy import systemd
+from proxy import systemd, tlspolicy
 
 Protocol = Literal["imap", "pop", "smtp"]
 PROTOCOLS: tuple[Protocol, ...] = ("imap", "pop", "smtp")
@@ -74,6 +74,9 @@ class Upstream:
     warm_seconds: float = 20.0  # a warm connection unused this long is closed
 
 
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
 @dataclass(frozen=True)
 class Listener:
     name: str
@@ -87,6 +90,28 @@ class Listener:
     # SMTP: a message with a bare CR or LF is refused (550 5.6.11), or its line ends are made
     # CR LF before they go upstream ("normalise", for devices that send LF only).
     bare_line_endings: BareLineEndings = "reject"
+    min_tls_version: str = tlspolicy.DEFAULT_VERSION  # "1.0" … "1.3" (proxy.tlspolicy)
+    ciphers: str | None = None  # an OpenSSL cipher string for TLS 1.2 and older
+    # Only these sources may connect (empty: any). A listener accepting TLS 1.0/1.1 beyond
+    # loopback has them: its own allow_from, or else its [[relay]] rules' sources.
+    allow_from: tuple[Network, ...] = ()
+
+    @property
+    def old_tls(self) -> bool:
+        """Accepts TLS 1.0 or 1.1 (old devices), by the config's explicit choice."""
+        return self.min_tls_version in tlspolicy.OLD_VERSIONS
+
+    def admits(self, host: str) -> bool:
+        """May a client at ``host`` (an IP address, as the socket reports it) connect?"""
+        if not self.allow_from:
+            return True
+        try:
+            address = ipaddress.ip_address(host.split("%", 1)[0])
+        except ValueError:
+            return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        return any(address in network for network in self.allow_from)
 
 
 @dataclass(frozen=True)
@@ -141,9 +166,6 @@ class Account:
     @property
     def mailbox(self) -> str:
         return self.upstream_user or self.name
-
-
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 @dataclass(frozen=True)
@@ -404,11 +426,20 @@ def _read_listener(index: int, t: _Table, upstreams: dict[str, Upstream],
         key_file=t.path_("key_file", must_exist=True),
         allow_insecure_non_loopback=t.get("allow_insecure_non_loopback", bool, False),
         bare_line_endings=t.choice("bare_line_endings", ("reject", "normalise"), "reject"),
+        min_tls_version=_min_tls_version(t),
+        ciphers=t.text("ciphers", None),
+        allow_from=_sources(t, "allow_from") if "allow_from" in t.data else (),
     )
     if listener.bare_line_endings != "reject" and protocol != "smtp":
         raise t.fail("bare_line_endings", "applies to SMTP listeners only")
     if listener.tls != "none" and (listener.cert_file is None or listener.key_file is None):
         raise t.fail("cert_file", f"tls = {listener.tls!r} needs cert_file and key_file")
+    for key in ("min_tls_version", "ciphers"):
+        if key in t.data and listener.tls == "none":
+            raise t.fail(key, "applies to a listener with tls = 'starttls' or 'implicit'")
+    problem = tlspolicy.check(listener.min_tls_version, listener.ciphers)
+    if problem is not None:
+        raise t.fail("ciphers", problem)
     # A relay listener's [[relay]] rules are an explicit allow list of sources, and AUTH on it
     # still needs TLS or a loopback peer (or allow_insecure_non_loopback): no password travels
     # in clear, so it may listen beyond loopback without TLS.
@@ -421,6 +452,29 @@ def _read_listener(index: int, t: _Table, upstreams: dict[str, Upstream],
                                "a [[relay]] rule may listen without tls)")
     t.done()
     return listener
+
+
+def _min_tls_version(t: _Table) -> str:
+    value = t.data.get("min_tls_version", tlspolicy.DEFAULT_VERSION)
+    if isinstance(value, float | int) and not isinstance(value, bool):
+        raise t.fail("min_tls_version", f'must be a quoted string: min_tls_version = "{value}"')
+    return str(t.choice("min_tls_version", tuple(tlspolicy.VERSIONS), tlspolicy.DEFAULT_VERSION))
+
+
+def _restrict_old_tls(listener: Listener, relays: list[RelayRule], t: _Table) -> Listener:
+    """A listener taking TLS 1.0/1.1 beyond loopback must be limited to known sources: its
+    allow_from, or else the sources of its [[relay]] rules (which it then enforces)."""
+    if not listener.old_tls or listener.listen.is_loopback or listener.allow_from:
+        return listener
+    sources = tuple(dict.fromkeys(n for r in relays if r.listener == listener.name
+                                  for n in r.sources))
+    if not sources:
+        raise t.fail("min_tls_version", f"TLS {listener.min_tls_version} is allowed only on a "
+                                        f"listener restricted to loopback or to source "
+                                        f"networks, and {listener.listen} is open to any "
+                                        "address: set allow_from = [\"192.0.2.0/24\"] (the "
+                                        "devices' networks), or listen on 127.0.0.1")
+    return replace(listener, allow_from=sources)
 
 
 def _read_provider(name: str, t: _Table) -> Provider:
@@ -491,21 +545,22 @@ _ADDRESS = re.compile(r"[^@\s<>]+@[^@\s<>.][^@\s<>]*")
 _SENDER = re.compile(r"<>|[^@\s<>]*@[^@\s<>.][^@\s<>]*")  # an address, @domain or <>
 
 
-def _relay_sources(t: _Table) -> tuple[Network, ...]:
-    networks, values = [], t.get("sources", list)
+def _sources(t: _Table, key: str = "sources") -> tuple[Network, ...]:
+    networks, values = [], t.get(key, list)
     if not values:
-        raise t.fail("sources", "must list the devices' addresses or networks")
+        raise t.fail(key, "must list the devices' addresses or networks")
     for value in values:
         try:
             network = ipaddress.ip_network(value.strip(), strict=True)
         except (AttributeError, ValueError) as exc:
             loose = (ipaddress.ip_network(value.strip(), strict=False)
                      if isinstance(exc, ValueError) and "host bits" in str(exc) else None)
-            raise t.fail("sources", f"{value!r} is not an address or CIDR network" + (
+            raise t.fail(key, f"{value!r} is not an address or CIDR network" + (
                 f"; did you mean {loose}?" if loose else ", e.g. \"192.0.2.0/24\"")) from None
         if network.prefixlen == 0:
-            raise t.fail("sources", f"{value!r} matches every address (an open relay); list "
-                                    "the devices' addresses or networks")
+            what = " (an open relay)" if key == "sources" else ""
+            raise t.fail(key, f"{value!r} matches every address{what}; list the devices' "
+                              "addresses or networks")
         networks.append(network)
     return tuple(networks)
 
@@ -536,7 +591,7 @@ def _read_relay(index: int, t: _Table, listeners: dict[str, Listener],
     if listener.protocol != "smtp":
         raise t.fail("listener", f"listener {listener_name!r} speaks {listener.protocol}; "
                                  "relay rules need an smtp listener")
-    sources = _relay_sources(t)
+    sources = _sources(t)
     account_name = t.text("account").strip().lower()
     account = accounts.get(account_name)
     if account is None:
@@ -616,6 +671,9 @@ def parse(data: dict[str, Any], file: Path) -> Config:
         if any(r.name == rule.name for r in relays):
             raise top.fail(f"relay[{i}].name", f"{rule.name!r} is used by another relay rule")
         relays.append(rule)
+    for i, li in enumerate(listeners):
+        listeners[i] = _restrict_old_tls(li, relays, _Table(raw_listeners[i], f"listeners[{i}]",
+                                                            file))
 
     metrics = Metrics()
     mt = top.table("metrics")

@@ -12,6 +12,8 @@ Exported (``_total``/``_seconds`` suffixes as in the exposition):
   ``config_reloads_total{result}``, ``config_last_reload_successful``,
   ``config_last_reload_success_timestamp_seconds``;
 - ``connections_total{protocol,listener}``, ``connections_active{protocol,listener}``;
+- ``tls_handshakes_total{listener,version}``: client TLS handshakes (implicit and STARTTLS) by
+  negotiated version (``"1.0"`` … ``"1.3"``), so operators see which devices still use old TLS;
 - ``logins_total{protocol,result}`` (``LOGIN_RESULTS``);
 - ``upstream_connect_seconds{protocol}``, ``upstream_login_seconds{protocol}`` (histograms);
 - ``token_refreshes_total{result}``, ``token_refresh_seconds`` (histogram),
@@ -77,6 +79,10 @@ CONNECTIONS = Counter("xoauth2_proxy_connections_total", "Client connections acc
                       ["protocol", "listener"], registry=REGISTRY)
 CONNECTIONS_ACTIVE = Gauge("xoauth2_proxy_connections_active", "Client connections open now.",
                            ["protocol", "listener"], registry=REGISTRY)
+TLS_VERSIONS = ("1.0", "1.1", "1.2", "1.3")
+TLS_HANDSHAKES = Counter("xoauth2_proxy_tls_handshakes_total",
+                         "Client TLS handshakes completed, by listener and negotiated version.",
+                         ["listener", "version"], registry=REGISTRY)
 LOGINS = Counter("xoauth2_proxy_logins_total", "Client logins by outcome.",
                  ["protocol", "result"], registry=REGISTRY)
 UPSTREAM_CONNECT_SECONDS = Histogram(
@@ -204,10 +210,15 @@ REGISTRY.register(ACCOUNTS)
 
 
 def prepare(protocols_and_listeners: Iterable[tuple[str, str]], *, per_account_labels: bool,
-            accounts: Iterable[str]) -> None:
+            accounts: Iterable[str],
+            tls_listeners: Iterable[tuple[str, str]] = ()) -> None:
     """Create the label sets the config can produce, at zero, so rates and ratios exist from
-    the first scrape (a counter that appears on its first increment hides that increment)."""
+    the first scrape (a counter that appears on its first increment hides that increment).
+    ``tls_listeners``: (listener, lowest TLS version it accepts) for each TLS listener."""
     ACCOUNTS.configure(per_account_labels=per_account_labels, accounts=accounts)
+    for listener, lowest in tls_listeners:
+        for version in TLS_VERSIONS[TLS_VERSIONS.index(lowest):]:
+            TLS_HANDSHAKES.labels(listener, version)
     protocols = set()
     for protocol, listener in protocols_and_listeners:
         protocols.add(protocol)

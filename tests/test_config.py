@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
 
 from proxy import config
 from proxy.config import ConfigError
+from proxy.demo import certs
 from tests.ops.util import SHIPPED
 
 EXAMPLES = sorted((SHIPPED / "config").glob("*.toml"))
@@ -168,3 +170,122 @@ def test_help_and_version() -> None:
     for command in ("run", "demo", "login", "logout", "accounts", "passwd", "check-config", "version"):
         assert command in result.stdout
     assert cli("version").stdout.startswith("xoauth2-proxy ")
+
+
+# --- TLS for old devices: min_tls_version, ciphers, allow_from ------------------------------
+
+
+def tls_config(tmp_path: Path, listen: str = "127.0.0.1:1143", extra: str = "") -> str:
+    paths = certs.generate(tmp_path / "tls")
+    return MINIMAL.replace('listen = "127.0.0.1:1143"', (
+        f'listen = "{listen}"\ntls = "implicit"\ncert_file = "{paths.cert_file}"\n'
+        f'key_file = "{paths.key_file}"\n{extra}'))
+
+
+def test_tls_defaults_and_choices(tmp_path: Path) -> None:
+    li = load_text(tmp_path, tls_config(tmp_path)).listeners[0]
+    assert (li.min_tls_version, li.ciphers, li.allow_from, li.old_tls) == ("1.2", None, (), False)
+    li = load_text(tmp_path, tls_config(tmp_path, extra='min_tls_version = "1.0"')).listeners[0]
+    assert li.old_tls and li.allow_from == ()  # loopback: no allow list needed
+    li = load_text(tmp_path, tls_config(tmp_path, "0.0.0.0:993", (  # noqa: S104
+        'min_tls_version = "1.1"\nciphers = "RSA+AES"\n'
+        'allow_from = ["192.0.2.0/24", "2001:db8::7"]'))).listeners[0]
+    assert li.old_tls and li.ciphers == "RSA+AES"
+    assert [str(n) for n in li.allow_from] == ["192.0.2.0/24", "2001:db8::7/128"]
+    assert li.admits("192.0.2.9") and li.admits("::ffff:192.0.2.9") and li.admits("2001:db8::7")
+    assert not li.admits("192.0.3.1") and not li.admits("127.0.0.1") and not li.admits("?")
+
+
+@pytest.mark.parametrize(
+    ("listen", "extra", "key", "words"),
+    [
+        ("0.0.0.0:993", 'min_tls_version = "1.0"', "min_tls_version", "open to any address"),
+        ("192.0.2.1:993", 'min_tls_version = "1.1"', "min_tls_version", "allow_from"),
+        ("127.0.0.1:993", "min_tls_version = 1.0", "min_tls_version", 'min_tls_version = "1.0"'),
+        ("127.0.0.1:993", 'min_tls_version = "1.4"', "min_tls_version", "must be one of"),
+        ("127.0.0.1:993", 'ciphers = "NO-SUCH-CIPHER"', "ciphers", "selects no cipher"),
+        ("127.0.0.1:993", 'allow_from = ["0.0.0.0/0"]', "allow_from", "matches every address"),
+        ("127.0.0.1:993", 'allow_from = ["192.0.2.1/24"]', "allow_from", "192.0.2.0/24"),
+        ("127.0.0.1:993", "allow_from = []", "allow_from", "must list"),
+    ],
+)
+def test_tls_errors_name_the_key(tmp_path: Path, listen: str, extra: str, key: str,
+                                 words: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_text(tmp_path, tls_config(tmp_path, listen, extra))
+    message = str(info.value)
+    assert "\n" not in message and f"listeners[0].{key}: " in message and words in message
+
+
+def test_tls_options_need_tls(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"listeners\[0\].min_tls_version: applies to a listener "
+                                          "with tls"):
+        load_text(tmp_path, MINIMAL.replace('upstream = "imap"\n',
+                                            'upstream = "imap"\nmin_tls_version = "1.2"\n'))
+
+
+def test_check_config_refuses_old_tls_open_to_any_address(tmp_path: Path) -> None:
+    path = write(tmp_path, tls_config(tmp_path, "0.0.0.0:993", 'min_tls_version = "1.0"'))  # noqa: S104
+    result = cli("check-config", str(path))
+    assert result.returncode == 2 and result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr
+    assert "listeners[0].min_tls_version: TLS 1.0 is allowed only on a listener restricted to " \
+           "loopback or to source networks" in lines[0] and "allow_from" in lines[0]
+    path = write(tmp_path, tls_config(tmp_path, "0.0.0.0:993", (  # noqa: S104
+        'min_tls_version = "1.0"\nallow_from = ["192.0.2.0/24"]')))
+    result = cli("check-config", str(path))
+    assert result.returncode == 0, result.stderr
+    assert "(local TLS implicit 1.0+, only from 192.0.2.0/24)" in result.stdout
+    assert "warning: listener imap0 accepts TLS 1.0" in result.stdout
+
+
+def test_relay_sources_restrict_an_old_tls_listener(tmp_path: Path) -> None:
+    paths = certs.generate(tmp_path / "tls")
+    (tmp_path / "key").write_bytes(b"k" * 32)
+    text = MINIMAL + f"""
+[upstreams.smtp]
+protocol = "smtp"
+host = "smtp.office365.com"
+port = 587
+[[listeners]]
+name = "printers"
+protocol = "smtp"
+listen = "0.0.0.0:2587"
+upstream = "smtp"
+tls = "starttls"
+cert_file = "{paths.cert_file}"
+key_file = "{paths.key_file}"
+min_tls_version = "1.0"
+[accounts."scanner@contoso.com"]
+provider = "p"
+service_key_file = "key"
+[[relay]]
+listener = "printers"
+sources = ["192.0.2.0/24", "198.51.100.7"]
+account = "scanner@contoso.com"
+allowed_senders = ["scanner@contoso.com"]
+"""
+    li = load_text(tmp_path, text).listeners[1]
+    assert [str(n) for n in li.allow_from] == ["192.0.2.0/24", "198.51.100.7/32"]
+    assert li.admits("192.0.2.50") and not li.admits("203.0.113.1")
+
+
+def test_devices_example_old_printer_listener_loads(tmp_path: Path) -> None:
+    """The commented old-printer listener in config/devices.toml, uncommented, loads."""
+    text = (SHIPPED / "config" / "devices.toml").read_text()
+    lines = text.splitlines()
+    start = lines.index("# [[listeners]]")
+    block = []
+    for line in lines[start:]:
+        if not line.startswith("# "):
+            break
+        block.append(line[2:])
+    paths = certs.generate(tmp_path / "tls")
+    listener = "\n".join(block).replace("/etc/xoauth2-proxy/tls/cert.pem", str(paths.cert_file))
+    listener = listener.replace("/etc/xoauth2-proxy/tls/key.pem", str(paths.key_file))
+    head, sep, tail = text.partition("[metrics]")
+    cfg = config.parse(tomllib.loads(head + listener + "\n" + sep + tail),
+                       SHIPPED / "config" / "devices.toml")
+    li = next(li for li in cfg.listeners if li.name == "old-printers")
+    assert li.old_tls and [str(n) for n in li.allow_from] == ["192.168.20.0/24"]

@@ -43,11 +43,11 @@ log = logging.getLogger("proxy.daemon")
 SPECS = {
     "imap": Spec("imap", ImapClientSide, ImapUpstreamSide,
                  b"* BYE Idle too long before login; connection closed\r\n",
-                 b"* BYE [UNAVAILABLE] Too many connections; try again later\r\n",
+                 b"* BYE [UNAVAILABLE] Too many connections; try again later\r\n", b"* BYE",
                  mirrors_capabilities=True),
     "pop": Spec("pop", PopClientSide, PopUpstreamSide,
                 b"-ERR [SYS/TEMP] Idle too long before login; connection closed\r\n",
-                b"-ERR [SYS/TEMP] Too many connections; try again later\r\n"),
+                b"-ERR [SYS/TEMP] Too many connections; try again later\r\n", b"-ERR"),
 }
 
 
@@ -105,9 +105,8 @@ def _upstream_tls(config: Config, listeners: Iterable[Listener]) -> dict[str, ss
 def _server_tls(li: Listener) -> ssl.SSLContext | None:
     if li.tls == "none":
         return None
-    assert li.cert_file is not None and li.key_file is not None
     try:
-        return tls.server_context(li.cert_file, li.key_file)
+        return tls.server_context(li)
     except (OSError, ssl.SSLError) as exc:
         raise StartupError(f"listeners {li.name}: cannot load cert_file/key_file: {exc}") from None
 
@@ -207,6 +206,7 @@ class Daemon:
         logs.event(log, logging.INFO, "listening", listener=li.name, protocol=li.protocol,
                    address=f"{li.listen.host}:{runtime.port}", tls=li.tls,
                    upstream=f"{up.host}:{up.port}", activated=True if sock is not None else None)
+        _warn_old_tls(li)
 
     def ports(self) -> dict[str, int]:
         return {runtime.name: runtime.port for runtime in self.listeners}
@@ -263,7 +263,11 @@ class Daemon:
             ctx.reconfigure(config.upstreams[li.upstream], upstream_tls)
             bound = self._bound_tls.get(li.name)
             if bound is not None and server_tls is not None:
+                # The version range and ciphers come from the context a connection starts
+                # with (the switch below brings only the certificate): set them on it too.
+                tls.apply_policy(bound, li)
                 bound.sni_callback = _use_context(server_tls)
+            _warn_old_tls(li)
         self._prepare_metrics(config)
         await asyncio.to_thread(self._seed_account_metrics)
         return notes
@@ -290,7 +294,9 @@ class Daemon:
     def _prepare_metrics(self, config: Config) -> None:
         metrics.prepare(((li.protocol, li.name) for li in config.listeners),
                         per_account_labels=config.metrics.per_account_labels,
-                        accounts=config.accounts)
+                        accounts=config.accounts,
+                        tls_listeners=((li.name, li.min_tls_version)
+                                       for li in config.listeners if li.tls != "none"))
 
     def _seed_account_metrics(self) -> None:
         """Token facts from the token files' clear metadata (no password needed), so that an
@@ -305,6 +311,16 @@ class Daemon:
                 continue
             metrics.ACCOUNTS.set_needs_reauth(name, bool(meta.needs_reauth))
             metrics.ACCOUNTS.set_expiry(name, access=meta.access_token_expires_at)
+
+
+def _warn_old_tls(li: Listener) -> None:
+    """A listener that accepts TLS 1.0/1.1 says so whenever it starts or is reloaded."""
+    if li.old_tls and li.tls != "none":
+        logs.event(log, logging.WARNING, "old_tls_enabled", listener=li.name,
+                   min_tls_version=li.min_tls_version,
+                   sources=",".join(map(str, li.allow_from)) or "loopback only",
+                   risk="TLS below 1.2 is weak: serve only devices that need it, from these "
+                        "sources")
 
 
 SniCallback = Callable[[ssl.SSLObject, str | None, ssl.SSLContext], None]

@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from proxy import logs, metrics
+from proxy import logs, metrics, tlspolicy
 from proxy.auth.errors import TokenError
 from proxy.auth.service import TokenService
 from proxy.config import Limits, Listener, Upstream
@@ -45,6 +45,7 @@ from proxy.server.endpoint import ConnectionClosed, Endpoint, relay
 from proxy.server.limits import PreauthLimiter, Throttle, is_loopback
 from proxy.server.logins import LoginAttempt, unreachable, upstream_refusal
 from proxy.server.pool import WarmPool
+from proxy.server.tls import handshake_done
 
 log = logging.getLogger("proxy.session")
 
@@ -80,6 +81,7 @@ class Spec:
     upstream_machine: Callable[..., UpstreamMachine]
     timeout_reply: bytes
     busy_reply: bytes
+    refused_prefix: bytes  # before the sentence that refuses a source not in allow_from
     mirrors_capabilities: bool = False
 
 
@@ -121,6 +123,14 @@ class Context:
         self.warm.size, self.warm.max_age = upstream.warm_connections, upstream.warm_seconds
 
 
+def source_refused(listener: Listener, host: str) -> bytes:
+    """The reply sentence (and a log line) for a source the listener's allow_from excludes."""
+    logs.event(log, logging.WARNING, "connection_refused", protocol=listener.protocol,
+               listener=listener.name, peer=host, reason="source not in the listener's allow_from")
+    return (f"Connections from {host} are not accepted on this port; ask the administrator "
+            "to add the address to the listener's allow_from").encode("ascii", "replace")
+
+
 async def connect_upstream(upstream: Upstream, context: ssl.SSLContext) -> Endpoint:
     """A connected (and, for implicit TLS, verified) upstream endpoint."""
     loop = asyncio.get_running_loop()
@@ -153,6 +163,7 @@ class Session:
         self.peer_host = peer[0] if isinstance(peer, tuple) else ""
         self.account: str | None = None
         self.preauth_slot = False  # holds one of the pre-login connection slots
+        self.tls_version: str | None = None  # the client's, once TLS is up
 
     async def run(self) -> None:
         labels = (self.ctx.spec.protocol, self.ctx.listener.name)
@@ -160,6 +171,10 @@ class Session:
         metrics.CONNECTIONS_ACTIVE.labels(*labels).inc()
         started = time.monotonic()
         try:
+            if not self.ctx.listener.admits(self.peer_host):
+                self.client.write(self.ctx.spec.refused_prefix + b" "
+                                  + source_refused(self.ctx.listener, self.peer_host) + b"\r\n")
+                return
             if not self.ctx.preauth.admit(self.peer_host):
                 logs.event(log, logging.WARNING, "connection_refused", protocol=self.ctx.spec.protocol,
                            peer=self.peer, reason="too many connections before login")
@@ -193,6 +208,8 @@ class Session:
             starttls=ctx.listener.tls == "starttls",
             tls_active=ctx.listener.tls == "implicit",
             login_disabled=self._login_disabled(), **mirrored)
+        if ctx.listener.tls == "implicit":
+            self._handshake_done()
         work: deque[object] = deque(machine.greeting())
         limits = ctx.tokens.config.limits
         deadline = asyncio.get_running_loop().time() + limits.preauth_total
@@ -211,6 +228,7 @@ class Session:
                     await client.drain()
                     await client.start_tls(ctx.server_tls, server_side=True,
                                            timeout=TLS_HANDSHAKE_TIMEOUT)
+                    self._handshake_done()
                     work.extend(machine.tls_started())
                 elif isinstance(cmd, CloseConnection):
                     await client.drain()
@@ -229,6 +247,10 @@ class Session:
                            peer=self.peer)
                 return
             work.extend(machine.receive(data))
+
+    def _handshake_done(self) -> None:
+        self.tls_version = handshake_done(self.ctx.listener, self.client.extra("ssl_object"),
+                                          self.peer, self.peer_host)
 
     def _login_disabled(self) -> bool:
         li = self.ctx.listener
@@ -269,7 +291,8 @@ class Session:
             if isinstance(outcome, UpstreamLoggedIn):
                 self.upstream, self.account = upstream, account.name
                 self._release_preauth()
-                finish("ok", attempt=attempt if attempt > 1 else None)
+                finish("ok", attempt=attempt if attempt > 1 else None, tls=self.tls_version,
+                       upstream_tls=tlspolicy.wire_version(upstream.extra("ssl_object")))
                 return machine.login_succeeded(outcome.capabilities, outcome.server_bytes)
             upstream.close()
             if isinstance(outcome, UpstreamBroken):

@@ -56,6 +56,7 @@ from proxy.secret import Secret
 from proxy.server.limits import PreauthLimiter, Throttle, is_loopback
 from proxy.server.listener import ListenerBase
 from proxy.server.logins import LoginAttempt, unreachable, upstream_refusal
+from proxy.server.session import source_refused
 from proxy.server.smtp_protocol import BareLineEndingRefused, ProxySMTP, quiet_aiosmtpd
 from proxy.server.smtp_relay import RelayHandler, RelayRefused, count, seed_metrics
 from proxy.server.smtp_upstream import (
@@ -67,6 +68,7 @@ from proxy.server.smtp_upstream import (
     UpstreamUnavailable,
     queue_id,
 )
+from proxy.server.tls import handshake_done
 
 log = logging.getLogger("proxy.smtp")
 
@@ -140,16 +142,20 @@ class ConnectionHandler(RelayHandler):
         self.started = time.monotonic()
         self._gone: asyncio.Future[None] | None = None
         self.preauth_slot = False  # holds one of the pre-login connection slots
+        self.tls_version: str | None = None  # the client's, once TLS is up
 
-    def admit(self, transport: asyncio.BaseTransport) -> bool:
+    def admit(self, transport: asyncio.BaseTransport) -> bytes | None:
+        """None if the client may go on; else the reply line that refuses it."""
         peer = transport.get_extra_info("peername")
         host = peer[0] if isinstance(peer, tuple) else ""
+        if not self.ctx.listener.admits(host):
+            return b"554 5.7.1 " + source_refused(self.ctx.listener, host) + b"\r\n"
         if not self.ctx.preauth.admit(host):
             logs.event(log, logging.WARNING, "connection_refused", protocol="smtp",
                        peer=host, reason="too many connections before login")
-            return False
+            return b"421 4.7.0 Too many connections; try again later\r\n"
         self.preauth_slot = True
-        return True
+        return None
 
     def release_preauth(self) -> None:
         if self.preauth_slot:
@@ -167,8 +173,20 @@ class ConnectionHandler(RelayHandler):
         labels = ("smtp", self.ctx.listener.name)
         metrics.CONNECTIONS.labels(*labels).inc()
         metrics.CONNECTIONS_ACTIVE.labels(*labels).inc()
+        if self.ctx.listener.tls == "implicit":
+            self._handshake_done(transport)
         if self.on_connect is not None:
             self.on_connect(self)
+
+    def _handshake_done(self, transport: asyncio.BaseTransport | None) -> None:
+        ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+        self.tls_version = handshake_done(self.ctx.listener, ssl_object, self.peer,
+                                          self.peer_host)
+
+    def handle_STARTTLS(self, server: SMTP, session: Session, envelope: Envelope) -> bool:
+        """aiosmtpd's hook once a STARTTLS handshake has completed: count it, go on."""
+        self._handshake_done(server.transport)
+        return True
 
     def lost(self) -> None:
         self.release_preauth()
@@ -293,7 +311,8 @@ class ConnectionHandler(RelayHandler):
         self.in_transaction = False
         self._adopt_size(server, upstream)
         self.release_preauth()
-        finish("ok", attempt=attempt if attempt > 1 else None)
+        finish("ok", attempt=attempt if attempt > 1 else None, tls=self.tls_version,
+               upstream_tls=upstream.tls_version)
         return AuthResult(success=True, auth_data=account)
 
     async def _open_upstream(self, user: str, password: Secret,

@@ -98,10 +98,11 @@ class ProxySMTP(SMTP):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         first = not self._proxy_started
         self._proxy_started = True
-        if first and not self.event_handler.admit(transport):
-            self._refused = True  # too many connections before login: say so, never greet
+        refusal = self.event_handler.admit(transport) if first else None
+        if refusal is not None:
+            self._refused = True  # a source not allowed, or too many: say so, never greet
             assert isinstance(transport, asyncio.WriteTransport)
-            transport.write(b"421 4.7.0 Too many connections; try again later\r\n")
+            transport.write(refusal)
             transport.close()
             return
         super().connection_made(transport)  # called again after STARTTLS, with the TLS transport

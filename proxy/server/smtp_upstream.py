@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import aiosmtplib
 from aiosmtplib.protocol import SMTPProtocol
 
-from proxy import metrics
+from proxy import metrics, tlspolicy
 from proxy.config import Upstream
 from proxy.protocol import sasl
 from proxy.protocol.events import ReplyKind
@@ -191,6 +191,13 @@ class UpstreamSession:
     @property
     def connected(self) -> bool:
         return self.client.is_connected
+
+    @property
+    def tls_version(self) -> str | None:
+        """The TLS version negotiated with the upstream ("1.2", "1.3")."""
+        transport = self.client.transport
+        return tlspolicy.wire_version(
+            transport.get_extra_info("ssl_object") if transport is not None else None)
 
     async def command(self, *args: bytes, timeout: float = COMMAND_TIMEOUT) -> Reply:
         """Send one command line; return the reply whatever its code (raise ``UpstreamLost``)."""
