@@ -62,10 +62,13 @@ def dumps(document: dict[str, Any], comments: dict[str, str] | None = None) -> s
         for name, value in data.items():
             sub = f"{path}.{key(name)}" if path else key(name)
             if isinstance(value, dict):
-                lines.append("")
-                if sub in notes:
-                    lines.append(f"# {notes[sub]}")
-                lines.append(f"[{sub}]")
+                scalars = [v for v in value.values()
+                           if not isinstance(v, dict) and not _is_table_array(v)]
+                if scalars or not value or sub in notes:  # else implied by its sub-tables
+                    lines.append("")
+                    if sub in notes:
+                        lines.append(f"# {notes[sub]}")
+                    lines.append(f"[{sub}]")
                 table(sub, value)
             elif _is_table_array(value):
                 for item in value:

@@ -92,7 +92,8 @@ class Peer:
     """A running email-oauth2-proxy (no GUI, local-server auth), trusting the demo CA only
     through its environment, as a user would point it at a private CA."""
 
-    def __init__(self, python: Path, config: Path, ca_file: str) -> None:
+    def __init__(self, python: Path, config: Path, ca_file: str,
+                 cache_store: Path | None = None) -> None:
         self.log = config.parent / "emailproxy.log"
         self.ca_file = ca_file
         env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "SSL_CERT_DIR")}
@@ -100,7 +101,8 @@ class Peer:
         with open(config.parent / "emailproxy.stderr", "wb") as err:
             self.proc = subprocess.Popen(
                 [str(python), "-m", "emailproxy", "--no-gui", "--local-server-auth",
-                 "--config-file", str(config), "--log-file", str(self.log)],
+                 "--config-file", str(config), "--log-file", str(self.log),
+                 *(["--cache-store", str(cache_store)] if cache_store else [])],
                 env=env, cwd=str(config.parent), stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
 

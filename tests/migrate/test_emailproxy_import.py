@@ -19,6 +19,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from proxy import config as config_mod
 from proxy.demo.process import DemoUpstream
 from proxy.server.daemon import Daemon
@@ -60,8 +62,11 @@ def smtp_login(port: int, user: str, password: str) -> int:
         return code
 
 
+@pytest.mark.parametrize("where", ["config", "cache-store"])
 async def test_import_keeps_ports_passwords_and_sign_ins(
-        tmp_path: Path, demo_upstream: DemoUpstream, emailproxy_python: Path) -> None:
+        tmp_path: Path, demo_upstream: DemoUpstream, emailproxy_python: Path, where: str) -> None:
+    """``where``: email-oauth2-proxy keeps its tokens in its config, or with --cache-store in
+    a file of their own."""
     ports = {"imap": free_port(), "pop": free_port(), "smtp": free_port()}
     peer_dir = tmp_path / "emailproxy"
     peer_dir.mkdir()
@@ -69,7 +74,8 @@ async def test_import_keeps_ports_passwords_and_sign_ins(
     peer_config.write_text(config_text(demo_upstream, ports,
                                        {user: free_port() for user in PASSWORDS}, GMAIL))
 
-    peer = Peer(emailproxy_python, peer_config, demo_upstream.ca_file)
+    cache = peer_dir / "tokens.cache" if where == "cache-store" else None
+    peer = Peer(emailproxy_python, peer_config, demo_upstream.ca_file, cache)
     try:
         peer.wait_listening(list(ports.values()))
         for user, password in PASSWORDS.items():
@@ -77,9 +83,11 @@ async def test_import_keeps_ports_passwords_and_sign_ins(
     finally:
         peer.stop()
     stored = configparser.ConfigParser(interpolation=None)
-    stored.read(peer_config)
+    stored.read(cache or peer_config)
     for user in PASSWORDS:  # email-oauth2-proxy wrote them itself, encrypted
         assert stored.get(user, "refresh_token", fallback="").startswith("gAAAA"), user
+    if cache is not None:  # the config itself holds no token then
+        assert "refresh_token" not in peer_config.read_text()
     signed_in = demo_upstream.stats()["grant_types"]
     assert signed_in.get("authorization_code") == 3, signed_in
 
@@ -90,7 +98,8 @@ async def test_import_keeps_ports_passwords_and_sign_ins(
     output = tmp_path / "xoauth2-proxy.toml"
     done = run_import(str(peer_config), "--output", str(output), "--state-dir",
                       str(tmp_path / "state"), "--password-file", str(passwords),
-                      "--ca-file", demo_upstream.ca_file)
+                      "--ca-file", demo_upstream.ca_file,
+                      *(["--cache-store", str(cache)] if cache else []))
     assert done.returncode == 1, done  # not all accounts: Carol's and the Gmail one skipped
     lines = done.stdout.splitlines()
     assert any(line.startswith(f"{ALICE}: imported") for line in lines), done.stdout
