@@ -129,8 +129,8 @@ class Importer:
                 from None
         if o.check:
             return self._check(mapped, cfg, text)
-        self._write_secrets(secrets, secret_files)
         passwords = read_passwords(o.password_file)
+        self._write_secrets(secrets, secret_files)
         token_store = self._store(cfg)
         for item in mapped.configured():
             account = cfg.accounts[item.name]
@@ -305,7 +305,7 @@ def refused(account: config_mod.Account, exc: TokenError) -> str:
                 "client flows in it (xoauth2-proxy signs users in as a public client) and run "
                 f"`xoauth2-proxy login {name}`")
     return (f"the identity platform could not be asked ({detail}); nothing was written for it: "
-            "run the import again later (with --accounts for this one)")
+            f"run the import again later with --force, or `xoauth2-proxy login {name}`")
 
 
 def write_text(path: Path, text: str, *, force: bool, mode: int = 0o644) -> None:
