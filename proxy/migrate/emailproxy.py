@@ -165,6 +165,9 @@ class Importer:
                    if account.flow != "client_credentials" else "app-only: no user token")
             self.say(f"{item.name}: would import ({account.flow} via provider "
                      f"{account.provider}; {how}; local password: the mail client's)")
+        if self.options.output.exists() and not self.options.force:
+            self.say(f"note: {self.options.output} exists: the import itself needs --force, "
+                     "or another --output")
         self.say(f"would write {self.options.output} (shown below) and token files in "
                  f"{cfg.state_dir}; nothing was written")
         self.say("")
