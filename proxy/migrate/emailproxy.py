@@ -5,8 +5,9 @@ Microsoft 365 account decrypts the stored refresh token with the password the ac
 client logs in with, verifies it with one refresh against the identity platform (MSAL's
 ``acquire_token_by_refresh_token``: a refresh_token grant, no sign-in), and writes the account's
 token file with that same password as its local password. Mail clients keep host, port, user
-name and password. An account that cannot be imported is skipped with one line saying why and
-what to do; the exit code is 0 only if every account was imported.
+name and password. An app-only (client_credentials) account's client secret moves to a file of
+its own and is verified by one token request. An account that cannot be imported is skipped
+with one line saying why and what to do; the exit code is 0 only if every account was imported.
 
 Nothing existing is replaced without ``--force``; ``--check`` prints the plan and the config
 and writes nothing (it checks passwords locally but asks the identity platform nothing).
@@ -29,7 +30,13 @@ import msal
 from proxy import config as config_mod
 from proxy import store
 from proxy.auth import flows, msal_client
-from proxy.auth.errors import AuthConfigError, AuthorisationNeeded, IdentityMismatch, TokenError
+from proxy.auth.errors import (
+    AuthConfigError,
+    AuthorisationNeeded,
+    IdentityMismatch,
+    ProviderUnavailable,
+    TokenError,
+)
 from proxy.migrate import peer_config, plan, toml_out
 from proxy.migrate.peer_config import PeerAccount, WrongPeerPassword
 from proxy.secret import Secret
@@ -162,7 +169,8 @@ class Importer:
                 continue
             ready += 1
             how = ("one refresh against the identity platform verifies the stored token"
-                   if account.flow != "client_credentials" else "app-only: no user token")
+                   if account.flow != "client_credentials" else
+                   "app-only: one token request verifies the client secret")
             self.say(f"{item.name}: would import ({account.flow} via provider "
                      f"{account.provider}; {how}; local password: the mail client's)")
         if self.options.output.exists() and not self.options.force:
@@ -256,12 +264,10 @@ class Importer:
         password, refresh_token = checked
         cache = msal.SerializableTokenCache()
         identity: str | None = None
-        if account.flow != "client_credentials":
-            assert refresh_token is not None
-            try:
-                identity = verify(cfg, account, cache, refresh_token)
-            except TokenError as exc:
-                return refused(account, exc)
+        try:
+            identity = verify(cfg, account, cache, refresh_token)
+        except TokenError as exc:
+            return refused(cfg, account, exc)
         expiry, has_rt = msal_client.cache_summary(cache)
         meta = store.Meta(identity=identity, flow=account.flow, access_token_expires_at=expiry,
                           refresh_token_present=has_rt, needs_reauth=None,
@@ -274,28 +280,41 @@ class Importer:
         except (store.StoreError, OSError) as exc:
             return f"its token file could not be written: {exc}"
         what = ("token verified by one refresh" if account.flow != "client_credentials"
-                else "app-only; its client secret is checked at the first login")
+                else "app-only; client secret verified by one token request")
         self.say(f"{account.name}: imported ({what}; token file "
                  f"{token_store.path(account.name)}; local password: the mail client's)")
         return None
 
 
 def verify(cfg: config_mod.Config, account: config_mod.Account,
-           cache: msal.SerializableTokenCache, refresh_token: str) -> str | None:
-    """One refresh_token grant with the peer's refresh token; MSAL fills ``cache`` with the
-    tokens it gets back. Returns the signed-in user (raises TokenError on any refusal)."""
+           cache: msal.SerializableTokenCache, refresh_token: str | None) -> str | None:
+    """One grant against the identity platform; MSAL fills ``cache`` with what it returns.
+
+    Delegated: a refresh_token grant with the stored refresh token, and the signed-in user is
+    returned. App-only: a client_credentials grant with the provider's secret. Any refusal
+    raises TokenError."""
     app = msal_client.build_app(cfg, account, cache)
     scopes = list(cfg.login_scopes(account))
+    if account.flow == "client_credentials":
+        msal_client.check_result(account.name, msal_client.call(
+            account.name, lambda: app.acquire_token_for_client(scopes)))
+        return None
+    assert refresh_token is not None
     result = msal_client.call(account.name, lambda: app.acquire_token_by_refresh_token(
         refresh_token, scopes=scopes))
     msal_client.check_result(account.name, result)
     return flows.check_identity(account, result)
 
 
-def refused(account: config_mod.Account, exc: TokenError) -> str:
-    """The skip reason for a refresh the identity platform (or the check after it) refused."""
+def refused(cfg: config_mod.Config, account: config_mod.Account, exc: TokenError) -> str:
+    """The skip reason for a grant the identity platform (or the check after it) refused."""
     name = account.name
     detail = exc.detail or type(exc).__name__
+    if account.flow == "client_credentials" and not isinstance(exc, ProviderUnavailable):
+        secret = cfg.providers[account.provider].client_secret_file
+        return (f"the identity platform refused the app-only sign-in: {detail}; check the "
+                f"client secret in {secret} and the app's application permissions, then run "
+                f"`xoauth2-proxy login {name}`")
     if isinstance(exc, IdentityMismatch):
         return f"{detail}; run `xoauth2-proxy login {name}`"
     if isinstance(exc, AuthorisationNeeded):

@@ -194,31 +194,42 @@ def test_servers_accounts_and_settings_map(tmp_path: Path) -> None:
     assert not (tmp_path / "new.toml").exists() and not (tmp_path / "state").exists()
 
 
-def test_app_only_secret_moves_to_a_file(tmp_path: Path) -> None:
-    secret = "s3cr3t~value"
-    app = {"token_url": f"{M365}/token", "oauth2_scope": "https://outlook.office365.com/.default",
+def test_app_only_secret_moves_to_a_file(tmp_path: Path, demo_upstream: DemoUpstream) -> None:
+    secret = "demo-client-secret"  # the fake Entra's app secret
+    base = f"{demo_upstream.authority}/oauth2/v2.0"
+    app = {"token_url": f"{base}/token", "oauth2_scope": "https://outlook.office365.com/.default",
            "oauth2_flow": "client_credentials", "client_id": CLIENT_ID, "client_secret": secret}
     source = tmp_path / "emailproxy.config"
-    source.write_text(ini({"svc@contoso.example": app,
-                           "enc@contoso.example": {**app, "client_secret": "",
-                                                   "client_secret_encrypted": "gAAAA"}}))
+    source.write_text(ini({
+        "svc@contoso.example": app,
+        "enc@contoso.example": {**app, "client_secret": "", "client_secret_encrypted": "gAAAA"},
+        "bad@contoso.example": {**app, "client_id": "other-app", "client_secret": "wrong"}}))
     passwords = tmp_path / "passwords"
-    passwords.write_text("svc@contoso.example any password\n")
+    passwords.write_text("svc@contoso.example any password\nbad@contoso.example any password\n")
     output = tmp_path / "etc" / "config.toml"
-    code = cli.main(["import", "emailproxy", str(source), "--output", str(output),
-                     "--state-dir", str(tmp_path / "state"), "--password-file", str(passwords)])
-    assert code == 1  # the one with an encrypted secret is skipped
-    secret_file = tmp_path / "etc" / "contoso-onmicrosoft-com.client-secret"
+    out = io.StringIO()
+    code = emailproxy.Importer(emailproxy.Options(
+        config_file=source, output=output, state_dir=tmp_path / "state",
+        password_file=str(passwords), ca_file=Path(demo_upstream.ca_file)), out).run()
+    text = out.getvalue()
+    assert code == 1, text
+    assert "svc@contoso.example: imported (app-only; client secret verified" in text
+    assert "enc@contoso.example: skipped: its client secret is stored encrypted" in text
+    assert ("bad@contoso.example: skipped: the identity platform refused the app-only sign-in: "
+            "invalid_client: AADSTS7000215") in text
+    assert demo_upstream.stats()["grant_types"] == {"client_credentials": 2}
+    secret_file = output.parent / f"{demo_upstream.authority.rsplit('/', 1)[1]}.client-secret"
     assert secret_file.read_text() == secret + "\n"
     assert stat.S_IMODE(secret_file.stat().st_mode) == 0o600
-    assert secret not in output.read_text()
+    assert secret not in output.read_text() and secret not in text
     cfg = config_mod.load(output)
-    assert cfg.providers["contoso-onmicrosoft-com"].client_secret() == secret
-    assert list(cfg.accounts) == ["svc@contoso.example"]
+    assert sorted(cfg.accounts) == ["bad@contoso.example", "svc@contoso.example"]
     assert cfg.accounts["svc@contoso.example"].flow == "client_credentials"
+    assert cfg.providers[cfg.accounts["svc@contoso.example"].provider].client_secret() == secret
     unlocked = store.TokenStore(cfg.state_dir).unlock("svc@contoso.example",
                                                       Secret("any password"))
     assert unlocked.meta.flow == "client_credentials"
+    assert not store.TokenStore(cfg.state_dir).exists("bad@contoso.example")
 
 
 def test_password_file_and_account_selection_errors(tmp_path: Path,
