@@ -90,13 +90,11 @@ class Importer:
         self.options = options
         self.out = out if out is not None else sys.stdout
         self.imported: list[str] = []
-        self.skipped: list[str] = []
 
     def say(self, line: str) -> None:
         print(line, file=self.out, flush=True)
 
     def skip(self, name: str, reason: str) -> None:
-        self.skipped.append(name)
         self.say(f"{name}: skipped: {reason}")
 
     # --- the whole run ---------------------------------------------------------------------
@@ -185,8 +183,8 @@ class Importer:
     # --- secrets ---------------------------------------------------------------------------
 
     def _client_secrets(self, mapped: plan.Plan) -> dict[str, Secret]:
-        """Plain client secrets of app-only accounts, per provider (an encrypted one is
-        decrypted later with the account's password, once it is known)."""
+        """The client secrets of app-only accounts, per provider. An account whose secret is
+        stored encrypted, or differs from the provider's, is marked skipped."""
         found: dict[str, Secret] = {}
         for item in mapped.configured():
             if item.flow != "client_credentials" or item.provider is None:
