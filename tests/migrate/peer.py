@@ -23,6 +23,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from proxy.demo.process import DemoUpstream
+
 PACKAGE = "emailproxy"
 CLIENT_ID = "6d2f8a41-3b7e-4c59-9e10-2a4b6c8d0e1f"
 SCOPE = ("https://outlook.office.com/IMAP.AccessAsUser.All "
@@ -60,13 +62,12 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def config_text(upstream: object, ports: dict[str, int], accounts: dict[str, int],
+def config_text(upstream: DemoUpstream, ports: dict[str, int], accounts: dict[str, int],
                 gmail: str) -> str:
     """email-oauth2-proxy's INI config: a server section per protocol on ``ports``, a
     Microsoft 365 section per account (``accounts``: name -> its redirect port) and a
     Gmail-style section."""
-    authority = upstream.authority  # type: ignore[attr-defined]
-    up = upstream.ports  # type: ignore[attr-defined]
+    authority, up = upstream.authority, upstream.ports
     lines = ["[emailproxy]", "delete_account_token_on_password_error = False", "",
              f"[IMAP-{ports['imap']}]", "server_address = 127.0.0.1",
              f"server_port = {up['imaps']}", "local_address = 127.0.0.1", "",
