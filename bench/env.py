@@ -46,7 +46,10 @@ def message(index: int, size: int) -> bytes:
             f"Message-ID: <bench-{index}@contoso.example>\r\n\r\n").encode()
     line = b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.,;:!?-_=+()[]<>/\r\n"
     body = line * ((size - len(head)) // len(line) + 1)
-    return (head + body)[:size - 2] + b"\r\n"
+    text = (head + body)[:size - 2]
+    if text.endswith(b"\r"):  # cut between CR and LF: no bare CR (the proxy refuses one)
+        text = text[:-1] + b"."
+    return text + b"\r\n"
 
 
 def smtp_available() -> str | None:
