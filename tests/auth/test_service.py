@@ -19,6 +19,7 @@ from proxy import store
 from proxy.auth.errors import (
     AuthorisationNeeded,
     IdentityMismatch,
+    NoUsableTokenFile,
     ProviderUnavailable,
     UnknownAccount,
     WrongPassword,
@@ -209,17 +210,19 @@ async def test_wrong_passwords_leave_file_identical(tmp_path: Path, demo_upstrea
     assert token_store.path(USER).read_bytes() == raw
 
 
-async def test_damaged_token_file_tells_the_client_without_the_path(
+async def test_damaged_token_file_answers_like_a_wrong_password(
         tmp_path: Path, demo_upstream: DemoUpstream) -> None:
+    """Found before the password is tried: the client hears what a wrong password hears; the
+    log detail names the file and the command."""
     cfg = make_config(tmp_path, demo_upstream)
     token_store = authorise(cfg, demo_upstream)
     token_store.path(USER).write_bytes(b"not a token file")
     service = TokenService(cfg, token_store)
-    with pytest.raises(AuthorisationNeeded) as info:
+    with pytest.raises(NoUsableTokenFile) as info:
         await service.access_token(USER, Secret(PASSWORD), "imap")
-    assert "the token file is damaged" in info.value.user_text
-    assert str(cfg.state_dir) not in info.value.user_text  # the log line has it: detail
+    assert info.value.user_text == WrongPassword(USER).user_text
     assert str(cfg.state_dir) in info.value.detail
+    assert f"xoauth2-proxy login {USER}" in info.value.detail
 
 
 async def test_passwd_add_and_remove_device_password(tmp_path: Path, demo_upstream: DemoUpstream) -> None:

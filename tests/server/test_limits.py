@@ -13,7 +13,7 @@ import pytest
 
 from proxy.config import Limits
 from proxy.demo.process import DemoUpstream
-from proxy.server.limits import PreauthLimiter, Throttle
+from proxy.server.limits import PreauthLimiter, Reservation, Throttle
 from tests.proxyenv import PASSWORD, USER, start_proxy
 from tests.server.smtp_util import closed_port, plain_b64
 
@@ -26,27 +26,91 @@ class Clock:
         return self.now
 
 
-def test_delay_grows_then_locks_out() -> None:
+def test_delay_grows_then_locks_out_the_pair_and_the_source() -> None:
     clock = Clock()
     throttle = Throttle(Limits(failure_delay=1, max_failure_delay=8, lockout_after=5,
                                lockout_seconds=60), clock)
-    delays = [throttle.failure("a@x", "192.0.2.1") for _ in range(4)]
+    delays = [throttle.failure("a@x", "192.0.2.1", bytes([i])) for i in range(4)]
     assert delays == [1, 2, 4, 8]
     assert throttle.locked("a@x", "192.0.2.1") == 0
-    throttle.failure("a@x", "192.0.2.1")
+    throttle.failure("a@x", "192.0.2.1", b"5")
     assert throttle.locked("a@x", "192.0.2.1") == 60
-    assert throttle.locked("a@x", "192.0.2.9") == 60  # the account is locked from anywhere
-    assert throttle.locked("b@x", "192.0.2.1") == 60  # and so is the source, for any account
-    throttle.success("a@x", "192.0.2.1")  # a success during lockout does not lift it
-    assert throttle.locked("a@x", "192.0.2.1") == 60
+    assert throttle.locked("b@x", "192.0.2.1") == 60  # the source, for any account
     clock.now += 61
     assert throttle.locked("a@x", "192.0.2.1") == 0
 
 
+def test_other_sources_are_delayed_never_locked_out() -> None:
+    """Failures of an account from one source lengthen replies elsewhere but never refuse a
+    source that has none: a printer retrying stale passwords cannot lock a shared mailbox."""
+    clock = Clock()
+    throttle = Throttle(Limits(failure_delay=1, max_failure_delay=8, lockout_after=3,
+                               lockout_seconds=60), clock)
+    for i in range(10):
+        throttle.failure("a@x", "192.0.2.1", bytes([i]))
+    assert throttle.locked("a@x", "192.0.2.1") == 60
+    assert throttle.locked("a@x", "198.51.100.7") == 0
+    reservation = throttle.reserve("A@X ", "198.51.100.7")
+    assert isinstance(reservation, Reservation)
+    assert throttle.failed(reservation, b"other") == 8  # delayed by the account's history
+    right = throttle.reserve("a@x", "198.51.100.7")
+    assert isinstance(right, Reservation)
+    throttle.succeeded(right)
+
+
+def test_a_repeated_wrong_password_counts_once() -> None:
+    throttle = Throttle(Limits(failure_delay=1, lockout_after=3), Clock())
+    stale = throttle.password_tag("revoked password")
+    for _ in range(50):
+        reservation = throttle.reserve("a@x", "192.0.2.1")
+        assert isinstance(reservation, Reservation)
+        throttle.failed(reservation, stale)
+    assert throttle.locked("a@x", "192.0.2.1") == 0
+    for other in ("guess 1", "guess 2"):
+        throttle.failure("a@x", "192.0.2.1", throttle.password_tag(other))
+    assert throttle.locked("a@x", "192.0.2.1") > 0  # three distinct wrong passwords
+
+
+@pytest.mark.parametrize(("first", "second"), [
+    ("::ffff:192.0.2.1", "192.0.2.1"),
+    ("2001:db8:1:2::1", "2001:db8:1:2:ffff:ffff:ffff:fffe"),
+    ("2001:db8:1:2::1%eth0", "2001:db8:1:2::99"),
+])
+def test_source_variants_share_a_lockout(first: str, second: str) -> None:
+    throttle = Throttle(Limits(lockout_after=2), Clock())
+    throttle.failure("a@x", first, b"1")
+    throttle.failure("a@x", second, b"2")
+    assert throttle.locked("a@x", first) > 0 and throttle.locked("a@x", second) > 0
+    assert throttle.locked("a@x", "2001:db8:1:3::1") == 0  # the next /64 is another source
+
+
+def test_parallel_attempts_reserve_their_failures_first() -> None:
+    """Sixty attempts in flight at once: only ``lockout_after`` of them get to try a password."""
+    throttle = Throttle(Limits(lockout_after=10), Clock())
+    outcomes = [throttle.reserve("a@x", "192.0.2.1") for _ in range(60)]
+    granted = [r for r in outcomes if isinstance(r, Reservation)]
+    assert len(granted) == 10
+    for i, reservation in enumerate(granted):
+        throttle.failed(reservation, bytes([i]))
+    assert throttle.locked("a@x", "192.0.2.1") > 0
+
+
+def test_one_derivation_in_flight_per_account_and_source() -> None:
+    throttle = Throttle(Limits(), Clock())
+    release = throttle.begin_derivation("a@x", "192.0.2.1")
+    assert release is not None
+    assert throttle.begin_derivation("A@x", "198.51.100.7") is None  # same account
+    assert throttle.begin_derivation("b@x", "192.0.2.1") is None  # same source
+    other = throttle.begin_derivation("b@x", "198.51.100.7")
+    assert other is not None
+    release()
+    assert throttle.begin_derivation("a@x", "192.0.2.1") is not None
+
+
 def test_loopback_sources_count_per_account_only() -> None:
     throttle = Throttle(Limits(lockout_after=2), Clock())
-    throttle.failure("a@x", "127.0.0.1")
-    throttle.failure("a@x", "127.0.0.1")
+    throttle.failure("a@x", "127.0.0.1", b"1")
+    throttle.failure("a@x", "127.0.0.1", b"2")
     assert throttle.locked("a@x", "127.0.0.1") > 0
     assert throttle.locked("b@x", "127.0.0.1") == 0  # other accounts on this machine unaffected
 
@@ -95,8 +159,8 @@ async def test_lockout_refuses_even_the_right_password(tmp_path: Path, demo_upst
         first = await asyncio.to_thread(login_error, port, USER, "wrong-password")
         assert "[AUTHENTICATIONFAILED]" in first
         assert time.monotonic() - started >= 0.2  # the failure reply is delayed
-        for _ in range(2):
-            await asyncio.to_thread(login_error, port, USER, "wrong-password")
+        for i in range(2):  # distinct passwords: a repeated wrong one counts once
+            await asyncio.to_thread(login_error, port, USER, f"wrong-password-{i}")
         locked = await asyncio.to_thread(login_error, port, USER, simple)
         assert "[UNAVAILABLE]" in locked and "Too many failed logins" in locked
         deadline = time.monotonic() + 15
