@@ -7,6 +7,7 @@ import json
 import os
 import re
 import stat
+import shutil
 import subprocess
 import sys
 import time
@@ -25,6 +26,7 @@ from proxy.auth.errors import (
     WrongPassword,
 )
 from proxy.auth.service import TokenService
+from proxy.store import format as format_mod
 from proxy.demo.process import DemoUpstream, http_session
 from proxy.secret import Secret
 from tests.proxyenv import PASSWORD, USER, authorise, make_config, open_store, write_config
@@ -246,6 +248,47 @@ async def test_passwd_add_and_remove_device_password(tmp_path: Path, demo_upstre
             USER, Secret(device_password), "smtp")
     assert await service.access_token(USER, Secret(PASSWORD), "smtp")  # the other still works
     assert token_store.exists(USER)
+
+
+async def test_passwd_rotate_locks_out_an_old_copy_with_a_revoked_password(
+        tmp_path: Path, demo_upstream: DemoUpstream) -> None:
+    """``--remove`` alone keeps the data key: a copy of the old file plus the removed password
+    still opened the current tokens. ``--rotate`` replaces the data key."""
+    config = write_config(tmp_path, demo_upstream)
+    cfg = make_config(tmp_path, demo_upstream)
+    token_store = authorise(cfg, demo_upstream)
+    passwords = {}
+    for label in ("printer", "scanner"):
+        added = cli(config, "passwd", USER, "--add", label, "--password-file", "-",
+                    stdin=PASSWORD + "\n")
+        assert added.returncode == 0, added.stderr
+        passwords[label] = added.stdout.strip().splitlines()[-1]
+    stolen = tmp_path / "stolen"
+    stolen.mkdir(mode=0o700)
+    shutil.copy2(token_store.path(USER), stolen / token_store.path(USER).name)
+    removed = cli(config, "passwd", USER, "--remove", "printer")
+    assert removed.returncode == 0 and "--rotate" in removed.stdout, removed.stderr
+
+    def old_key_opens_current() -> bool:
+        old_key = store.TokenStore(stolen).unlock(USER, Secret(passwords["printer"])).data_key
+        path = token_store.path(USER)
+        return format_mod.decrypt_payload(format_mod.decode(path.read_bytes(), path),
+                                          old_key) is not None
+
+    assert old_key_opens_current()  # what --remove alone leaves open
+    rotated = cli(config, "passwd", USER, "--rotate", "--password-file", "-",
+                  stdin=PASSWORD + "\n")
+    assert rotated.returncode == 0, rotated.stderr
+    assert not old_key_opens_current()
+    issued = dict(line.split("\t") for line in rotated.stdout.splitlines() if "\t" in line)
+    assert list(issued) == ["scanner"] and issued["scanner"] != passwords["scanner"]
+    service = TokenService(cfg, store.TokenStore(cfg.state_dir))
+    token = await service.access_token(USER, Secret(issued["scanner"]), "smtp")
+    assert introspect(demo_upstream, token)["active"] is True
+    assert await service.access_token(USER, Secret(PASSWORD), "imap")
+    for old in passwords.values():
+        with pytest.raises(WrongPassword):
+            await service.access_token(USER, Secret(old), "smtp")
 
 
 async def test_client_credentials_app_only(tmp_path: Path, demo_upstream: DemoUpstream) -> None:
