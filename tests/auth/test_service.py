@@ -6,8 +6,8 @@ import asyncio
 import json
 import os
 import re
-import stat
 import shutil
+import stat
 import subprocess
 import sys
 import time
@@ -26,9 +26,9 @@ from proxy.auth.errors import (
     WrongPassword,
 )
 from proxy.auth.service import TokenService
-from proxy.store import format as format_mod
 from proxy.demo.process import DemoUpstream, http_session
 from proxy.secret import Secret
+from proxy.store import format as format_mod
 from tests.proxyenv import PASSWORD, USER, authorise, make_config, open_store, write_config
 
 IMAP_SCOPE = "https://outlook.office.com/IMAP.AccessAsUser.All"
