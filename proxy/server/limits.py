@@ -12,12 +12,14 @@ Throttle, per login attempt:
   client is 127.0.0.1). Failures of an account from *other* sources never refuse a source that has
   none: across sources they only lengthen the failure replies (compare Dovecot's auth penalty),
   so a device retrying a revoked password cannot lock a shared mailbox for everyone.
-- *Failures are reserved before the password is tried* (``reserve``) and given back when the
-  password was right or the attempt ended for another reason; parallel guesses therefore see
-  each other's failures before the first of them is decided.
 - *One key derivation in flight* per account and per (non-loopback) source
   (``begin_derivation``): a second different password arriving while one is being stretched is
-  refused at once with the "throttled" reply, not queued.
+  refused at once with the "throttled" reply, not queued. A login whose key is cached (a warm
+  login, or joining the derivation of the same password) needs no claim, so a burst of devices
+  with the right password is never refused.
+- *The failure is reserved before the password is tried*: claiming the derivation counts it,
+  and it is given back when the password was right or the attempt ended without a verdict; so
+  the next guess already sees it, even before the first reply is sent.
 - *A repeated wrong password counts once*: the last few wrong passwords of each (account, source)
   are remembered as keyed hashes; a device retrying one stale password does not move towards a
   lockout.
@@ -92,12 +94,14 @@ def account_key(account: str) -> str:
 
 @dataclass
 class Reservation:
-    """One attempt's reserved failure; settle it exactly once with ``Throttle.failed``,
-    ``Throttle.succeeded`` or ``Throttle.release``."""
+    """One attempt past the lockout check; its failure is counted once a password is tried
+    (``counted``). Settle it exactly once with ``Throttle.failed``, ``Throttle.succeeded`` or
+    ``Throttle.release``."""
 
     account: str
     source: str
     keys: tuple[str, ...]
+    counted: bool = False
     settled: bool = False
 
 
@@ -163,25 +167,31 @@ class Throttle:
         return left
 
     def reserve(self, account: str, source: str) -> Reservation | float:
-        """Count a failure before the password is tried; or the seconds of lockout left."""
+        """Admit an attempt (its failure is counted by ``begin_derivation``), or the seconds of
+        lockout left."""
         left = self.locked(account, source)
         if left > 0:
             return left
-        now = self.clock()
-        keys = self._all_keys(account, source)
-        for key in keys:
-            self._record(key, now).failures += 1
-        return Reservation(account, source, keys)
+        return Reservation(account, source, self._all_keys(account, source))
 
-    def begin_derivation(self, account: str, source: str) -> Callable[[], None] | None:
-        """Claim the one key derivation in flight for this account and source; returns the
-        release function, or None if another derivation holds either."""
-        claims = {f"account:{account_key(account)}"}
-        if source and not is_loopback(source):
-            claims.add(f"source:{source_group(source)}")
-        if claims & self._deriving:
+    def _count(self, reservation: Reservation) -> None:
+        if not reservation.counted:
+            reservation.counted = True
+            now = self.clock()
+            for key in reservation.keys:
+                self._record(key, now).failures += 1
+
+    def begin_derivation(self, reservation: Reservation) -> Callable[[], None] | None:
+        """Claim the one key derivation in flight for this account and source and count the
+        attempt's failure; returns the release function, or None (nothing counted) if another
+        derivation holds either, or if the failures counted meanwhile reached a lockout."""
+        claims = {f"account:{account_key(reservation.account)}"}
+        if reservation.source and not is_loopback(reservation.source):
+            claims.add(f"source:{source_group(reservation.source)}")
+        if claims & self._deriving or self.locked(reservation.account, reservation.source) > 0:
             return None
         self._deriving |= claims
+        self._count(reservation)
 
         def release() -> None:
             self._deriving -= claims
@@ -192,6 +202,8 @@ class Throttle:
     def _unreserve(self, reservation: Reservation) -> None:
         assert not reservation.settled, "a reservation is settled once"
         reservation.settled = True
+        if not reservation.counted:
+            return
         now = self.clock()
         for key in reservation.keys:
             record = self._get(key, now)
@@ -220,6 +232,7 @@ class Throttle:
                                             for known in pair.wrong):
             self._unreserve(reservation)
             return self._delay(reservation, now)
+        self._count(reservation)
         reservation.settled = True
         if password_tag is not None:
             pair.wrong = [*pair.wrong, password_tag][-_WRONG_REMEMBERED:]
@@ -242,11 +255,8 @@ class Throttle:
 
     def failure(self, account: str, source: str, password_tag: bytes | None = None) -> float:
         """Record one failed login outright; returns its reply's delay."""
-        now = self.clock()
-        keys = self._all_keys(account, source)
-        for key in keys:
-            self._record(key, now).failures += 1
-        return self.failed(Reservation(account, source, keys), password_tag)
+        return self.failed(Reservation(account, source, self._all_keys(account, source)),
+                           password_tag)
 
 
 class PreauthLimiter:

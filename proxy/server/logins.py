@@ -64,7 +64,8 @@ def upstream_refusal(kind: ReplyKind, code: str, server_text: str, *, host: str,
 
 
 class LoginAttempt:
-    """One attempt: reserve a failure before the password is tried, settle it once.
+    """One attempt: past the lockout check, its failure reserved before a password is tried
+    (when the key derivation is claimed), settled once.
 
     Creating it sets the token service's gate (``proxy.auth.gate``) for the current task, so the
     service asks this attempt before it starts a key derivation and tells it a wrong password."""
@@ -80,7 +81,7 @@ class LoginAttempt:
 
     def refusal(self) -> str | None:
         """The reply text if this account and source are locked out (the attempt is then
-        over); otherwise a failure is reserved until the password is decided."""
+        over)."""
         reserved = self.throttle.reserve(self.user, self.peer_host)
         if isinstance(reserved, Reservation):
             self.reservation = reserved
@@ -91,7 +92,12 @@ class LoginAttempt:
     # --- the token service's gate ---------------------------------------------------------
 
     def begin_derivation(self) -> Callable[[], None] | None:
-        return self.throttle.begin_derivation(self.user, self.peer_host)
+        if self.reservation is None or self.reservation.settled:
+            # The session's password was proven already (an upstream reconnect later in the
+            # session): it still takes its turn, but counts no failure.
+            return self.throttle.begin_derivation(
+                Reservation(self.user, self.peer_host, (), counted=True, settled=True))
+        return self.throttle.begin_derivation(self.reservation)
 
     def wrong_password(self, password: Secret) -> None:
         self._wrong_tag = self.throttle.password_tag(password.reveal())

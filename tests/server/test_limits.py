@@ -7,6 +7,7 @@ import imaplib
 import smtplib
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -84,27 +85,46 @@ def test_source_variants_share_a_lockout(first: str, second: str) -> None:
     assert throttle.locked("a@x", "2001:db8:1:3::1") == 0  # the next /64 is another source
 
 
-def test_parallel_attempts_reserve_their_failures_first() -> None:
-    """Sixty attempts in flight at once: only ``lockout_after`` of them get to try a password."""
-    throttle = Throttle(Limits(lockout_after=10), Clock())
-    outcomes = [throttle.reserve("a@x", "192.0.2.1") for _ in range(60)]
-    granted = [r for r in outcomes if isinstance(r, Reservation)]
-    assert len(granted) == 10
-    for i, reservation in enumerate(granted):
-        throttle.failed(reservation, bytes([i]))
+def test_a_failure_is_reserved_when_its_password_is_tried() -> None:
+    """Attempts admitted together count their failures as soon as each password is tried, so
+    the guess after the lockout threshold is refused even before the earlier ones are
+    answered; attempts that never try a password (a warm login) count nothing."""
+    throttle = Throttle(Limits(lockout_after=3), Clock())
+    admitted = [throttle.reserve("a@x", "192.0.2.1") for _ in range(60)]
+    tried = 0
+    for reservation in admitted:
+        assert isinstance(reservation, Reservation)
+        release = throttle.begin_derivation(reservation)
+        if release is None:
+            throttle.release(reservation)
+            continue
+        tried += 1
+        release()  # the derivation ended; its verdict is not in yet
+    assert tried == 3
     assert throttle.locked("a@x", "192.0.2.1") > 0
+    warm = Throttle(Limits(lockout_after=3), Clock())
+    for _ in range(60):
+        reservation = warm.reserve("a@x", "192.0.2.1")
+        assert isinstance(reservation, Reservation)
+        warm.succeeded(reservation)
+    assert warm.locked("a@x", "192.0.2.1") == 0
 
 
 def test_one_derivation_in_flight_per_account_and_source() -> None:
     throttle = Throttle(Limits(), Clock())
-    release = throttle.begin_derivation("a@x", "192.0.2.1")
+
+    def claim(account: str, source: str) -> Callable[[], None] | None:
+        reservation = throttle.reserve(account, source)
+        assert isinstance(reservation, Reservation)
+        return throttle.begin_derivation(reservation)
+
+    release = claim("a@x", "192.0.2.1")
     assert release is not None
-    assert throttle.begin_derivation("A@x", "198.51.100.7") is None  # same account
-    assert throttle.begin_derivation("b@x", "192.0.2.1") is None  # same source
-    other = throttle.begin_derivation("b@x", "198.51.100.7")
-    assert other is not None
+    assert claim("A@x", "198.51.100.7") is None  # same account
+    assert claim("b@x", "192.0.2.1") is None  # same source
+    assert claim("b@x", "198.51.100.7") is not None
     release()
-    assert throttle.begin_derivation("a@x", "192.0.2.1") is not None
+    assert claim("a@x", "192.0.2.1") is not None
 
 
 def test_loopback_sources_count_per_account_only() -> None:
