@@ -12,7 +12,7 @@ from hypothesis import settings
 import proxy
 from proxy.demo.process import DemoUpstream
 from proxy.paths import data_dir
-from proxy.store.store import TEST_SCRYPT_N_ENV
+from proxy.store.names import TEST_SCRYPT_N_ENV
 
 # Property-based tests are derandomised in CI (CI=true, as .ci/run runs): the same examples on
 # every run, so a red run is a real regression, never a new draw. Locally they explore; a failure

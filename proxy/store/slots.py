@@ -20,12 +20,14 @@ as long as its ``TokenStore``.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import os
 import threading
 import unicodedata
 from collections import OrderedDict
+from collections.abc import Callable
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -130,6 +132,67 @@ def new_keyfile_slot(
 
 def open_keyfile_slot(slot: SlotRecord, service_key: bytes, account: str) -> bytes | None:
     return unwrap(hkdf_derive(service_key, slot.salt), slot, account)
+
+
+def shared_salt(slots: tuple[SlotRecord, ...], params: ScryptParams) -> bytes | None:
+    """The salt password slots share at cost ``params`` (None: no slot has that cost yet)."""
+    for slot in slots:
+        if slot.kind == KIND_PASSWORD and slot.scrypt == params:
+            return slot.salt
+    return None
+
+
+def slots_fingerprint(account: str, slots: tuple[SlotRecord, ...]) -> bytes:
+    """Names a file's set of password slots (a wrong password is remembered per set)."""
+    digest = hashlib.sha256(account.encode())
+    for slot in slots:
+        if slot.kind == KIND_PASSWORD and slot.scrypt is not None:
+            s = slot.scrypt
+            digest.update(slot.salt + b"%d,%d,%d" % (s.n, s.r, s.p) + slot.nonce
+                          + slot.wrapped_key)
+    return digest.digest()
+
+
+def rewrap_all(
+    slots: tuple[SlotRecord, ...],
+    account: str,
+    kept_label: str,
+    kept_password: bytes,
+    params: ScryptParams,
+    generate: Callable[[], Secret],
+    service_key: bytes | None,
+) -> tuple[bytes, list[SlotRecord], dict[str, Secret], list[tuple[SlotRecord, bytes, bytes]]]:
+    """Every slot of a file written anew around a new data key (``TokenStore.rotate``): the slot
+    ``kept_label`` keeps ``kept_password``, every other password slot gets one from ``generate``
+    (returned by label), a keyfile slot is re-wrapped with ``service_key``, which must open it
+    (ValueError otherwise). Returns the data key, the slots, the issued passwords and, per new
+    password slot, (slot, password, wrapping key) for the key cache."""
+    data_key = os.urandom(KEY_SIZE)
+    salt = os.urandom(SALT_SIZE)
+    issued: dict[str, Secret] = {}
+    fresh_slots: list[SlotRecord] = []
+    remembered: list[tuple[SlotRecord, bytes, bytes]] = []
+    for slot in slots:
+        if slot.kind == KIND_KEYFILE:
+            if service_key is None:
+                raise ValueError(f"it has a service-key slot ({slot.label!r}) and no service key "
+                                 "is configured to re-wrap it; set the account's "
+                                 "service_key_file or remove the slot first")
+            if open_keyfile_slot(slot, check_service_key(service_key), account) is None:
+                raise ValueError("the configured service key does not open its service-key "
+                                 "slot; remove that slot first")
+            fresh = new_keyfile_slot(slot.label, service_key, data_key, account, slot.created_at)
+        else:
+            if slot.label == kept_label:
+                secret = kept_password
+            else:
+                issued[slot.label] = generate()
+                secret = password_bytes(issued[slot.label])
+            fresh, wrapping_key = new_password_slot(
+                slot.label, secret, params, data_key, account, slot.created_at, salt=salt)
+            remembered.append((fresh, secret, wrapping_key))
+        fresh_slots.append(dataclasses.replace(fresh, last_used_at=slot.last_used_at))
+    return data_key, fresh_slots, issued, remembered
 
 
 _CacheKey = tuple[bytes, int, int, int]

@@ -3,12 +3,7 @@
 The file format is described in ``proxy.store.format``; locking and atomic writes in
 ``proxy.store.atomic``; slots and the derived-key cache in ``proxy.store.slots``.
 
-File names: ``<prefix>-<hash>.tokens`` where ``prefix`` is the account name with every character
-outside ``A-Za-z0-9._@+-`` replaced by ``_``, cut to 40 characters, without leading dots or
-dashes, and ``hash`` is the first 16 hex digits of SHA-256 of the UTF-8 account name. The name
-cannot leave the state directory whatever the account name; the file itself records the account
-and a file holding another account is refused (``CorruptTokenFile``). Beside each token file is an
-empty ``<prefix>-<hash>.lock`` used only for ``flock``.
+File names and the values handed out are in ``proxy.store.names``.
 
 Concurrency: readers (``info``, ``unlock``) take no lock, because writers replace files
 atomically. Every read-modify-write (``save``, slot changes, ``touch_slot``, ``create``,
@@ -25,17 +20,12 @@ a service key shorter than 32 bytes, an invalid account name); a malformed slot 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import hashlib
 import hmac
 import logging
 import os
-import re
 import threading
 import time
-import unicodedata
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from proxy.secret import Secret
@@ -67,7 +57,6 @@ from proxy.store.format import (
     SALT_SIZE,
     Meta,
     ScryptParams,
-    SlotInfo,
     SlotRecord,
     TokenDocument,
     check_label,
@@ -77,6 +66,15 @@ from proxy.store.format import (
     encrypt_payload,
     make_key_id,
 )
+from proxy.store.names import (
+    LOCK_SUFFIX,
+    SUFFIX,
+    FileInfo,
+    Unlocked,
+    check_account,
+    default_scrypt_n,
+    file_stem,
+)
 from proxy.store.slots import (
     PasswordKeyCache,
     cache_key,
@@ -85,74 +83,16 @@ from proxy.store.slots import (
     new_password_slot,
     open_keyfile_slot,
     password_bytes,
+    rewrap_all,
+    shared_salt,
     slot_cache_key,
+    slots_fingerprint,
     unwrap,
 )
 
 log = logging.getLogger("proxy.store")
 
-SUFFIX = ".tokens"
-LOCK_SUFFIX = ".lock"
 TOUCH_INTERVAL = 3600.0
-MAX_ACCOUNT_LENGTH = 320
-_UNSAFE = re.compile(r"[^A-Za-z0-9._@+-]")
-DEFAULT_SCRYPT_N = 2**17  # with r=8, p=1: 128 MiB per derivation (OWASP's minimum)
-TEST_SCRYPT_N_ENV = "XOAUTH2_PROXY_INSECURE_TEST_SCRYPT_N"
-
-
-def default_scrypt_n() -> int:
-    """``DEFAULT_SCRYPT_N``, unless the environment variable ``TEST_SCRYPT_N_ENV`` names a lower
-    cost. That variable exists for test suites only: a config file cannot set it, and a store
-    that uses it says so in its debug log."""
-    value = os.environ.get(TEST_SCRYPT_N_ENV)
-    if not value:
-        return DEFAULT_SCRYPT_N
-    n = int(value)
-    log.debug("%s=%d: password slots are written at a cost meant for tests", TEST_SCRYPT_N_ENV, n)
-    return n
-
-
-@dataclass(frozen=True)
-class FileInfo:
-    """What can be known about an account's file without a secret (display data only)."""
-
-    account: str
-    path: Path
-    meta: Meta
-    slots: tuple[SlotInfo, ...]
-
-
-@dataclass(frozen=True)
-class Unlocked:
-    """An opened token file: the decrypted payload and the data key to write it back."""
-
-    account: str
-    payload: bytes = field(repr=False)
-    meta: Meta
-    key_id: str
-    slot_label: str
-    data_key: bytes = field(repr=False, compare=False)
-    stale_slot: bool = field(default=False, compare=False)  # see ``TokenStore.upgrade_slot``
-
-
-def check_account(account: object) -> str:
-    """Return ``account`` if it can name a token file, else raise TypeError/ValueError."""
-    if not isinstance(account, str):
-        raise TypeError("an account name is a str")
-    if not account or len(account) > MAX_ACCOUNT_LENGTH:
-        raise ValueError(f"an account name has 1 to {MAX_ACCOUNT_LENGTH} characters")
-    if account != account.strip():
-        raise ValueError(f"account name {account!r} has leading or trailing spaces")
-    if any(unicodedata.category(char) in ("Cc", "Cs") for char in account):
-        raise ValueError(f"account name {account!r} contains control characters")
-    return account
-
-
-@functools.lru_cache(maxsize=1024)
-def file_stem(account: str) -> str:
-    """``<readable prefix>-<16 hex of SHA-256>``; safe as a file name for any account."""
-    prefix = re.sub(r"^[.-]+", "", _UNSAFE.sub("_", account)[:40]) or "account"
-    return f"{prefix}-{hashlib.sha256(account.encode('utf-8')).hexdigest()[:16]}"
 
 
 def _same_key_id(a: str, b: str) -> bool:
@@ -273,21 +213,7 @@ class TokenStore:
         return Unlocked(doc.account, payload, doc.meta, doc.key_id, label, data_key)
 
     def _file_salt(self, doc: TokenDocument) -> bytes | None:
-        """The salt password slots share at this store's cost (None: no slot has it yet)."""
-        for slot in doc.slots:
-            if slot.kind == KIND_PASSWORD and slot.scrypt == self.scrypt:
-                return slot.salt
-        return None
-
-    @staticmethod
-    def _fingerprint(doc: TokenDocument) -> bytes:
-        digest = hashlib.sha256(doc.account.encode())
-        for slot in doc.slots:
-            if slot.kind == KIND_PASSWORD and slot.scrypt is not None:
-                s = slot.scrypt
-                digest.update(slot.salt + b"%d,%d,%d" % (s.n, s.r, s.p) + slot.nonce
-                              + slot.wrapped_key)
-        return digest.digest()
+        return shared_salt(doc.slots, self.scrypt)
 
     def _pay_for_absent(self, account: str, secret: bytes, derive: bool) -> None:
         """The cost of trying a password where there is no file to try it on: one derivation
@@ -340,7 +266,7 @@ class TokenStore:
             cached = self._keys.cached(key, secret)
             if cached is not None and (result := opened(key, cached)) is not None:
                 return result
-        fingerprint = self._fingerprint(doc)
+        fingerprint = slots_fingerprint(doc.account, doc.slots)
         if self._keys.known_wrong(fingerprint, secret):
             raise WrongPassword(f"wrong password for account {account!r}")
         if not derive:
@@ -636,37 +562,12 @@ class TokenStore:
         kept = doc.slot(unlocked.slot_label)
         if kept is None or kept.kind != KIND_PASSWORD:
             raise SlotError(f"{path} changed meanwhile; run the command again")
-        keyfile = next((slot for slot in doc.slots if slot.kind == KIND_KEYFILE), None)
-        if keyfile is not None:
-            if service_key is None:
-                raise SlotError(f"{path} has a service-key slot ({keyfile.label!r}) and no "
-                                "service key is configured to re-wrap it; set the account's "
-                                "service_key_file or remove the slot first")
-            if open_keyfile_slot(keyfile, check_service_key(service_key), doc.account) is None:
-                raise SlotError(f"the configured service key does not open the service-key slot "
-                                f"of {path}; remove that slot first")
-        data_key = os.urandom(KEY_SIZE)
+        try:
+            data_key, slots, issued, remembered = rewrap_all(
+                doc.slots, doc.account, kept.label, keep, self.scrypt, generate, service_key)
+        except ValueError as exc:
+            raise SlotError(f"{path}: {exc}") from None
         key_id = make_key_id(data_key)
-        salt = os.urandom(SALT_SIZE)
-        issued: dict[str, Secret] = {}
-        slots: list[SlotRecord] = []
-        remembered: list[tuple[SlotRecord, bytes, bytes]] = []
-        for slot in doc.slots:
-            if slot.kind == KIND_KEYFILE:
-                assert service_key is not None
-                fresh = new_keyfile_slot(slot.label, service_key, data_key, doc.account,
-                                         slot.created_at)
-            else:
-                if slot.label == kept.label:
-                    secret = keep
-                else:
-                    issued[slot.label] = generate()
-                    secret = password_bytes(issued[slot.label])
-                fresh, wrapping_key = new_password_slot(
-                    slot.label, secret, self.scrypt, data_key, doc.account, slot.created_at,
-                    salt=salt)
-                remembered.append((fresh, secret, wrapping_key))
-            slots.append(dataclasses.replace(fresh, last_used_at=slot.last_used_at))
         labels = [slot.label for slot in doc.slots]
         now = time.time()
 

@@ -14,7 +14,7 @@ import pytest
 
 from proxy.config import Limits
 from proxy.demo.process import DemoUpstream
-from proxy.server.limits import PreauthLimiter, Reservation, Throttle
+from proxy.server.limits import MIN_FAILURE_DELAY, PreauthLimiter, Reservation, Throttle
 from tests.proxyenv import PASSWORD, USER, start_proxy
 from tests.server.smtp_util import closed_port, plain_b64
 
@@ -125,6 +125,12 @@ def test_one_derivation_in_flight_per_account_and_source() -> None:
     assert claim("b@x", "198.51.100.7") is not None
     release()
     assert claim("a@x", "192.0.2.1") is not None
+
+
+def test_no_failure_is_answered_at_once() -> None:
+    """``failure_delay = 0`` would make the reply's timing an oracle; there is a floor."""
+    throttle = Throttle(Limits(failure_delay=0, max_failure_delay=0), Clock())
+    assert throttle.failure("a@x", "192.0.2.1", b"1") == MIN_FAILURE_DELAY > 0
 
 
 def test_loopback_sources_count_per_account_only() -> None:

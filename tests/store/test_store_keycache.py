@@ -9,7 +9,7 @@ import pytest
 
 from proxy.secret import Secret
 from proxy.store import TokenStore, Unlocked, WrongPassword
-from proxy.store.store import TEST_SCRYPT_N_ENV
+from proxy.store.names import TEST_SCRYPT_N_ENV
 from tests.store.storetools import (
     ACCOUNT,
     FAST_N,
