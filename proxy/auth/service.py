@@ -1,7 +1,11 @@
 """The token service: a local password in, a fresh access token out.
 
 ``access_token(account, password, protocol)`` unlocks the account's token file (the password
-is checked by the file's AES-GCM, nothing else), keeps the account's MSAL cache in memory, and
+is checked by the file's AES-GCM, nothing else): from the derived-key cache on the default
+executor if it can, else with one key derivation on the service's own small executor, claimed
+through the login's gate (``proxy.auth.gate``: one derivation in flight per account and source,
+the others refused). An unconfigured account or one without a usable file costs the same
+derivation and fails like a wrong password. It keeps the account's MSAL cache in memory, and
 returns an access token — from memory when it is still good, else from one MSAL call in a
 worker thread. Per account and scope set there is at most one request to the identity platform
 in flight (single flight): a thousand concurrent logins with an expired token make one request.
