@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import re
 import shutil
@@ -289,6 +290,27 @@ async def test_passwd_rotate_locks_out_an_old_copy_with_a_revoked_password(
     for old in passwords.values():
         with pytest.raises(WrongPassword):
             await service.access_token(USER, Secret(old), "smtp")
+
+
+async def test_a_slot_at_a_lower_cost_is_upgraded_at_its_next_login(
+        tmp_path: Path, demo_upstream: DemoUpstream, caplog: pytest.LogCaptureFixture) -> None:
+    """A file written at an older cost keeps opening; the login that opens it rewrites its
+    slot at the daemon's cost, and later logins need no derivation at the old cost."""
+    caplog.set_level(logging.INFO, logger="proxy.auth")
+    cfg = make_config(tmp_path, demo_upstream)
+    older = authorise(cfg, demo_upstream)  # the tests' cost: n=2**15
+    path = older.path(USER)
+    assert json.loads(path.read_bytes().split(b"\n")[0])["slots"][0]["kdf"]["n"] == 2**15
+    service = TokenService(cfg, store.TokenStore(cfg.state_dir, scrypt_n=2**16))
+    assert await service.access_token(USER, Secret(PASSWORD), "imap")
+    kdf = json.loads(path.read_bytes().split(b"\n")[0])["slots"][0]["kdf"]
+    assert kdf["n"] == 2**16
+    assert any(r.getMessage() == "slot_upgraded" for r in caplog.records)
+    fresh = TokenService(cfg, store.TokenStore(cfg.state_dir, scrypt_n=2**16))
+    assert await fresh.access_token(USER, Secret(PASSWORD), "smtp")
+    assert not fresh.store.unlock(USER, Secret(PASSWORD)).stale_slot
+    await service.aclose()
+    await fresh.aclose()
 
 
 async def test_client_credentials_app_only(tmp_path: Path, demo_upstream: DemoUpstream) -> None:
