@@ -142,10 +142,13 @@ def cmd_passwd(config: Config, args: argparse.Namespace) -> int:
         if args.remove:
             token_store.remove_slot(account.name, args.remove)
             print(f"{account.name}: password {args.remove!r} removed; the other passwords "
-                  "still work")
+                  "still work. If it may have leaked, also run `xoauth2-proxy passwd "
+                  f"{account.name} --rotate` (a copy of the old file still opens with it)")
             return 0
         if getattr(args, "service_key", False):
             return _add_service_key(account, token_store, args)
+        if getattr(args, "rotate", False):
+            return _rotate(account, token_store, args)
         current = read_password(args.password_file, confirm=False,
                                 prompt=f"An existing local password of {account.name}")
         unlocked = token_store.unlock(account.name, current)
@@ -196,4 +199,24 @@ def _add_service_key(account: Account, token_store: store.TokenStore,
     token_store.add_service_key_slot(unlocked, key)
     print(f"{account.name}: service key slot added; the daemon can now refresh this account's "
           f"tokens with {path} (keep it 0600, readable by the daemon only)")
+    return 0
+
+
+def _rotate(account: Account, token_store: store.TokenStore, args: argparse.Namespace) -> int:
+    """``passwd --rotate``: a new data key, so that a copy of the old file opens nothing current
+    with any old secret (after ``--remove`` of a password that may have leaked)."""
+    current = read_password(args.password_file, confirm=False,
+                            prompt=f"An existing local password of {account.name}")
+    unlocked = token_store.unlock(account.name, current)
+    has_keyfile = any(s.kind == "keyfile" for s in token_store.info(account.name).slots)
+    key = service_key(account) if has_keyfile else None
+    _, issued = token_store.rotate(unlocked, current, service_key=key,
+                                   generate=lambda: Secret(secrets.token_urlsafe(18)))
+    print(f"{account.name}: new data key; the password you typed still works"
+          + ("; the service key slot was re-wrapped" if has_keyfile else ""))
+    if issued:
+        print(f"{account.name}: every other device has a new password (shown once; the old ones "
+              "no longer work):")
+        for label, password in issued.items():
+            print(f"{label}\t{password.reveal()}")
     return 0

@@ -185,12 +185,16 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--add", metavar="LABEL", help="add a password labelled LABEL")
     group.add_argument("--remove", metavar="LABEL", help="revoke the password labelled LABEL")
     group.add_argument("--list", action="store_true", help="list labels and last use")
+    group.add_argument("--rotate", action="store_true",
+                       help="replace the data key after revoking a password: the password given "
+                            "keeps working, every other device password is replaced (printed "
+                            "once), the service-key slot is re-wrapped")
     group.add_argument("--service-key", action="store_true",
                        help="add the service-key slot (creating the account's service_key_file "
                             "if missing) so the daemon can send for [[relay]] devices unattended")
     passwd.add_argument("--password-file", metavar="FILE",
-                        help="with --add or --service-key: read an existing password from FILE "
-                             "('-': stdin)")
+                        help="with --add, --rotate or --service-key: read an existing password "
+                             "from FILE ('-': stdin)")
     imports = sub.add_parser("import", help="move from another OAuth mail proxy, keeping its "
                                             "sign-ins", description="Move from another OAuth "
                              "mail proxy: its settings become this config, its stored tokens "

@@ -201,9 +201,9 @@ class RelayRule:
 class Limits:
     """Login throttling and pre-login limits (``[limits]``)."""
 
-    failure_delay: float = 1.0  # seconds before the first failure is answered
+    failure_delay: float = 1.0  # seconds before the first failure is answered (at least 0.05)
     max_failure_delay: float = 15.0
-    lockout_after: int = 10  # failures in a row (per account or per source)
+    lockout_after: int = 10  # failures in a row (per account and source, or per source)
     lockout_seconds: float = 300.0
     forget_after: float = 900.0  # a quiet key starts again from zero
     max_preauth_per_source: int = 1024

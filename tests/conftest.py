@@ -12,6 +12,7 @@ from hypothesis import settings
 import proxy
 from proxy.demo.process import DemoUpstream
 from proxy.paths import data_dir
+from proxy.store.names import TEST_SCRYPT_N_ENV
 
 # Property-based tests are derandomised in CI (CI=true, as .ci/run runs): the same examples on
 # every run, so a red run is a real regression, never a new draw. Locally they explore; a failure
@@ -20,6 +21,13 @@ settings.register_profile("ci", derandomize=True, database=None, print_blob=True
 settings.register_profile("dev", print_blob=True)
 settings.load_profile(os.environ.get("XOAUTH2_PROXY_HYPOTHESIS")
                       or ("ci" if os.environ.get("CI", "").lower() in ("1", "true") else "dev"))
+
+
+# Password slots at today's production cost (n=2**17, 128 MiB, about half a second) would add
+# seconds to every test that authorises an account; tests write them at n=2**15 through the
+# store's test-only environment knob (inherited by daemons the tests start). The default cost
+# itself is tested with the knob unset (tests/store/test_store_kdf.py).
+os.environ.setdefault(TEST_SCRYPT_N_ENV, str(2**15))
 
 
 def pytest_report_header() -> list[str]:

@@ -44,6 +44,28 @@ class UnknownAccount(TokenError):
         return "Invalid user name or local password."
 
 
+class NoUsableTokenFile(TokenError):
+    """The account has no token file, or one that cannot be read, found before the password
+    was tried: the client hears exactly what a wrong password hears (no account enumeration);
+    the log keeps the detail and the command that fixes it."""
+
+    failure, result = Failure.BAD_CREDENTIALS, "authorisation_needed"
+
+    @property
+    def user_text(self) -> str:
+        return "Invalid user name or local password."
+
+
+class Throttled(TokenError):
+    """Another key derivation for this account or source is in flight: refused, not queued."""
+
+    failure, result = Failure.THROTTLED, "throttled"
+
+    @property
+    def user_text(self) -> str:
+        return "Too many login attempts at once for this account; try again in a few seconds."
+
+
 class AuthorisationNeeded(TokenError):
     """No usable refresh token: an operator must run ``xoauth2-proxy login ACCOUNT``."""
 

@@ -1,7 +1,11 @@
 """The token service: a local password in, a fresh access token out.
 
 ``access_token(account, password, protocol)`` unlocks the account's token file (the password
-is checked by the file's AES-GCM, nothing else), keeps the account's MSAL cache in memory, and
+is checked by the file's AES-GCM, nothing else): from the derived-key cache on the default
+executor if it can, else with one key derivation on the service's own small executor, claimed
+through the login's gate (``proxy.auth.gate``: one derivation in flight per account and source,
+the others refused). An unconfigured account or one without a usable file costs the same
+derivation and fails like a wrong password. It keeps the account's MSAL cache in memory, and
 returns an access token — from memory when it is still good, else from one MSAL call in a
 worker thread. Per account and scope set there is at most one request to the identity platform
 in flight (single flight): a thousand concurrent logins with an expired token make one request.
@@ -22,6 +26,8 @@ import logging
 import secrets
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
 import msal
@@ -31,17 +37,32 @@ from proxy.auth import msal_client
 from proxy.auth.errors import (
     AuthConfigError,
     AuthorisationNeeded,
+    NoUsableTokenFile,
     ProviderUnavailable,
+    Throttled,
     TokenError,
     UnknownAccount,
     WrongPassword,
 )
+from proxy.auth.gate import GATE, UnlockGate
 from proxy.config import Account, Config, Protocol
 from proxy.secret import Secret
 
 log = logging.getLogger("proxy.auth")
 
 Scopes = tuple[str, ...]
+KDF_WORKERS = 2  # concurrent key derivations per daemon (each scrypt takes 128 MiB)
+
+
+class _NeedsDerivation(Exception):
+    """Internal: the password cannot be checked without a key derivation."""
+
+
+def _checked(unlock: Callable[[bool], store.Unlocked | None], derive: bool) -> store.Unlocked:
+    unlocked = unlock(derive)
+    if unlocked is None:
+        raise _NeedsDerivation
+    return unlocked
 
 
 @dataclass(frozen=True)
@@ -81,6 +102,9 @@ class TokenService:
         self._background: set[asyncio.Task[object]] = set()
         self._unlocks: dict[bytes, asyncio.Task[store.Unlocked]] = {}
         self._pepper = secrets.token_bytes(32)
+        # Key derivations (scrypt, 128 MiB each) run here, never on the default executor: a
+        # burst of guesses queues behind this pool, not behind other accounts' warm logins.
+        self._kdf = ThreadPoolExecutor(KDF_WORKERS, thread_name_prefix="kdf")
 
     # --- public -----------------------------------------------------------------------------
 
@@ -97,26 +121,61 @@ class TokenService:
         ``rejected``: a token the upstream just refused; a different one is returned (a newer
         one if another login already refreshed, else a forced refresh).
         """
-        account = self.account(name)
-        # Concurrent logins with the same password share one unlock (and so one scrypt run).
-        key = hmac.new(self._pepper, f"{account.name}\0{password.reveal()}".encode(),
+        gate = GATE.get()
+        try:
+            account = self.account(name)
+        except UnknownAccount as exc:
+            unknown = exc.account
+            await self._unlocked_by(unknown, password, gate,
+                                    lambda derive: self._absent(unknown, password, derive))
+            raise
+        unlocked = await self._unlocked_by(
+            account.name, password, gate, lambda derive: self._unlock(account, password, derive))
+        return await self._token(account, unlocked, protocol, rejected)
+
+    async def _unlocked_by(self, name: str, password: Secret, gate: UnlockGate | None,
+                           unlock: Callable[[bool], store.Unlocked | None]) -> store.Unlocked:
+        """Run ``unlock``: first without a key derivation, on the default executor (a warm login
+        or a known wrong password); else once, on the key-derivation executor, behind the gate.
+        Concurrent logins with the same password share that one derivation."""
+        key = hmac.new(self._pepper, f"{name}\0{password.reveal()}".encode(),
                        hashlib.sha256).digest()
         task = self._unlocks.get(key)
-        if task is None:
-            task = asyncio.get_running_loop().create_task(
-                asyncio.to_thread(self._unlock, account, password), name=f"unlock {account.name}")
-            self._unlocks[key] = task
+        try:
+            if task is None:
+                try:
+                    return await asyncio.to_thread(_checked, unlock, False)
+                except _NeedsDerivation:
+                    pass
+                task = self._unlocks.get(key)
+            if task is None:
+                release = gate.begin_derivation() if gate is not None else None
+                if gate is not None and release is None:
+                    raise Throttled(name, "another password for this account or source is being "
+                                          "checked")
+                loop = asyncio.get_running_loop()
+                task = loop.create_task(self._derive(unlock), name=f"unlock {name}")
+                self._unlocks[key] = task
 
-            def done(t: asyncio.Task[store.Unlocked]) -> None:
-                self._unlocks.pop(key, None)
-                if not t.cancelled():
-                    # Retrieved here: when every waiter was cancelled (a client that left),
-                    # shield() no longer looks at the task, and a wrong password would be
-                    # logged as "Task exception was never retrieved".
-                    t.exception()
-            task.add_done_callback(done)
-        unlocked = await asyncio.shield(task)
-        return await self._token(account, unlocked, protocol, rejected)
+                def done(t: asyncio.Task[store.Unlocked]) -> None:
+                    self._unlocks.pop(key, None)
+                    if release is not None:
+                        release()
+                    if not t.cancelled():
+                        # Retrieved here: when every waiter was cancelled (a client that left),
+                        # shield() no longer looks at the task, and a wrong password would be
+                        # logged as "Task exception was never retrieved".
+                        t.exception()
+                task.add_done_callback(done)
+            return await asyncio.shield(task)
+        except (WrongPassword, UnknownAccount, NoUsableTokenFile):
+            if gate is not None:
+                gate.wrong_password(password)
+            raise
+
+    async def _derive(self, unlock: Callable[[bool], store.Unlocked | None]) -> store.Unlocked:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._kdf, _checked, unlock, True)
 
     async def service_token(self, name: str, protocol: Protocol, *,
                             rejected: str | None = None) -> str:
@@ -146,14 +205,40 @@ class TokenService:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        self._kdf.shutdown(wait=False, cancel_futures=True)
 
     # --- unlocking (worker thread) --------------------------------------------------------------
 
-    def _unlock(self, account: Account, password: Secret) -> store.Unlocked:
-        with _store_errors(account):
-            unlocked = self.store.unlock(account.name, password)
+    def _unlock(self, account: Account, password: Secret, derive: bool) -> store.Unlocked | None:
+        """None: a key derivation is needed (``derive`` False)."""
+        try:
+            with _store_errors(account):
+                unlocked = self.store.unlock(account.name, password, derive=derive)
+        except _NeedsDerivation:
+            return None
+        if unlocked.stale_slot and derive:
+            self._upgrade(unlocked, password)
         self._touch(unlocked)
         return unlocked
+
+    def _absent(self, name: str, password: Secret, derive: bool) -> None:
+        """An unconfigured account costs what a configured one costs (see ``store``)."""
+        try:
+            self.store.pay_for_absent(name, password, derive=derive)
+        except store.DerivationNeeded:
+            return None
+        raise UnknownAccount(name, "no such account in the config")
+
+    def _upgrade(self, unlocked: store.Unlocked, password: Secret) -> None:
+        """Move a slot written at an older cost or with its own salt to the file's shared salt
+        and the current cost, best effort: the login goes on whatever happens."""
+        try:
+            if self.store.upgrade_slot(unlocked, password):
+                logs.event(log, logging.INFO, "slot_upgraded", account=unlocked.account,
+                           slot=unlocked.slot_label)
+        except Exception as exc:  # noqa: BLE001 - the old slot still works; retried next time
+            logs.event(log, logging.WARNING, "slot_upgrade_failed", account=unlocked.account,
+                       slot=unlocked.slot_label, reason=str(exc) or type(exc).__name__)
 
     def _unlock_service(self, account: Account) -> store.Unlocked:
         assert account.service_key_file is not None
@@ -340,10 +425,16 @@ class _store_errors:
         if exc is None:
             return
         name = self.account.name
+        if isinstance(exc, store.DerivationNeeded):
+            raise _NeedsDerivation from None
         if isinstance(exc, store.WrongPassword):
             raise WrongPassword(name, "wrong local password") from None
         if isinstance(exc, store.TokenFileMissing):
-            raise AuthorisationNeeded(name, "no token file: the account was never authorised") from None
+            raise NoUsableTokenFile(name, "no token file: the account was never authorised; "
+                                          f"run: xoauth2-proxy login {name}") from None
+        if isinstance(exc, store.CorruptTokenFile) and not exc.opened:
+            raise NoUsableTokenFile(name, f"the token file is damaged ({exc}); "
+                                          f"run: xoauth2-proxy login {name}") from None
         if isinstance(exc, store.CorruptTokenFile):
             raise AuthorisationNeeded(name, f"the token file is damaged ({exc})",  # path: log only
                                       public="the token file is damaged") from None
@@ -352,4 +443,4 @@ class _store_errors:
 
 
 __all__ = ["TokenService", "TokenError", "WrongPassword", "UnknownAccount", "AuthorisationNeeded",
-           "ProviderUnavailable", "AuthConfigError"]
+           "ProviderUnavailable", "AuthConfigError", "NoUsableTokenFile", "Throttled"]

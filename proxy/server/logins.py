@@ -7,13 +7,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from proxy import logs, metrics
+from proxy.auth.gate import GATE
 from proxy.protocol.events import Failure, ReplyKind
 from proxy.protocol.login_reply import SMTP_AUTH_DISABLED
-from proxy.server.limits import Throttle
+from proxy.secret import Secret
+from proxy.server.limits import Reservation, Throttle
+
+
+def throttled_text(seconds: float) -> str:
+    return f"Too many failed logins; try again in {int(seconds) + 1} seconds."
 
 
 def unreachable(host: str) -> str:
@@ -57,30 +64,63 @@ def upstream_refusal(kind: ReplyKind, code: str, server_text: str, *, host: str,
 
 
 class LoginAttempt:
+    """One attempt: past the lockout check, its failure reserved before a password is tried
+    (when the key derivation is claimed), settled once.
+
+    Creating it sets the token service's gate (``proxy.auth.gate``) for the current task, so the
+    service asks this attempt before it starts a key derivation and tells it a wrong password."""
+
     def __init__(self, throttle: Throttle, log: logging.Logger, *, protocol: str, listener: str,
                  user: str, peer: str, peer_host: str, mechanism: str) -> None:
         self.throttle, self.log, self.protocol, self.listener = throttle, log, protocol, listener
         self.user, self.peer, self.peer_host, self.mechanism = user, peer, peer_host, mechanism
         self.started = time.monotonic()
+        self.reservation: Reservation | None = None
+        self._wrong_tag: bytes | None = None
+        GATE.set(self)
 
     def refusal(self) -> str | None:
-        """The reply text if this account or source is locked out (the attempt is then over)."""
-        locked = self.throttle.locked(self.user, self.peer_host)
-        if locked <= 0:
+        """The reply text if this account and source are locked out (the attempt is then
+        over)."""
+        reserved = self.throttle.reserve(self.user, self.peer_host)
+        if isinstance(reserved, Reservation):
+            self.reservation = reserved
             return None
         self.finish("throttled", "locked out after repeated failures")
-        return f"Too many failed logins; try again in {int(locked) + 1} seconds."
+        return throttled_text(reserved)
+
+    # --- the token service's gate ---------------------------------------------------------
+
+    def begin_derivation(self) -> Callable[[], None] | None:
+        if self.reservation is None or self.reservation.settled:
+            # The session's password was proven already (an upstream reconnect later in the
+            # session): it still takes its turn, but counts no failure.
+            return self.throttle.begin_derivation(
+                Reservation(self.user, self.peer_host, (), counted=True, settled=True))
+        return self.throttle.begin_derivation(self.reservation)
+
+    def wrong_password(self, password: Secret) -> None:
+        self._wrong_tag = self.throttle.password_tag(password.reveal())
+
+    # --- verdicts -----------------------------------------------------------------------
 
     async def bad_credentials(self) -> None:
         """Count the failure and wait out its delay, measured from the attempt's start, so a
-        wrong password and an unknown account take the same time (no timing oracle)."""
-        delay = self.throttle.failure(self.user, self.peer_host)
+        wrong password, an unknown account and an account without tokens take the same time."""
+        if self.reservation is None or self.reservation.settled:
+            delay = self.throttle.failure(self.user, self.peer_host, self._wrong_tag)
+        else:
+            delay = self.throttle.failed(self.reservation, self._wrong_tag)
         await asyncio.sleep(max(0.0, self.started + delay - time.monotonic()))
 
     def good_credentials(self) -> None:
-        self.throttle.success(self.user, self.peer_host)
+        if self.reservation is not None and not self.reservation.settled:
+            self.throttle.succeeded(self.reservation)
 
     def finish(self, result: str, reason: str = "", **fields: Any) -> None:
+        """Log the attempt's end; a failure still reserved and not decided is given back."""
+        if self.reservation is not None and not self.reservation.settled:
+            self.throttle.release(self.reservation)
         elapsed = time.monotonic() - self.started
         metrics.LOGINS.labels(self.protocol, result).inc()
         if result == "ok":

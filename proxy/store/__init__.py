@@ -5,6 +5,7 @@ The public API is re-exported here; everything else in the package is internal.
 
 from proxy.store.errors import (
     CorruptTokenFile,
+    DerivationNeeded,
     FileReplaced,
     InsecureStateDir,
     KeyFileError,
@@ -21,6 +22,7 @@ from proxy.store.store import FileInfo, TokenStore, Unlocked
 
 __all__ = [
     "CorruptTokenFile",
+    "DerivationNeeded",
     "FileInfo",
     "FileReplaced",
     "InsecureStateDir",

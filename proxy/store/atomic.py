@@ -50,11 +50,17 @@ def ensure_state_dir(path: Path) -> Path:
             pass  # another process created it first; checked below like any directory
     quoted = shlex.quote(str(path))
     try:
-        st = os.stat(path)
+        st = os.lstat(path)
     except OSError as exc:
         raise InsecureStateDir(
             path, f"cannot be examined ({exc.strerror})", f"ls -ld {quoted}"
         ) from None
+    if stat.S_ISLNK(st.st_mode):
+        # Whoever can change the link can point the token files elsewhere.
+        real = shlex.quote(os.path.realpath(path))
+        raise InsecureStateDir(path, "is a symbolic link",
+                               f"set state_dir to the real directory ({real})")
+    _check_parents(path)
     if not stat.S_ISDIR(st.st_mode):
         raise InsecureStateDir(path, "is not a directory", f"rm {quoted} or choose another path")
     euid = os.geteuid()
@@ -71,6 +77,34 @@ def ensure_state_dir(path: Path) -> Path:
             f"chmod 700 {quoted}",
         )
     return path
+
+
+def _check_parents(path: Path) -> None:
+    """Refuse a state directory that someone else could rename away and replace: an
+    ancestor writable by group or others without the sticky bit (``/tmp``'s 1777 is fine),
+    or owned by another user than root or this one."""
+    euid = os.geteuid()
+    for parent in Path(os.path.abspath(path)).parents:
+        try:
+            st = os.stat(parent)
+        except OSError as exc:
+            raise InsecureStateDir(path, f"has a parent {parent} that cannot be examined "
+                                         f"({exc.strerror})", f"ls -ld {shlex.quote(str(parent))}"
+                                   ) from None
+        quoted = shlex.quote(str(parent))
+        if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+            raise InsecureStateDir(
+                path,
+                f"is inside {parent}, which group or others can write "
+                f"(mode {stat.S_IMODE(st.st_mode):04o})",
+                f"chmod go-w {quoted} (or choose a state_dir under a private directory)",
+            )
+        if st.st_uid not in (0, euid):
+            raise InsecureStateDir(
+                path,
+                f"is inside {parent}, owned by uid {st.st_uid} (neither root nor this user)",
+                f"choose a state_dir whose parents belong to root or uid {euid}",
+            )
 
 
 def fsync_dir(directory: Path) -> None:

@@ -11,6 +11,7 @@ Callers pick their reply by class, never by parsing messages:
 - ``TokenFileExists``   -> ``create(replace=False)`` found a file already there.
 - ``SlotError``         -> duplicate label, unknown label, or removing the last slot.
 - ``KeyFileError``      -> a service key file is missing, too short or otherwise unusable.
+- ``DerivationNeeded``  -> ``unlock(derive=False)`` would need a key derivation.
 """
 
 from __future__ import annotations
@@ -58,9 +59,10 @@ class TokenFileExists(StoreError):
 class CorruptTokenFile(StoreError):
     """The file is truncated, damaged, of another version, another account, or not ours."""
 
-    def __init__(self, path: Path, reason: str) -> None:
+    def __init__(self, path: Path, reason: str, *, opened: bool = False) -> None:
         self.path = path
         self.reason = reason
+        self.opened = opened  # found after a secret opened a slot (not before trying one)
         super().__init__(f"token file {path} is unusable: {reason}")
 
 
@@ -95,3 +97,7 @@ class SlotError(StoreError):
 
 class KeyFileError(StoreError):
     """A service key file cannot be used; the message names the path and the problem."""
+
+
+class DerivationNeeded(StoreError):
+    """``unlock(derive=False)``: the password needs a key derivation to be checked."""

@@ -32,7 +32,7 @@ GENERATED_KEY_SIZE = 32
 def read_key_file(path: Path) -> bytes:
     """Return the service key in ``path``; ``KeyFileError`` says what is wrong and how to fix it.
 
-    A key file readable by group or others is accepted with a logged warning.
+    A key file that group or others can access is refused (the key opens the tokens alone).
     """
     path = Path(path)
     quoted = shlex.quote(str(path))
@@ -64,11 +64,9 @@ def read_key_file(path: Path) -> bytes:
             f"{MIN_SERVICE_KEY} random bytes: (umask 077; head -c 32 /dev/urandom > {quoted})"
         )
     if st.st_mode & 0o077:
-        log.warning(
-            "service key file %s is readable by group or others (mode %04o); run: chmod 600 %s",
-            path,
-            stat.S_IMODE(st.st_mode),
-            quoted,
+        raise KeyFileError(
+            f"service key file {path} is accessible to group or others "
+            f"(mode {stat.S_IMODE(st.st_mode):04o}); run: chmod 600 {quoted}"
         )
     return data
 

@@ -1,12 +1,18 @@
 """Key slots: deriving wrapping keys (scrypt, HKDF), wrapping the data key, and the key cache.
 
-A password slot's wrapping key costs one scrypt run (about 0.1 s and 32 MiB at the default
-n=2**15). ``PasswordKeyCache`` keeps the derived keys that *opened* a slot, keyed by the slot's
-(salt, n, r, p) and checked against a keyed hash of the password, so a password is stretched
-once per slot per process; a different password, salt or cost never matches an entry. It also
-remembers, per slot, a few passwords that failed, so a client retrying a stale password does not
-cost scrypt on every attempt. Concurrent derivations for the same slot run one at a time (striped
-locks), so a burst of logins after a restart pays scrypt once, not once per connection.
+Password slots of one file share one salt and cost (the file's *password salt*): a slot's
+wrapping key is scrypt(password, salt, n, r, p) itself, and the slot's GCM tag (with the label
+in its associated data) tells which slot a password opens. So trying a password costs one
+scrypt run however many device passwords the file holds; slots from files written before the
+salt was shared (one salt per slot) still open, at one run per distinct salt, and are moved to
+the shared salt when their password next opens them.
+
+The default cost is n=2**17, r=8, p=1 (128 MiB, about 0.4 s). ``PasswordKeyCache`` keeps the
+derived keys that *opened* a slot, keyed by (salt, n, r, p) and a keyed hash of the password,
+so a password is stretched once per file per process; a different password, salt or cost never
+matches an entry. It also remembers passwords that opened nothing, per set of slots, so a client
+retrying a stale password does not cost scrypt on every attempt. Concurrent derivations for the
+same salt run one at a time (striped locks).
 
 Secrets in memory (derived keys, data keys) are Python bytes and cannot be wiped; the cache lives
 as long as its ``TokenStore``.
@@ -14,6 +20,7 @@ as long as its ``TokenStore``.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import os
@@ -90,14 +97,25 @@ def unwrap(wrapping_key: bytes, slot: SlotRecord, account: str) -> bytes | None:
 
 
 def new_password_slot(
-    label: str, password: bytes, params: ScryptParams, data_key: bytes, account: str, now: float
+    label: str,
+    password: bytes,
+    params: ScryptParams,
+    data_key: bytes,
+    account: str,
+    now: float,
+    *,
+    salt: bytes | None = None,
+    wrapping_key: bytes | None = None,
 ) -> tuple[SlotRecord, bytes]:
-    """A fresh password slot (new salt) and its wrapping key (for the cache)."""
+    """A password slot and its wrapping key (for the cache). ``salt``: the file's shared
+    password salt (a new one if None); ``wrapping_key``: scrypt of ``password`` under that salt
+    and cost, if the caller already has it."""
     check_label(label)
     if not password:
         raise ValueError("a slot password must not be empty")
-    salt = os.urandom(SALT_SIZE)
-    wrapping_key = scrypt_derive(password, salt, params)
+    salt = os.urandom(SALT_SIZE) if salt is None else salt
+    if wrapping_key is None:
+        wrapping_key = scrypt_derive(password, salt, params)
     nonce, wrapped = wrap(wrapping_key, data_key, account, KIND_PASSWORD, label)
     slot = SlotRecord(label, KIND_PASSWORD, now, None, salt, params, nonce, wrapped)
     return slot, wrapping_key
@@ -116,26 +134,95 @@ def open_keyfile_slot(slot: SlotRecord, service_key: bytes, account: str) -> byt
     return unwrap(hkdf_derive(service_key, slot.salt), slot, account)
 
 
+def shared_salt(slots: tuple[SlotRecord, ...], params: ScryptParams) -> bytes | None:
+    """The salt password slots share at cost ``params`` (None: no slot has that cost yet)."""
+    for slot in slots:
+        if slot.kind == KIND_PASSWORD and slot.scrypt == params:
+            return slot.salt
+    return None
+
+
+def slots_fingerprint(account: str, slots: tuple[SlotRecord, ...]) -> bytes:
+    """Names a file's set of password slots (a wrong password is remembered per set)."""
+    digest = hashlib.sha256(account.encode())
+    for slot in slots:
+        if slot.kind == KIND_PASSWORD and slot.scrypt is not None:
+            s = slot.scrypt
+            digest.update(slot.salt + b"%d,%d,%d" % (s.n, s.r, s.p) + slot.nonce
+                          + slot.wrapped_key)
+    return digest.digest()
+
+
+def rewrap_all(
+    slots: tuple[SlotRecord, ...],
+    account: str,
+    kept_label: str,
+    kept_password: bytes,
+    params: ScryptParams,
+    generate: Callable[[], Secret],
+    service_key: bytes | None,
+) -> tuple[bytes, list[SlotRecord], dict[str, Secret], list[tuple[SlotRecord, bytes, bytes]]]:
+    """Every slot of a file written anew around a new data key (``TokenStore.rotate``): the slot
+    ``kept_label`` keeps ``kept_password``, every other password slot gets one from ``generate``
+    (returned by label), a keyfile slot is re-wrapped with ``service_key``, which must open it
+    (ValueError otherwise). Returns the data key, the slots, the issued passwords and, per new
+    password slot, (slot, password, wrapping key) for the key cache."""
+    data_key = os.urandom(KEY_SIZE)
+    salt = os.urandom(SALT_SIZE)
+    issued: dict[str, Secret] = {}
+    fresh_slots: list[SlotRecord] = []
+    remembered: list[tuple[SlotRecord, bytes, bytes]] = []
+    for slot in slots:
+        if slot.kind == KIND_KEYFILE:
+            if service_key is None:
+                raise ValueError(f"it has a service-key slot ({slot.label!r}) and no service key "
+                                 "is configured to re-wrap it; set the account's "
+                                 "service_key_file or remove the slot first")
+            if open_keyfile_slot(slot, check_service_key(service_key), account) is None:
+                raise ValueError("the configured service key does not open its service-key "
+                                 "slot; remove that slot first")
+            fresh = new_keyfile_slot(slot.label, service_key, data_key, account, slot.created_at)
+        else:
+            if slot.label == kept_label:
+                secret = kept_password
+            else:
+                issued[slot.label] = generate()
+                secret = password_bytes(issued[slot.label])
+            fresh, wrapping_key = new_password_slot(
+                slot.label, secret, params, data_key, account, slot.created_at, salt=salt)
+            remembered.append((fresh, secret, wrapping_key))
+        fresh_slots.append(dataclasses.replace(fresh, last_used_at=slot.last_used_at))
+    return data_key, fresh_slots, issued, remembered
+
+
 _CacheKey = tuple[bytes, int, int, int]
-_MISSING = object()
-_WRONG = object()
 
 
-def _cache_key(slot: SlotRecord) -> _CacheKey:
+def cache_key(salt: bytes, params: ScryptParams) -> _CacheKey:
+    return (salt, params.n, params.r, params.p)
+
+
+def slot_cache_key(slot: SlotRecord) -> _CacheKey:
     assert slot.scrypt is not None
-    return (slot.salt, slot.scrypt.n, slot.scrypt.r, slot.scrypt.p)
+    return cache_key(slot.salt, slot.scrypt)
 
 
 class PasswordKeyCache:
-    """Thread-safe memory of scrypt results, per slot (salt, n, r, p) and password."""
+    """Thread-safe memory of scrypt results, per (salt, n, r, p) and password.
 
-    def __init__(self, max_slots: int = 4096, max_wrong_slots: int = 1024) -> None:
+    ``derive`` stretches a password at most once at a time per (salt, cost) (striped locks);
+    only keys that opened a slot are kept (``remember``). Wrong passwords are remembered per
+    *set of slots* (``wrong``/``known_wrong``): a new slot added elsewhere changes the set, so a
+    password that was wrong before is tried again.
+    """
+
+    def __init__(self, max_keys: int = 4096, max_wrong: int = 8192) -> None:
         self._pepper = os.urandom(32)
         self._lock = threading.Lock()
-        self._good: OrderedDict[_CacheKey, tuple[bytes, bytes]] = OrderedDict()
-        self._wrong: OrderedDict[_CacheKey, list[bytes]] = OrderedDict()
-        self._max_slots = max_slots
-        self._max_wrong_slots = max_wrong_slots
+        self._good: OrderedDict[tuple[_CacheKey, bytes], bytes] = OrderedDict()
+        self._wrong: OrderedDict[bytes, None] = OrderedDict()
+        self._max_keys = max_keys
+        self._max_wrong = max_wrong
         self._flights = [threading.Lock() for _ in range(64)]
 
     def _tag(self, key: _CacheKey, password: bytes) -> bytes:
@@ -143,94 +230,63 @@ class PasswordKeyCache:
         header = len(salt).to_bytes(4, "big") + salt + b"%d,%d,%d;" % (n, r, p)
         return hmac.new(self._pepper, header + password, hashlib.sha256).digest()
 
-    def _peek(self, key: _CacheKey, tag: bytes) -> object:
-        """Caller holds the lock: the cached wrapping key, _WRONG, or _MISSING."""
-        entry = self._good.get(key)
-        if entry is not None and hmac.compare_digest(entry[0], tag):
-            self._good.move_to_end(key)
-            return entry[1]
-        for known in self._wrong.get(key, ()):
-            if hmac.compare_digest(known, tag):
-                return _WRONG
-        return _MISSING
-
-    def open_cached(
-        self, slot: SlotRecord, password: bytes, opener: Callable[[bytes], bytes | None]
-    ) -> bytes | None:
-        """Open ``slot`` only if a wrapping key for this password is cached; never scrypt."""
-        key = _cache_key(slot)
+    def cached(self, key: _CacheKey, password: bytes) -> bytes | None:
+        """The scrypt output for (key, password) if it is known to open a slot."""
+        entry = (key, self._tag(key, password))
         with self._lock:
-            found = self._peek(key, self._tag(key, password))
-        return opener(found) if isinstance(found, bytes) else None
+            found = self._good.get(entry)
+            if found is not None:
+                self._good.move_to_end(entry)
+            return found
 
-    def open(
-        self, slot: SlotRecord, password: bytes, opener: Callable[[bytes], bytes | None]
-    ) -> bytes | None:
-        """Open ``slot`` with ``password``: from the cache if possible, else by scrypt once.
-
-        ``opener`` turns a wrapping key into the data key (or None if it does not fit).
-        """
-        key = _cache_key(slot)
-        tag = self._tag(key, password)
-        with self._lock:
-            found = self._peek(key, tag)
-        if found is _WRONG:
-            return None
-        if isinstance(found, bytes):
-            data_key = opener(found)
-            if data_key is not None:
-                return data_key
+    def derive(self, key: _CacheKey, password: bytes) -> bytes:
+        """scrypt(password, salt, cost), from the cache if known; one run at a time per key."""
+        found = self.cached(key, password)
+        if found is not None:
+            return found
         with self._flights[hash(key) % len(self._flights)]:
-            with self._lock:
-                found = self._peek(key, tag)
-            if found is _WRONG:
-                return None
-            if isinstance(found, bytes):
-                data_key = opener(found)
-                if data_key is not None:
-                    return data_key
-            assert slot.scrypt is not None
-            wrapping_key = scrypt_derive(password, slot.salt, slot.scrypt)
-            data_key = opener(wrapping_key)
-            if data_key is None:
-                self._remember_wrong(key, tag)
-            else:
-                self._remember(key, tag, wrapping_key)
-            return data_key
+            found = self.cached(key, password)
+            if found is not None:
+                return found
+            salt, n, r, p = key
+            return scrypt_derive(password, salt, ScryptParams(n, r, p))
 
-    def remember(self, slot: SlotRecord, password: bytes, wrapping_key: bytes) -> None:
-        """Record a key known to open ``slot`` (used right after creating the slot)."""
-        key = _cache_key(slot)
-        self._remember(key, self._tag(key, password), wrapping_key)
-
-    def _remember(self, key: _CacheKey, tag: bytes, wrapping_key: bytes) -> None:
+    def remember(self, key: _CacheKey, password: bytes, derived: bytes) -> None:
+        """Record a derived key known to open a slot."""
+        entry = (key, self._tag(key, password))
         with self._lock:
-            self._good[key] = (tag, wrapping_key)
-            self._good.move_to_end(key)
-            self._wrong.pop(key, None)
-            while len(self._good) > self._max_slots:
+            self._good[entry] = derived
+            self._good.move_to_end(entry)
+            while len(self._good) > self._max_keys:
                 self._good.popitem(last=False)
 
-    def _remember_wrong(self, key: _CacheKey, tag: bytes) -> None:
+    def _wrong_tag(self, fingerprint: bytes, password: bytes) -> bytes:
+        return hmac.new(self._pepper, b"wrong;" + len(fingerprint).to_bytes(4, "big")
+                        + fingerprint + password, hashlib.sha256).digest()
+
+    def known_wrong(self, fingerprint: bytes, password: bytes) -> bool:
+        """Whether ``password`` already failed against exactly this set of slots."""
+        tag = self._wrong_tag(fingerprint, password)
         with self._lock:
-            tags = self._wrong.setdefault(key, [])
-            tags.append(tag)
-            del tags[:-8]
-            self._wrong.move_to_end(key)
-            while len(self._wrong) > self._max_wrong_slots:
+            return tag in self._wrong
+
+    def wrong(self, fingerprint: bytes, password: bytes) -> None:
+        tag = self._wrong_tag(fingerprint, password)
+        with self._lock:
+            self._wrong[tag] = None
+            self._wrong.move_to_end(tag)
+            while len(self._wrong) > self._max_wrong:
                 self._wrong.popitem(last=False)
 
     def forget(self, slot: SlotRecord) -> None:
-        """Drop everything known about ``slot`` (after it is removed from its file)."""
+        """Drop the derived keys of ``slot``'s salt and cost (after it left its file)."""
         if slot.scrypt is None:
             return
-        key = _cache_key(slot)
+        key = slot_cache_key(slot)
         with self._lock:
-            self._good.pop(key, None)
-            self._wrong.pop(key, None)
+            for entry in [entry for entry in self._good if entry[0] == key]:
+                del self._good[entry]
 
     def has(self, slot: SlotRecord, password: bytes) -> bool:
-        """Whether a wrapping key for (slot, password) is cached; for tests and diagnostics."""
-        key = _cache_key(slot)
-        with self._lock:
-            return isinstance(self._peek(key, self._tag(key, password)), bytes)
+        """Whether a derived key for (slot, password) is cached; for tests and diagnostics."""
+        return self.cached(slot_cache_key(slot), password) is not None

@@ -3,12 +3,7 @@
 The file format is described in ``proxy.store.format``; locking and atomic writes in
 ``proxy.store.atomic``; slots and the derived-key cache in ``proxy.store.slots``.
 
-File names: ``<prefix>-<hash>.tokens`` where ``prefix`` is the account name with every character
-outside ``A-Za-z0-9._@+-`` replaced by ``_``, cut to 40 characters, without leading dots or
-dashes, and ``hash`` is the first 16 hex digits of SHA-256 of the UTF-8 account name. The name
-cannot leave the state directory whatever the account name; the file itself records the account
-and a file holding another account is refused (``CorruptTokenFile``). Beside each token file is an
-empty ``<prefix>-<hash>.lock`` used only for ``flock``.
+File names and the values handed out are in ``proxy.store.names``.
 
 Concurrency: readers (``info``, ``unlock``) take no lock, because writers replace files
 atomically. Every read-modify-write (``save``, slot changes, ``touch_slot``, ``create``,
@@ -25,20 +20,16 @@ a service key shorter than 32 bytes, an invalid account name); a malformed slot 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import hashlib
 import hmac
 import logging
 import os
-import re
 import threading
 import time
-import unicodedata
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from proxy.secret import Secret
+from proxy.store import slots as slot_module
 from proxy.store.atomic import (
     StatKey,
     atomic_write,
@@ -50,6 +41,7 @@ from proxy.store.atomic import (
 )
 from proxy.store.errors import (
     CorruptTokenFile,
+    DerivationNeeded,
     FileReplaced,
     SlotError,
     TokenFileExists,
@@ -62,9 +54,9 @@ from proxy.store.format import (
     KIND_PASSWORD,
     MAX_FILE_SIZE,
     MAX_SLOTS,
+    SALT_SIZE,
     Meta,
     ScryptParams,
-    SlotInfo,
     SlotRecord,
     TokenDocument,
     check_label,
@@ -74,65 +66,33 @@ from proxy.store.format import (
     encrypt_payload,
     make_key_id,
 )
+from proxy.store.names import (
+    LOCK_SUFFIX,
+    SUFFIX,
+    FileInfo,
+    Unlocked,
+    check_account,
+    default_scrypt_n,
+    file_stem,
+)
 from proxy.store.slots import (
     PasswordKeyCache,
+    cache_key,
     check_service_key,
     new_keyfile_slot,
     new_password_slot,
     open_keyfile_slot,
     password_bytes,
+    rewrap_all,
+    shared_salt,
+    slot_cache_key,
+    slots_fingerprint,
     unwrap,
 )
 
 log = logging.getLogger("proxy.store")
 
-SUFFIX = ".tokens"
-LOCK_SUFFIX = ".lock"
 TOUCH_INTERVAL = 3600.0
-MAX_ACCOUNT_LENGTH = 320
-_UNSAFE = re.compile(r"[^A-Za-z0-9._@+-]")
-
-
-@dataclass(frozen=True)
-class FileInfo:
-    """What can be known about an account's file without a secret (display data only)."""
-
-    account: str
-    path: Path
-    meta: Meta
-    slots: tuple[SlotInfo, ...]
-
-
-@dataclass(frozen=True)
-class Unlocked:
-    """An opened token file: the decrypted payload and the data key to write it back."""
-
-    account: str
-    payload: bytes = field(repr=False)
-    meta: Meta
-    key_id: str
-    slot_label: str
-    data_key: bytes = field(repr=False, compare=False)
-
-
-def check_account(account: object) -> str:
-    """Return ``account`` if it can name a token file, else raise TypeError/ValueError."""
-    if not isinstance(account, str):
-        raise TypeError("an account name is a str")
-    if not account or len(account) > MAX_ACCOUNT_LENGTH:
-        raise ValueError(f"an account name has 1 to {MAX_ACCOUNT_LENGTH} characters")
-    if account != account.strip():
-        raise ValueError(f"account name {account!r} has leading or trailing spaces")
-    if any(unicodedata.category(char) in ("Cc", "Cs") for char in account):
-        raise ValueError(f"account name {account!r} contains control characters")
-    return account
-
-
-@functools.lru_cache(maxsize=1024)
-def file_stem(account: str) -> str:
-    """``<readable prefix>-<16 hex of SHA-256>``; safe as a file name for any account."""
-    prefix = re.sub(r"^[.-]+", "", _UNSAFE.sub("_", account)[:40]) or "account"
-    return f"{prefix}-{hashlib.sha256(account.encode('utf-8')).hexdigest()[:16]}"
 
 
 def _same_key_id(a: str, b: str) -> bool:
@@ -150,10 +110,12 @@ class TokenStore:
     """Encrypted per-account token files in one state directory (see the module docstring)."""
 
     def __init__(
-        self, state_dir: Path, *, scrypt_n: int = 2**15, scrypt_r: int = 8, scrypt_p: int = 1
+        self, state_dir: Path, *, scrypt_n: int | None = None, scrypt_r: int = 8, scrypt_p: int = 1
     ) -> None:
         self.state_dir = ensure_state_dir(Path(state_dir))
-        self.scrypt = ScryptParams(scrypt_n, scrypt_r, scrypt_p)
+        n = default_scrypt_n() if scrypt_n is None else scrypt_n
+        self.scrypt = ScryptParams(n, scrypt_r, scrypt_p)
+        self._absent_salt = os.urandom(SALT_SIZE)
         self._keys = PasswordKeyCache()
         self._lock = threading.Lock()
         self._docs: dict[Path, tuple[StatKey, TokenDocument]] = {}
@@ -241,34 +203,115 @@ class TokenStore:
 
     def _opened(self, path: Path, doc: TokenDocument, data_key: bytes, label: str) -> Unlocked:
         if not _same_key_id(make_key_id(data_key), doc.key_id):
-            raise CorruptTokenFile(path, "its key_id does not match its data key")
+            raise CorruptTokenFile(path, "its key_id does not match its data key", opened=True)
         payload = decrypt_payload(doc, data_key)
         if payload is None:
             raise CorruptTokenFile(
-                path, "the payload or its metadata was altered (authentication failed)"
+                path, "the payload or its metadata was altered (authentication failed)",
+                opened=True,
             )
         return Unlocked(doc.account, payload, doc.meta, doc.key_id, label, data_key)
 
-    def unlock(self, account: str, password: Secret) -> Unlocked:
-        """Open the file with a local password; cached slots first, then scrypt per slot."""
+    def _file_salt(self, doc: TokenDocument) -> bytes | None:
+        return shared_salt(doc.slots, self.scrypt)
+
+    def _pay_for_absent(self, account: str, secret: bytes, derive: bool) -> None:
+        """The cost of trying a password where there is no file to try it on: one derivation
+        at the store's cost, remembered like a wrong password, so that a missing or unreadable
+        file costs what a wrong password costs (first try and repeats alike)."""
+        fingerprint = b"absent;" + account.encode("utf-8", "surrogatepass")
+        if self._keys.known_wrong(fingerprint, secret):
+            return
+        if not derive:
+            raise DerivationNeeded(account)
+        slot_module.scrypt_derive(secret, self._absent_salt, self.scrypt)
+        self._keys.wrong(fingerprint, secret)
+
+    def pay_for_absent(self, account: str, password: Secret, *, derive: bool = True) -> None:
+        """What ``unlock`` costs for an account without a file (an unconfigured name)."""
+        self._pay_for_absent(account, password_bytes(password), derive)
+
+    def unlock(self, account: str, password: Secret, *, derive: bool = True) -> Unlocked:
+        """Open the file with a local password: cached keys first, then one scrypt run per
+        distinct slot salt (one for a file whose slots share the salt).
+
+        ``derive=False``: never run scrypt; raise ``DerivationNeeded`` where it would be needed.
+        A missing or unreadable file costs a derivation too before its error is raised.
+        """
         secret = password_bytes(password)
-        path, doc = self._load(account)
+        try:
+            path, doc = self._load(account)
+        except (TokenFileMissing, CorruptTokenFile):
+            self._pay_for_absent(account, secret, derive)
+            raise
         slots = [slot for slot in doc.slots if slot.kind == KIND_PASSWORD]
         if not slots:
+            self._pay_for_absent(account, secret, derive)
             raise WrongPassword(f"the token file of account {account!r} has no password slot")
+        file_salt = self._file_salt(doc)
+        groups: dict[tuple[bytes, int, int, int], list[SlotRecord]] = {}
+        for slot in sorted(slots, key=lambda s: s.salt != file_salt or s.scrypt != self.scrypt):
+            groups.setdefault(slot_cache_key(slot), []).append(slot)
 
-        def opener(slot: SlotRecord) -> Callable[[bytes], bytes | None]:
-            return lambda wrapping_key: unwrap(wrapping_key, slot, account)
+        def opened(key: tuple[bytes, int, int, int], derived: bytes) -> Unlocked | None:
+            for slot in groups[key]:
+                data_key = unwrap(derived, slot, account)
+                if data_key is not None:
+                    result = self._opened(path, doc, data_key, slot.label)
+                    stale = slot.scrypt != self.scrypt or slot.salt != file_salt
+                    return dataclasses.replace(result, stale_slot=stale)
+            return None
 
-        for slot in slots:
-            data_key = self._keys.open_cached(slot, secret, opener(slot))
-            if data_key is not None:
-                return self._opened(path, doc, data_key, slot.label)
-        for slot in slots:
-            data_key = self._keys.open(slot, secret, opener(slot))
-            if data_key is not None:
-                return self._opened(path, doc, data_key, slot.label)
+        for key in groups:
+            cached = self._keys.cached(key, secret)
+            if cached is not None and (result := opened(key, cached)) is not None:
+                return result
+        fingerprint = slots_fingerprint(doc.account, doc.slots)
+        if self._keys.known_wrong(fingerprint, secret):
+            raise WrongPassword(f"wrong password for account {account!r}")
+        if not derive:
+            raise DerivationNeeded(account)
+        for key in groups:
+            derived = self._keys.derive(key, secret)
+            if (result := opened(key, derived)) is not None:
+                self._keys.remember(key, secret, derived)
+                return result
+        self._keys.wrong(fingerprint, secret)
         raise WrongPassword(f"wrong password for account {account!r}")
+
+    def upgrade_slot(self, unlocked: Unlocked, password: Secret) -> bool:
+        """Move the slot ``password`` opened to the file's shared salt and this store's cost
+        (one derivation, one write); True if the file was rewritten. A file changed meanwhile
+        is left alone (the next login tries again)."""
+        self._check_unlocked(unlocked)
+        secret = password_bytes(password)
+        _, doc = self._load(unlocked.account)
+        salt = self._file_salt(doc) or os.urandom(SALT_SIZE)
+        key = cache_key(salt, self.scrypt)
+        wrapping_key = self._keys.derive(key, secret)
+
+        done: list[bool] = []
+
+        def change(path: Path, doc: TokenDocument) -> TokenDocument | None:
+            current = doc.slot(unlocked.slot_label)
+            if current is None or current.kind != KIND_PASSWORD:
+                return None
+            if (self._file_salt(doc) or salt) != salt:
+                return None
+            if current.salt == salt and current.scrypt == self.scrypt:
+                return None
+            fresh, _ = new_password_slot(current.label, secret, self.scrypt, unlocked.data_key,
+                                         unlocked.account, current.created_at, salt=salt,
+                                         wrapping_key=wrapping_key)
+            fresh = dataclasses.replace(fresh, last_used_at=current.last_used_at)
+            done.append(True)
+            return dataclasses.replace(
+                doc, slots=tuple(fresh if s is current else s for s in doc.slots))
+
+        self._rewrite(unlocked.account, change, key_id=unlocked.key_id)
+        if done:
+            self._keys.remember(key, secret, wrapping_key)
+        return bool(done)
 
     def unlock_with_service_key(self, account: str, key: bytes) -> Unlocked:
         key = check_service_key(key)
@@ -362,7 +405,8 @@ class TokenStore:
             finally:
                 self._invalidate(path)
         if remembered is not None:
-            self._keys.remember(*remembered)
+            slot, secret, wrapping_key = remembered
+            self._keys.remember(slot_cache_key(slot), secret, wrapping_key)
         return Unlocked(account, payload, meta, key_id, slots[0].label, data_key)
 
     @staticmethod
@@ -413,12 +457,13 @@ class TokenStore:
 
     # --- slots --------------------------------------------------------------------------
 
-    def _precheck_new_slot(self, unlocked: Unlocked, label: str) -> None:
+    def _precheck_new_slot(self, unlocked: Unlocked, label: str) -> TokenDocument:
         """Fail before paying scrypt; the same checks run again under the lock."""
         path, doc = self._load(unlocked.account)
         if not _same_key_id(doc.key_id, unlocked.key_id):
             raise FileReplaced(unlocked.account, path)
         self._check_slot_room(path, doc, label)
+        return doc
 
     @staticmethod
     def _check_slot_room(path: Path, doc: TokenDocument, label: str) -> None:
@@ -435,17 +480,23 @@ class TokenStore:
         secret = password_bytes(password)
         if not secret:
             raise ValueError("a slot password must not be empty")
-        self._precheck_new_slot(unlocked, label)
+        doc = self._precheck_new_slot(unlocked, label)
+        salt = self._file_salt(doc)
         slot, wrapping_key = new_password_slot(
-            label, secret, self.scrypt, unlocked.data_key, unlocked.account, time.time()
+            label, secret, self.scrypt, unlocked.data_key, unlocked.account, time.time(),
+            salt=salt,
+            wrapping_key=None if salt is None else self._keys.derive(
+                cache_key(salt, self.scrypt), secret),
         )
 
         def change(path: Path, doc: TokenDocument) -> TokenDocument:
             self._check_slot_room(path, doc, label)
+            if (self._file_salt(doc) or slot.salt) != slot.salt:
+                raise SlotError(f"{path} changed meanwhile; run the command again")
             return dataclasses.replace(doc, slots=(*doc.slots, slot))
 
         self._rewrite(unlocked.account, change, key_id=unlocked.key_id)
-        self._keys.remember(slot, secret, wrapping_key)
+        self._keys.remember(slot_cache_key(slot), secret, wrapping_key)
 
     def add_service_key_slot(self, unlocked: Unlocked, key: bytes, label: str = "service") -> None:
         """Add the (single) keyfile slot; remove an existing one first to rotate the key."""
@@ -486,6 +537,57 @@ class TokenStore:
 
         self._rewrite(account, change, key_id=None)
         self._keys.forget(removed[0])
+
+    def rotate(
+        self,
+        unlocked: Unlocked,
+        password: Secret,
+        *,
+        generate: Callable[[], Secret],
+        service_key: bytes | None = None,
+    ) -> tuple[Unlocked, dict[str, Secret]]:
+        """Replace the data key: the payload is encrypted under a new one and every slot is
+        written anew, so no copy of the old file opens the new one with any old secret.
+
+        The slot ``password`` opened keeps that password; every other password slot gets a new
+        one from ``generate`` (returned by label: a slot's old wrapping key cannot be derived
+        without its password, and keeping it would let a revoked password's old file copy open
+        the new key); a keyfile slot is re-wrapped with ``service_key``, which must open it.
+        """
+        self._check_unlocked(unlocked)
+        keep = password_bytes(password)
+        path, doc = self._load(unlocked.account)
+        if not _same_key_id(doc.key_id, unlocked.key_id):
+            raise FileReplaced(unlocked.account, path)
+        kept = doc.slot(unlocked.slot_label)
+        if kept is None or kept.kind != KIND_PASSWORD:
+            raise SlotError(f"{path} changed meanwhile; run the command again")
+        try:
+            data_key, slots, issued, remembered = rewrap_all(
+                doc.slots, doc.account, kept.label, keep, self.scrypt, generate, service_key)
+        except ValueError as exc:
+            raise SlotError(f"{path}: {exc}") from None
+        key_id = make_key_id(data_key)
+        labels = [slot.label for slot in doc.slots]
+        now = time.time()
+
+        def change(path: Path, current: TokenDocument) -> TokenDocument:
+            if [slot.label for slot in current.slots] != labels:
+                raise SlotError(f"the slots of {path} changed meanwhile; run the command again")
+            payload = decrypt_payload(current, unlocked.data_key)
+            if payload is None:
+                raise CorruptTokenFile(path, "the payload or its metadata was altered")
+            meta = dataclasses.replace(current.meta, updated_at=now)
+            nonce, ciphertext = encrypt_payload(data_key, doc.account, key_id, meta, payload)
+            return TokenDocument(doc.account, key_id, meta, tuple(slots), nonce, ciphertext)
+
+        new = self._rewrite(unlocked.account, change, key_id=unlocked.key_id)
+        for slot in doc.slots:
+            self._keys.forget(slot)
+        for fresh, secret, wrapping_key in remembered:
+            self._keys.remember(slot_cache_key(fresh), secret, wrapping_key)
+        opened = self._opened(path, new, data_key, kept.label)
+        return opened, issued
 
     def touch_slot(self, unlocked: Unlocked) -> None:
         """Record that ``unlocked.slot_label`` was used; writes at most once an hour per slot.

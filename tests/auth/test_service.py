@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import re
+import shutil
 import stat
 import subprocess
 import sys
@@ -19,6 +21,7 @@ from proxy import store
 from proxy.auth.errors import (
     AuthorisationNeeded,
     IdentityMismatch,
+    NoUsableTokenFile,
     ProviderUnavailable,
     UnknownAccount,
     WrongPassword,
@@ -26,6 +29,7 @@ from proxy.auth.errors import (
 from proxy.auth.service import TokenService
 from proxy.demo.process import DemoUpstream, http_session
 from proxy.secret import Secret
+from proxy.store import format as format_mod
 from tests.proxyenv import PASSWORD, USER, authorise, make_config, open_store, write_config
 
 IMAP_SCOPE = "https://outlook.office.com/IMAP.AccessAsUser.All"
@@ -209,17 +213,19 @@ async def test_wrong_passwords_leave_file_identical(tmp_path: Path, demo_upstrea
     assert token_store.path(USER).read_bytes() == raw
 
 
-async def test_damaged_token_file_tells_the_client_without_the_path(
+async def test_damaged_token_file_answers_like_a_wrong_password(
         tmp_path: Path, demo_upstream: DemoUpstream) -> None:
+    """Found before the password is tried: the client hears what a wrong password hears; the
+    log detail names the file and the command."""
     cfg = make_config(tmp_path, demo_upstream)
     token_store = authorise(cfg, demo_upstream)
     token_store.path(USER).write_bytes(b"not a token file")
     service = TokenService(cfg, token_store)
-    with pytest.raises(AuthorisationNeeded) as info:
+    with pytest.raises(NoUsableTokenFile) as info:
         await service.access_token(USER, Secret(PASSWORD), "imap")
-    assert "the token file is damaged" in info.value.user_text
-    assert str(cfg.state_dir) not in info.value.user_text  # the log line has it: detail
+    assert info.value.user_text == WrongPassword(USER).user_text
     assert str(cfg.state_dir) in info.value.detail
+    assert f"xoauth2-proxy login {USER}" in info.value.detail
 
 
 async def test_passwd_add_and_remove_device_password(tmp_path: Path, demo_upstream: DemoUpstream) -> None:
@@ -243,6 +249,68 @@ async def test_passwd_add_and_remove_device_password(tmp_path: Path, demo_upstre
             USER, Secret(device_password), "smtp")
     assert await service.access_token(USER, Secret(PASSWORD), "smtp")  # the other still works
     assert token_store.exists(USER)
+
+
+async def test_passwd_rotate_locks_out_an_old_copy_with_a_revoked_password(
+        tmp_path: Path, demo_upstream: DemoUpstream) -> None:
+    """``--remove`` alone keeps the data key: a copy of the old file plus the removed password
+    still opened the current tokens. ``--rotate`` replaces the data key."""
+    config = write_config(tmp_path, demo_upstream)
+    cfg = make_config(tmp_path, demo_upstream)
+    token_store = authorise(cfg, demo_upstream)
+    passwords = {}
+    for label in ("printer", "scanner"):
+        added = cli(config, "passwd", USER, "--add", label, "--password-file", "-",
+                    stdin=PASSWORD + "\n")
+        assert added.returncode == 0, added.stderr
+        passwords[label] = added.stdout.strip().splitlines()[-1]
+    stolen = tmp_path / "stolen"
+    stolen.mkdir(mode=0o700)
+    shutil.copy2(token_store.path(USER), stolen / token_store.path(USER).name)
+    removed = cli(config, "passwd", USER, "--remove", "printer")
+    assert removed.returncode == 0 and "--rotate" in removed.stdout, removed.stderr
+
+    def old_key_opens_current() -> bool:
+        old_key = store.TokenStore(stolen).unlock(USER, Secret(passwords["printer"])).data_key
+        path = token_store.path(USER)
+        return format_mod.decrypt_payload(format_mod.decode(path.read_bytes(), path),
+                                          old_key) is not None
+
+    assert old_key_opens_current()  # what --remove alone leaves open
+    rotated = cli(config, "passwd", USER, "--rotate", "--password-file", "-",
+                  stdin=PASSWORD + "\n")
+    assert rotated.returncode == 0, rotated.stderr
+    assert not old_key_opens_current()
+    issued = dict(line.split("\t") for line in rotated.stdout.splitlines() if "\t" in line)
+    assert list(issued) == ["scanner"] and issued["scanner"] != passwords["scanner"]
+    service = TokenService(cfg, store.TokenStore(cfg.state_dir))
+    token = await service.access_token(USER, Secret(issued["scanner"]), "smtp")
+    assert introspect(demo_upstream, token)["active"] is True
+    assert await service.access_token(USER, Secret(PASSWORD), "imap")
+    for old in passwords.values():
+        with pytest.raises(WrongPassword):
+            await service.access_token(USER, Secret(old), "smtp")
+
+
+async def test_a_slot_at_a_lower_cost_is_upgraded_at_its_next_login(
+        tmp_path: Path, demo_upstream: DemoUpstream, caplog: pytest.LogCaptureFixture) -> None:
+    """A file written at an older cost keeps opening; the login that opens it rewrites its
+    slot at the daemon's cost, and later logins need no derivation at the old cost."""
+    caplog.set_level(logging.INFO, logger="proxy.auth")
+    cfg = make_config(tmp_path, demo_upstream)
+    older = authorise(cfg, demo_upstream)  # the tests' cost: n=2**15
+    path = older.path(USER)
+    assert json.loads(path.read_bytes().split(b"\n")[0])["slots"][0]["kdf"]["n"] == 2**15
+    service = TokenService(cfg, store.TokenStore(cfg.state_dir, scrypt_n=2**16))
+    assert await service.access_token(USER, Secret(PASSWORD), "imap")
+    kdf = json.loads(path.read_bytes().split(b"\n")[0])["slots"][0]["kdf"]
+    assert kdf["n"] == 2**16
+    assert any(r.getMessage() == "slot_upgraded" for r in caplog.records)
+    fresh = TokenService(cfg, store.TokenStore(cfg.state_dir, scrypt_n=2**16))
+    assert await fresh.access_token(USER, Secret(PASSWORD), "smtp")
+    assert not fresh.store.unlock(USER, Secret(PASSWORD)).stale_slot
+    await service.aclose()
+    await fresh.aclose()
 
 
 async def test_client_credentials_app_only(tmp_path: Path, demo_upstream: DemoUpstream) -> None:

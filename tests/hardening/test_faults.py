@@ -448,8 +448,9 @@ async def test_token_file_cannot_be_written(tmp_path: Path, demo_upstream_factor
 @pytest.mark.parametrize("damage", ["deleted", "garbage", "truncated"])
 async def test_token_file_lost_while_running(tmp_path: Path, demo_upstream: DemoUpstream,
                                              trouble: Trouble, damage: str) -> None:
-    """The next login says authorisation is needed and names the command; the damaged file
-    is left as it is (not overwritten, not recreated)."""
+    """The next login is refused like a wrong password (whether an account has tokens is
+    nothing a client learns); the log line says authorisation is needed and names the command;
+    the damaged file is left as it is (not overwritten, not recreated)."""
     env = await start_env(tmp_path, demo_upstream, protocols=("imap", "pop"))
     path = env.store.path(USER)
     try:
@@ -465,9 +466,10 @@ async def test_token_file_lost_while_running(tmp_path: Path, demo_upstream: Demo
             logins = sample(LOGINS, protocol=protocol, result="authorisation_needed")
             line, _ = await raw_login(env.ports[protocol], protocol)
             assert re.match(EXPECT[protocol, "authorisation"], line), line
-            assert f"xoauth2-proxy login {USER}".encode() in line, line
+            assert b"Invalid user name or local password." in line, line
             assert sample(LOGINS, protocol=protocol, result="authorisation_needed") == logins + 1
-            assert trouble.events("login", protocol=protocol, result="authorisation_needed")
+            events = trouble.events("login", protocol=protocol, result="authorisation_needed")
+            assert any(f"xoauth2-proxy login {USER}" in str(e.get("reason")) for e in events)
         assert (path.read_bytes() if path.exists() else None) == after
         await wait_for(lambda: open_sessions(env.daemon) == 0, 10, "sessions to end")
         trouble.check()

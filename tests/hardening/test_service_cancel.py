@@ -30,7 +30,9 @@ class SlowWrongStore:
         self.entered = threading.Event()
         self.release = threading.Event()
 
-    def unlock(self, account: str, password: Secret) -> store.Unlocked:
+    def unlock(self, account: str, password: Secret, *, derive: bool = True) -> store.Unlocked:
+        if not derive:
+            raise store.DerivationNeeded(account)
         self.entered.set()
         self.release.wait(10)
         raise store.WrongPassword("wrong password")

@@ -7,13 +7,14 @@ import imaplib
 import smtplib
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from proxy.config import Limits
 from proxy.demo.process import DemoUpstream
-from proxy.server.limits import PreauthLimiter, Throttle
+from proxy.server.limits import MIN_FAILURE_DELAY, PreauthLimiter, Reservation, Throttle
 from tests.proxyenv import PASSWORD, USER, start_proxy
 from tests.server.smtp_util import closed_port, plain_b64
 
@@ -26,27 +27,116 @@ class Clock:
         return self.now
 
 
-def test_delay_grows_then_locks_out() -> None:
+def test_delay_grows_then_locks_out_the_pair_and_the_source() -> None:
     clock = Clock()
     throttle = Throttle(Limits(failure_delay=1, max_failure_delay=8, lockout_after=5,
                                lockout_seconds=60), clock)
-    delays = [throttle.failure("a@x", "192.0.2.1") for _ in range(4)]
+    delays = [throttle.failure("a@x", "192.0.2.1", bytes([i])) for i in range(4)]
     assert delays == [1, 2, 4, 8]
     assert throttle.locked("a@x", "192.0.2.1") == 0
-    throttle.failure("a@x", "192.0.2.1")
+    throttle.failure("a@x", "192.0.2.1", b"5")
     assert throttle.locked("a@x", "192.0.2.1") == 60
-    assert throttle.locked("a@x", "192.0.2.9") == 60  # the account is locked from anywhere
-    assert throttle.locked("b@x", "192.0.2.1") == 60  # and so is the source, for any account
-    throttle.success("a@x", "192.0.2.1")  # a success during lockout does not lift it
-    assert throttle.locked("a@x", "192.0.2.1") == 60
+    assert throttle.locked("b@x", "192.0.2.1") == 60  # the source, for any account
     clock.now += 61
     assert throttle.locked("a@x", "192.0.2.1") == 0
 
 
+def test_other_sources_are_delayed_never_locked_out() -> None:
+    """Failures of an account from one source lengthen replies elsewhere but never refuse a
+    source that has none: a printer retrying stale passwords cannot lock a shared mailbox."""
+    clock = Clock()
+    throttle = Throttle(Limits(failure_delay=1, max_failure_delay=8, lockout_after=3,
+                               lockout_seconds=60), clock)
+    for i in range(10):
+        throttle.failure("a@x", "192.0.2.1", bytes([i]))
+    assert throttle.locked("a@x", "192.0.2.1") == 60
+    assert throttle.locked("a@x", "198.51.100.7") == 0
+    reservation = throttle.reserve("A@X ", "198.51.100.7")
+    assert isinstance(reservation, Reservation)
+    assert throttle.failed(reservation, b"other") == 8  # delayed by the account's history
+    right = throttle.reserve("a@x", "198.51.100.7")
+    assert isinstance(right, Reservation)
+    throttle.succeeded(right)
+
+
+def test_a_repeated_wrong_password_counts_once() -> None:
+    throttle = Throttle(Limits(failure_delay=1, lockout_after=3), Clock())
+    stale = throttle.password_tag("revoked password")
+    for _ in range(50):
+        reservation = throttle.reserve("a@x", "192.0.2.1")
+        assert isinstance(reservation, Reservation)
+        throttle.failed(reservation, stale)
+    assert throttle.locked("a@x", "192.0.2.1") == 0
+    for other in ("guess 1", "guess 2"):
+        throttle.failure("a@x", "192.0.2.1", throttle.password_tag(other))
+    assert throttle.locked("a@x", "192.0.2.1") > 0  # three distinct wrong passwords
+
+
+@pytest.mark.parametrize(("first", "second"), [
+    ("::ffff:192.0.2.1", "192.0.2.1"),
+    ("2001:db8:1:2::1", "2001:db8:1:2:ffff:ffff:ffff:fffe"),
+    ("2001:db8:1:2::1%eth0", "2001:db8:1:2::99"),
+])
+def test_source_variants_share_a_lockout(first: str, second: str) -> None:
+    throttle = Throttle(Limits(lockout_after=2), Clock())
+    throttle.failure("a@x", first, b"1")
+    throttle.failure("a@x", second, b"2")
+    assert throttle.locked("a@x", first) > 0 and throttle.locked("a@x", second) > 0
+    assert throttle.locked("a@x", "2001:db8:1:3::1") == 0  # the next /64 is another source
+
+
+def test_a_failure_is_reserved_when_its_password_is_tried() -> None:
+    """Attempts admitted together count their failures as soon as each password is tried, so
+    the guess after the lockout threshold is refused even before the earlier ones are
+    answered; attempts that never try a password (a warm login) count nothing."""
+    throttle = Throttle(Limits(lockout_after=3), Clock())
+    admitted = [throttle.reserve("a@x", "192.0.2.1") for _ in range(60)]
+    tried = 0
+    for reservation in admitted:
+        assert isinstance(reservation, Reservation)
+        release = throttle.begin_derivation(reservation)
+        if release is None:
+            throttle.release(reservation)
+            continue
+        tried += 1
+        release()  # the derivation ended; its verdict is not in yet
+    assert tried == 3
+    assert throttle.locked("a@x", "192.0.2.1") > 0
+    warm = Throttle(Limits(lockout_after=3), Clock())
+    for _ in range(60):
+        reservation = warm.reserve("a@x", "192.0.2.1")
+        assert isinstance(reservation, Reservation)
+        warm.succeeded(reservation)
+    assert warm.locked("a@x", "192.0.2.1") == 0
+
+
+def test_one_derivation_in_flight_per_account_and_source() -> None:
+    throttle = Throttle(Limits(), Clock())
+
+    def claim(account: str, source: str) -> Callable[[], None] | None:
+        reservation = throttle.reserve(account, source)
+        assert isinstance(reservation, Reservation)
+        return throttle.begin_derivation(reservation)
+
+    release = claim("a@x", "192.0.2.1")
+    assert release is not None
+    assert claim("A@x", "198.51.100.7") is None  # same account
+    assert claim("b@x", "192.0.2.1") is None  # same source
+    assert claim("b@x", "198.51.100.7") is not None
+    release()
+    assert claim("a@x", "192.0.2.1") is not None
+
+
+def test_no_failure_is_answered_at_once() -> None:
+    """``failure_delay = 0`` would make the reply's timing an oracle; there is a floor."""
+    throttle = Throttle(Limits(failure_delay=0, max_failure_delay=0), Clock())
+    assert throttle.failure("a@x", "192.0.2.1", b"1") == MIN_FAILURE_DELAY > 0
+
+
 def test_loopback_sources_count_per_account_only() -> None:
     throttle = Throttle(Limits(lockout_after=2), Clock())
-    throttle.failure("a@x", "127.0.0.1")
-    throttle.failure("a@x", "127.0.0.1")
+    throttle.failure("a@x", "127.0.0.1", b"1")
+    throttle.failure("a@x", "127.0.0.1", b"2")
     assert throttle.locked("a@x", "127.0.0.1") > 0
     assert throttle.locked("b@x", "127.0.0.1") == 0  # other accounts on this machine unaffected
 
@@ -95,8 +185,8 @@ async def test_lockout_refuses_even_the_right_password(tmp_path: Path, demo_upst
         first = await asyncio.to_thread(login_error, port, USER, "wrong-password")
         assert "[AUTHENTICATIONFAILED]" in first
         assert time.monotonic() - started >= 0.2  # the failure reply is delayed
-        for _ in range(2):
-            await asyncio.to_thread(login_error, port, USER, "wrong-password")
+        for i in range(2):  # distinct passwords: a repeated wrong one counts once
+            await asyncio.to_thread(login_error, port, USER, f"wrong-password-{i}")
         locked = await asyncio.to_thread(login_error, port, USER, simple)
         assert "[UNAVAILABLE]" in locked and "Too many failed logins" in locked
         deadline = time.monotonic() + 15

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import stat
 from pathlib import Path
@@ -69,10 +68,13 @@ def test_oversized_and_non_regular(tmp_path: Path) -> None:
         read_key_file(fifo)
 
 
-def test_world_readable_key_file_warns(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o660])
+def test_key_file_others_can_read_is_refused(tmp_path: Path, mode: int) -> None:
+    """The service key opens the tokens alone: a copy others can read is refused, not warned
+    about."""
     path = tmp_path / "service.key"
     path.write_bytes(os.urandom(32))
-    os.chmod(path, 0o644)
-    with caplog.at_level(logging.WARNING, logger="proxy.store"):
-        assert len(read_key_file(path)) == 32
-    assert "chmod 600" in caplog.text and str(path) in caplog.text
+    os.chmod(path, mode)
+    with pytest.raises(KeyFileError) as excinfo:
+        read_key_file(path)
+    assert f"chmod 600 {path}" in str(excinfo.value) and f"{mode:04o}" in str(excinfo.value)

@@ -58,13 +58,36 @@ def test_a_file_is_not_a_state_directory(tmp_path: Path) -> None:
         TokenStore(state, scrypt_n=FAST_N)
 
 
-def test_symlink_to_a_private_directory_is_followed(tmp_path: Path) -> None:
+def test_symlinked_state_dir_is_refused(tmp_path: Path) -> None:
+    """Whoever can change the link could point the daemon at token files of their choice."""
     target = tmp_path / "private"
     target.mkdir(mode=0o700)
     os.chmod(target, 0o700)
     link = tmp_path / "state"
     link.symlink_to(target)
-    TokenStore(link, scrypt_n=FAST_N)
-    os.chmod(target, 0o755)  # noqa: S103 - the point of the test
-    with pytest.raises(InsecureStateDir):
+    with pytest.raises(InsecureStateDir) as excinfo:
         TokenStore(link, scrypt_n=FAST_N)
+    assert "symbolic link" in str(excinfo.value) and str(target) in str(excinfo.value)
+
+
+@pytest.mark.parametrize("parent_mode", [0o777, 0o775, 0o757])
+def test_state_dir_under_a_writable_parent_is_refused(tmp_path: Path, parent_mode: int) -> None:
+    """Others who can write the parent can rename the state directory away and put their own
+    in its place."""
+    parent = tmp_path / "shared"
+    parent.mkdir()
+    state = parent / "state"
+    state.mkdir(mode=0o700)
+    os.chmod(state, 0o700)
+    os.chmod(parent, parent_mode)
+    with pytest.raises(InsecureStateDir) as excinfo:
+        TokenStore(state, scrypt_n=FAST_N)
+    assert f"chmod go-w {parent}" in str(excinfo.value)
+
+
+def test_sticky_shared_parent_is_accepted(tmp_path: Path) -> None:
+    parent = tmp_path / "tmp-like"
+    parent.mkdir()
+    os.chmod(parent, 0o1777)  # noqa: S103 - a /tmp-like parent is the point
+    state = parent / "state"
+    assert TokenStore(state, scrypt_n=FAST_N).state_dir == state
