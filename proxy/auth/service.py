@@ -254,9 +254,10 @@ class TokenService:
     async def _token(self, account: Account, unlocked: store.Unlocked, protocol: Protocol,
                      rejected: str | None) -> str:
         state = self._adopt(account, unlocked)
-        self._set_needs_reauth(account, bool(unlocked.meta.needs_reauth))
-        if unlocked.meta.needs_reauth:
-            raise AuthorisationNeeded(account.name, unlocked.meta.needs_reauth)
+        meta = state.unlocked.meta if state.unlocked is not None else unlocked.meta  # ours if unsaved
+        self._set_needs_reauth(account, bool(meta.needs_reauth))
+        if meta.needs_reauth:
+            raise AuthorisationNeeded(account.name, meta.needs_reauth)
         scopes = self.config.scopes(account, protocol)
         now = time.time()
         token = state.tokens.get(scopes)
@@ -354,7 +355,8 @@ class TokenService:
         if state.unsaved:
             self._persist(state)
             if state.unsaved:
-                raise store.StoreUnavailable(state.account.name, "the last refresh is not saved yet")
+                raise StoreUnavailable(state.account.name, "the token store did not take the last "
+                                                           "refresh yet; it stays in memory")
             return False
         try:
             with store_errors(state.account):

@@ -10,6 +10,7 @@ from proxy import config
 from proxy.store import StoreSettings
 from tests.test_config import MINIMAL
 
+
 def load(tmp_path: Path, store: str) -> config.Config:
     path = tmp_path / "config.toml"
     path.write_text(MINIMAL + store)
