@@ -162,6 +162,7 @@ class Account:
     flow: Flow = "device_code"
     upstream_user: str | None = None  # mailbox name upstream, when it differs from `name`
     service_key_file: Path | None = None  # unlocks the token file with no client present
+    reauthorise_in_band: bool = True  # a refused refresh token answers logins with a device code
 
     @property
     def mailbox(self) -> str:
@@ -527,6 +528,8 @@ def _read_account(name: str, t: _Table, providers: dict[str, Provider]) -> Accou
         flow=t.choice("flow", FLOWS, "device_code"),
         upstream_user=t.text("upstream_user", None),
         service_key_file=t.path_("service_key_file"),
+        reauthorise_in_band=t.get("reauthorise_in_band", bool,
+                                  t.data.get("flow", "device_code") == "device_code"),
     )
     for key, value in ((None, name), ("upstream_user", account.upstream_user)):
         if value is not None and any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):

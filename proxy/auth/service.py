@@ -45,6 +45,7 @@ from proxy.auth.errors import (
     WrongPassword,
 )
 from proxy.auth.gate import GATE, UnlockGate
+from proxy.auth.reauth import ReauthFlows
 from proxy.config import Account, Config, Protocol
 from proxy.secret import Secret
 
@@ -105,6 +106,7 @@ class TokenService:
         # Key derivations (scrypt, 128 MiB each) run here, never on the default executor: a
         # burst of guesses queues behind this pool, not behind other accounts' warm logins.
         self._kdf = ThreadPoolExecutor(KDF_WORKERS, thread_name_prefix="kdf")
+        self.reauth = ReauthFlows(config, token_store, lambda name: self._states.pop(name, None))
 
     # --- public -----------------------------------------------------------------------------
 
@@ -131,7 +133,10 @@ class TokenService:
             raise
         unlocked = await self._unlocked_by(
             account.name, password, gate, lambda derive: self._unlock(account, password, derive))
-        return await self._token(account, unlocked, protocol, rejected)
+        try:
+            return await self._token(account, unlocked, protocol, rejected)
+        except AuthorisationNeeded as exc:  # refused: a device code if the account allows it
+            raise await self.reauth.needed(account, unlocked, exc) from None
 
     async def _unlocked_by(self, name: str, password: Secret, gate: UnlockGate | None,
                            unlock: Callable[[bool], store.Unlocked | None]) -> store.Unlocked:
@@ -191,7 +196,7 @@ class TokenService:
         token file is read again, its MSAL application rebuilt with the new provider settings).
         Token requests already in flight finish with the old settings; ``aclose`` still waits
         for them."""
-        self.config = config
+        self.config = self.reauth.config = config
         for state in self._states.values():
             for task in state.flights.values():
                 self._background.add(task)
@@ -205,6 +210,7 @@ class TokenService:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await self.reauth.aclose()
         self._kdf.shutdown(wait=False, cancel_futures=True)
 
     # --- unlocking (worker thread) --------------------------------------------------------------
