@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from proxy import systemd, tlspolicy
+from proxy.admin_web.config import AdminSettings, read_admin
+from proxy.notify.config import NotifyTarget, read_targets
 
 Protocol = Literal["imap", "pop", "smtp"]
 PROTOCOLS: tuple[Protocol, ...] = ("imap", "pop", "smtp")
@@ -233,6 +235,8 @@ class Config:
     log_level: str = "info"
     shutdown_grace: float = 30.0
     relays: tuple[RelayRule, ...] = ()
+    notify: tuple[NotifyTarget, ...] = ()
+    admin: AdminSettings | None = None
 
     def relay_rules(self, listener: str) -> tuple[RelayRule, ...]:
         """The ``[[relay]]`` rules of one listener, in file order (the first match decides)."""
@@ -711,10 +715,13 @@ def parse(data: dict[str, Any], file: Path) -> Config:
             preauth_total=lt.number("preauth_total", limits.preauth_total, 0.1, 86_400),
         )
         lt.done()
+    notify = read_targets(data.get("notify"), lambda item, at: _Table(item, at, file), top,
+                          accounts, {li.name: li.protocol for li in listeners})
+    admin = read_admin(top.table("admin"), state_dir, parse_address, _sources)
     top.done()
     return Config(path=file, state_dir=state_dir, listeners=tuple(listeners), upstreams=upstreams,
                   providers=providers, accounts=accounts, metrics=metrics, limits=limits, log_level=log_level,
-                  shutdown_grace=shutdown_grace, relays=tuple(relays))
+                  shutdown_grace=shutdown_grace, relays=tuple(relays), notify=notify, admin=admin)
 
 
 def load(path: Path | str) -> Config:

@@ -105,6 +105,7 @@ class ReauthFlows:
         """The error for a login whose refresh token was refused: a device code if a flow
         runs or could be started, else ``refused`` itself (or why no flow could start)."""
         if not self.enabled(account):
+            publish("authorisation_needed", account.name, reason=refused.public or refused.detail)
             return refused
         try:
             flow = await self.start(account, unlocked)

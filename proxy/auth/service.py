@@ -47,6 +47,7 @@ from proxy.auth.errors import (
 from proxy.auth.gate import GATE, UnlockGate
 from proxy.auth.reauth import ReauthFlows
 from proxy.config import Account, Config, Protocol
+from proxy.notify.events import WATCH
 from proxy.secret import Secret
 
 log = logging.getLogger("proxy.auth")
@@ -322,7 +323,10 @@ class TokenService:
             metrics.TOKEN_REFRESH_SECONDS.observe(time.monotonic() - started)
             logs.event(log, logging.WARNING, "token_refresh", account=state.account.name,
                        result=exc.result, reason=exc.detail)
+            if not isinstance(exc, AuthorisationNeeded):
+                WATCH.failed(state.account.name, exc.detail)
             raise
+        WATCH.succeeded(state.account.name)
         if fetched:
             metrics.TOKEN_REFRESHES.labels("ok").inc()
             metrics.TOKEN_REFRESH_SECONDS.observe(time.monotonic() - started)

@@ -96,3 +96,27 @@ HUB = Hub()
 def publish(kind: str, account: str = "", **fields: object) -> Event:
     """Record and dispatch an operator event (see the module docstring for the kinds)."""
     return HUB.publish(kind, account, **fields)
+
+
+class RefreshWatch:
+    """Publishes ``refresh_failing`` once an account's refreshes have failed (not been
+    refused: that is ``authorisation_needed``) for ``after`` seconds, once per incident."""
+
+    def __init__(self, after: float = 900.0) -> None:
+        self.after = after
+        self.failing_since: dict[str, float] = {}
+        self.told: set[str] = set()
+
+    def failed(self, account: str, reason: str) -> None:
+        now = time.monotonic()
+        since = self.failing_since.setdefault(account, now)
+        if now - since >= self.after and account not in self.told:
+            self.told.add(account)
+            publish("refresh_failing", account, minutes=round((now - since) / 60), reason=reason)
+
+    def succeeded(self, account: str) -> None:
+        self.failing_since.pop(account, None)
+        self.told.discard(account)
+
+
+WATCH = RefreshWatch()

@@ -29,6 +29,7 @@ from proxy import config as config_mod
 from proxy import logs, metrics, store, systemd
 from proxy.auth.service import TokenService
 from proxy.config import Config, Listener
+from proxy.operator import OperatorServices
 from proxy.protocol.imap import ImapClientSide, ImapUpstreamSide
 from proxy.protocol.pop import PopClientSide, PopUpstreamSide
 from proxy.server import tls, tlsbuffer
@@ -130,6 +131,7 @@ class Daemon:
         self.listeners: list[ListenerRuntime] = []
         self.extra_servers: list[Callable[[], object]] = []
         self.metrics_server: MetricsServer | None = None
+        self.operator = OperatorServices(self)  # notifications and the admin page
         self.state: State = "starting"
         # The context an implicit-TLS server was created with: asyncio keeps it for the
         # server's life, so a reload makes it hand each new handshake to the current context.
@@ -163,6 +165,7 @@ class Daemon:
             self.state = "stopped"
             raise
         await asyncio.to_thread(self._seed_account_metrics)
+        await self.operator.start()
         self.state = "ready"
         metrics.LISTENERS_READY.set(1)
         metrics.RELOAD_TIME.set(time.time())
@@ -182,7 +185,7 @@ class Daemon:
             raise StartupError(f"metrics: cannot listen on {listen}: "
                                f"{exc.strerror or exc}") from None
         self.metrics_server = server
-        host = listen.host if listen else str(server.server.sockets[0].getsockname()[0])  # type: ignore[union-attr]
+        host = listen.host if listen else str(server.sockets[0].getsockname()[0])
         log_listening(str(config_mod.Address(host, server.port)))
 
     async def _start_listener(self, li: Listener, upstream_tls: ssl.SSLContext,
@@ -270,6 +273,7 @@ class Daemon:
             _warn_old_tls(li)
         self._prepare_metrics(config)
         await asyncio.to_thread(self._seed_account_metrics)
+        await self.operator.reload(config)
         return notes
 
     async def stop(self, grace: float | None = None) -> None:
@@ -285,6 +289,7 @@ class Daemon:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+        await self.operator.stop()
         await self.tokens.aclose()
         await self.capabilities.flush()
         if self.metrics_server is not None:

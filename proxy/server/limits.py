@@ -44,6 +44,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from proxy.config import Limits
+from proxy.notify.events import publish
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -239,6 +240,8 @@ class Throttle:
         for key in reservation.keys:
             record = self._record(key, now)
             if not key.startswith("account:") and record.failures >= self.limits.lockout_after:
+                if record.locked_until <= now:
+                    publish("source_locked_out", source=reservation.source, user=reservation.account)
                 record.locked_until = now + self.limits.lockout_seconds
         return self._delay(reservation, now)
 
