@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from proxy import __version__
+from proxy.admin_web.command import register as register_admin_password
 from proxy.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load
 
 EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
@@ -195,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     passwd.add_argument("--password-file", metavar="FILE",
                         help="with --add, --rotate or --service-key: read an existing password "
                              "from FILE ('-': stdin)")
+    register_admin_password(add, _load)
     imports = sub.add_parser("import", help="move from another OAuth mail proxy, keeping its "
                                             "sign-ins", description="Move from another OAuth "
                              "mail proxy: its settings become this config, its stored tokens "

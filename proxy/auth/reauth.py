@@ -61,6 +61,7 @@ class Flow:
     stop: threading.Event = field(default_factory=threading.Event)
     task: asyncio.Task[None] | None = None
     outcome: str = "waiting"  # waiting, done, expired, failed
+    via: str = "in_band"  # who started it: "in_band" (a client's login) or "admin"
 
     @property
     def expires_at(self) -> float:
@@ -115,7 +116,8 @@ class ReauthFlows:
             return refused if exc.failure is refused.failure else exc
         return flow.error(refused.detail)
 
-    async def start(self, account: Account, unlocked: store.Unlocked) -> Flow:
+    async def start(self, account: Account, unlocked: store.Unlocked, *,
+                    via: str = "in_band") -> Flow:
         """The account's live flow, or a new one (concurrent callers share its start)."""
         flow = self.flows.get(account.name)
         if flow is not None and flow.live:
@@ -124,18 +126,18 @@ class ReauthFlows:
         task = self._starting.get(account.name)
         if task is None:
             task = asyncio.get_running_loop().create_task(
-                self._initiate(account, unlocked), name=f"device flow {account.name}")
+                self._initiate(account, unlocked, via), name=f"device flow {account.name}")
             self._starting[account.name] = task
             task.add_done_callback(lambda t: self._starting.pop(account.name, None))
         return await asyncio.shield(task)
 
-    async def _initiate(self, account: Account, unlocked: store.Unlocked) -> Flow:
+    async def _initiate(self, account: Account, unlocked: store.Unlocked, via: str) -> Flow:
         old = self.flows.pop(account.name, None)
         if old is not None:
             old.stop.set()
         cache = msal.SerializableTokenCache()
         app, started = await asyncio.to_thread(self._begin, account, cache)
-        flow = Flow(account, started, unlocked)
+        flow = Flow(account, started, unlocked, via=via)
         self.flows[account.name] = flow
         flow.task = asyncio.get_running_loop().create_task(
             self._follow(flow, app, cache), name=f"device flow poll {account.name}")
@@ -143,7 +145,7 @@ class ReauthFlows:
                    url=flow.url, expires_in=round(flow.expires_at - time.time()),
                    action="the user enters the code shown to their mail client")
         publish("authorisation_needed", account.name, url=flow.url, user_code=flow.user_code,
-                expires_at=int(flow.expires_at))
+                expires_at=int(flow.expires_at), via=via)
         return flow
 
     def _begin(self, account: Account, cache: msal.SerializableTokenCache
@@ -177,7 +179,7 @@ class ReauthFlows:
         flow.outcome = "done"
         metrics.ACCOUNTS.set_needs_reauth(name, False)
         logs.event(log, logging.INFO, "device_flow_ended", account=name, result="ok")
-        publish("reauthorised", name, via="in_band")
+        publish("reauthorised", name, via=flow.via)
         self.on_done(name)
 
     def _wait_and_save(self, flow: Flow, app: msal.PublicClientApplication,

@@ -156,7 +156,9 @@ class Daemon:
             upstream_tls = _upstream_tls(self.config, self.config.listeners)
             for li in self.config.listeners:
                 await self._start_listener(li, upstream_tls[li.upstream], sockets.get(li.name))
+            await self.operator.start()
         except BaseException:
+            await self.operator.stop()
             for runtime in self.listeners:
                 runtime.stop_accepting()
             self.listeners.clear()
@@ -165,7 +167,6 @@ class Daemon:
             self.state = "stopped"
             raise
         await asyncio.to_thread(self._seed_account_metrics)
-        await self.operator.start()
         self.state = "ready"
         metrics.LISTENERS_READY.set(1)
         metrics.RELOAD_TIME.set(time.time())
