@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("proxy.admin")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-PUBLIC = ("/login", "/static/admin.css")
+PUBLIC = ("/login", "/static/admin.css", "/favicon.ico")
 _LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")
 SIGN_IN_FAILURES = 10  # per minute, all sources together: beyond, sign-in is refused
 
@@ -80,6 +80,7 @@ class AdminServer:
         r.add_post("/passwords/{account}/add", self.add_password)
         r.add_post("/passwords/{account}/revoke", self.revoke_password)
         r.add_get("/static/admin.css", self.stylesheet)
+        r.add_get("/favicon.ico", self.no_icon)
 
     async def start(self) -> None:
         context = None
@@ -161,10 +162,17 @@ class AdminServer:
         css = resources.files("proxy.admin_web").joinpath("static/admin.css").read_text()
         return web.Response(text=css, content_type="text/css", charset="utf-8")
 
+    async def no_icon(self, request: web.Request) -> web.Response:
+        return web.Response(status=404)
+
     # --- sign-in --------------------------------------------------------------------------
 
     async def login_form(self, request: web.Request, error: str = "") -> web.Response:
-        token = secrets.token_urlsafe(32)
+        # The token already in the browser, if any: a second tab or a favicon request that
+        # lands here must not invalidate the form shown first.
+        token = request.cookies.get(security.PRE_COOKIE, "")
+        if not re.fullmatch(r"[A-Za-z0-9_-]{43}", token):
+            token = secrets.token_urlsafe(32)
         response = self._page(request, "login.html", "Sign in", login_csrf=token, error=error)
         self._cookie(response, security.PRE_COOKIE, token, 600)
         return response
