@@ -15,12 +15,9 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:
-    from collections.abc import Callable
-
-    from proxy.config import Address, _Table
+from proxy.config.model import Address
+from proxy.config.reader import Table, parse_address
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 PASSWORD_FILE = "admin-password"  # noqa: S105 - a file name
@@ -50,22 +47,21 @@ class AdminSettings:
         return any(address in network for network in self.allow_from)
 
 
-def read_admin(t: _Table | None, state_dir: Path,
-               parse_address: Callable[[str, _Table, str], Address],
-               sources: Callable[[_Table, str], tuple[Any, ...]]) -> AdminSettings | None:
+def read_admin(top: Table, state_dir: Path) -> AdminSettings | None:
+    t = top.table("admin")
     if t is None:
         return None
     listen = parse_address(t.text("listen", "127.0.0.1:9465"), t, "listen")
-    cert, key = t.path_("cert_file", must_exist=True), t.path_("key_file", must_exist=True)
+    cert, key = t.file_path("cert_file", must_exist=True), t.file_path("key_file", must_exist=True)
     if (cert is None) != (key is None):
         raise t.fail("cert_file", "cert_file and key_file go together")
-    allow = sources(t, "allow_from") if "allow_from" in t.data else ()
+    allow = t.networks("allow_from") if "allow_from" in t.data else ()
     if not listen.is_loopback and (cert is None or not allow):
         raise t.fail("listen", f"{listen} is not a loopback address: the admin page then needs "
                                "TLS (cert_file, key_file) and an allow_from list")
     settings = AdminSettings(
         listen=listen,
-        password_file=t.path_("password_file") or state_dir / PASSWORD_FILE,
+        password_file=t.file_path("password_file") or state_dir / PASSWORD_FILE,
         cert_file=cert, key_file=key, allow_from=allow,
         session_minutes=t.number("session_minutes", 60.0, 1, 7 * 24 * 60))
     t.done()

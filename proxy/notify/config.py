@@ -23,14 +23,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
+from proxy.config.reader import Table
 from proxy.notify.events import KINDS
-
-if TYPE_CHECKING:
-    from collections.abc import Callable
-
-    from proxy.config import _Table
 
 TargetKind = Literal["command", "webhook", "email"]
 _ADDRESS = re.compile(r"[^@\s<>]+@[^@\s<>.][^@\s<>]*")
@@ -60,7 +56,7 @@ class NotifyTarget:
                                         or account in self.accounts)
 
 
-def _strings(t: _Table, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+def _strings(t: Table, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
     value = t.get(name, list, None)
     if value is None:
         return default
@@ -69,19 +65,13 @@ def _strings(t: _Table, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(value)
 
 
-def read_targets(raw: Any, table: Callable[[dict[str, Any], str], _Table], top: _Table,
-                 accounts: dict[str, Any], listeners: dict[str, str]) -> tuple[NotifyTarget, ...]:
-    """``[[notify]]`` → targets. ``listeners``: SMTP-capable listener names by name."""
-    top.used.add("notify")
-    if raw is None:
-        return ()
-    if not isinstance(raw, list) or not all(isinstance(item, dict) for item in raw):
-        raise top.fail("notify", "must be an array of tables: [[notify]]")
-    return tuple(_read_target(i, table(item, f"notify[{i}]"), accounts, listeners)
-                 for i, item in enumerate(raw))
+def read_notify(top: Table, accounts: dict[str, Any],
+                listeners: dict[str, str]) -> tuple[NotifyTarget, ...]:
+    """``[[notify]]`` → targets. ``listeners``: each listener's protocol, by name."""
+    return tuple(_read_target(i, t, accounts, listeners) for i, t in enumerate(top.array("notify")))
 
 
-def _read_target(index: int, t: _Table, accounts: dict[str, Any],
+def _read_target(index: int, t: Table, accounts: dict[str, Any],
                  listeners: dict[str, str]) -> NotifyTarget:
     kind = t.choice("type", ("command", "webhook", "email"))
     events = _strings(t, "events", KINDS)
@@ -101,14 +91,14 @@ def _read_target(index: int, t: _Table, accounts: dict[str, Any],
         url = t.text("url")
         if not url.startswith("https://"):
             raise t.fail("url", "must be an https:// URL (the event names accounts)")
-        target = NotifyTarget(**common, url=url, ca_file=t.path_("ca_file", must_exist=True))
+        target = NotifyTarget(**common, url=url, ca_file=t.file_path("ca_file", must_exist=True))
     else:
         target = _read_email(t, common, accounts, listeners)
     t.done()
     return target
 
 
-def _read_email(t: _Table, common: dict[str, Any], accounts: dict[str, Any],
+def _read_email(t: Table, common: dict[str, Any], accounts: dict[str, Any],
                 listeners: dict[str, str]) -> NotifyTarget:
     account = t.text("account").lower()
     if account not in accounts:
@@ -123,6 +113,6 @@ def _read_email(t: _Table, common: dict[str, Any], accounts: dict[str, Any],
     if listeners.get(listener) != "smtp":
         raise t.fail("listener", f"no SMTP listener named {listener!r}")
     return NotifyTarget(**common, account=account, to=to, listener=listener,
-                        password_file=t.path_("password_file", must_exist=True),
+                        password_file=t.file_path("password_file", must_exist=True),
                         server_name=t.text("server_name", None),
-                        ca_file=t.path_("ca_file", must_exist=True))
+                        ca_file=t.file_path("ca_file", must_exist=True))

@@ -274,8 +274,7 @@ class Daemon:
             _warn_old_tls(li)
         self._prepare_metrics(config)
         await asyncio.to_thread(self._seed_account_metrics)
-        await self.operator.reload(config)
-        return notes
+        return notes + await self.operator.reload(config)
 
     async def stop(self, grace: float | None = None) -> None:
         self.state = "draining"
