@@ -38,6 +38,7 @@ from proxy.auth.errors import TokenError
 from proxy.config import Account
 from proxy.notify import events
 from proxy.secret import Secret
+from proxy.server.http import quiet_bad_requests
 from proxy.server.listener import StartupError
 
 if TYPE_CHECKING:
@@ -66,6 +67,7 @@ class AdminServer:
         self.app = web.Application(middlewares=[self._guard, self._signed_in],
                                    client_max_size=64 * 1024)
         self._routes(self.app.router)
+        quiet_bad_requests()
         self.runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
         self.port = 0
 

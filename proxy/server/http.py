@@ -20,15 +20,36 @@ import socket
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client.exposition import choose_encoder
 
 from proxy import logs, metrics
+from proxy.text import one_line
 
 log = logging.getLogger("proxy.http")
 
 MAX_HEAD = 8192
 HEAD_TIMEOUT = 10.0
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class _BadRequests(logging.Filter):
+    """aiohttp logs every malformed request as an error with a traceback: a peer could fill
+    the journal. Those become one debug event; real errors still pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            logs.event(log, logging.DEBUG, "http_bad_request", reason=one_line(str(exc))[:200])
+            return False
+        return True
+
+
+_FILTER = _BadRequests()
+
+
+def quiet_bad_requests() -> None:
+    logging.getLogger("aiohttp.server").addFilter(_FILTER)  # once: a filter is kept in a set
 
 
 def _text(status: int, body: str) -> web.Response:
@@ -77,6 +98,7 @@ class MetricsServer:
         self.app = web.Application(middlewares=[_one_request], handler_args={
             "max_field_size": MAX_HEAD, "max_line_size": MAX_HEAD})
         ops_routes(self.app, ready)
+        quiet_bad_requests()
         self.runner = web.AppRunner(self.app, access_log=None, handle_signals=False,
                                     keepalive_timeout=HEAD_TIMEOUT)
         self.server: web.BaseSite | None = None

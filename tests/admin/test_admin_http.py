@@ -3,6 +3,8 @@ the password stored only as a hash, and the loopback rule."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -107,3 +109,15 @@ def test_non_loopback_needs_tls_and_allow_list(tmp_path: Path, extra: dict[str, 
     data["admin"] = {"listen": "127.0.0.1:9465"}
     cfg = config_mod.parse(data, tmp_path / "config.toml")
     assert cfg.admin is not None and cfg.admin.password_file == tmp_path / "admin-password"
+
+
+async def test_malformed_request_is_refused_quietly(env: AdminEnv,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    admin = env.proxy.daemon.operator.admin
+    assert admin is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", admin.port)
+    writer.write(b"garbage\r\n\r\n")
+    status = (await reader.read()).split(b"\r\n")[0]
+    writer.close()
+    assert status.endswith(b" 400 Bad Request")
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
