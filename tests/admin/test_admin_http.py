@@ -15,6 +15,7 @@ import yarl
 
 from proxy import config as config_mod
 from proxy.demo.process import DemoUpstream
+from proxy.notify import events
 from tests.admin.adminenv import ADMIN_PASSWORD, PHONE, AdminEnv, csrf_of, start_admin
 from tests.proxyenv import USER
 
@@ -87,6 +88,11 @@ async def test_requests_without_session_or_csrf_refused(env: AdminEnv) -> None:
                              data={"label": PHONE, "csrf": csrf_of(page)}) as r:
             assert r.status == 200 and "Revoked the password of phone" in await r.text()
         assert PHONE not in slots(env)
+        events.publish("source_locked_out", source="192.0.2.44", user=USER)
+        async with http.get(f"{env.url}/events") as r:
+            html = await r.text()
+        assert "Client address 192.0.2.44 was locked out after failed logins" in html
+        assert "source_locked_out" in html
 
 
 async def test_signed_out_session_is_refused(env: AdminEnv) -> None:
