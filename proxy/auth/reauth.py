@@ -8,7 +8,8 @@ tells the person where to go and which code to enter. Every protocol words it as
 "authorisation needed": IMAP ``NO [AUTHENTICATIONFAILED]``, POP3 ``-ERR [AUTH]``, SMTP
 ``535 5.7.8``.
 
-A background task polls the flow (MSAL, in a worker thread). When the person completes it and
+A background task polls the flow: one MSAL request at a time in a worker thread, the wait
+between polls on the event loop, so a waiting flow holds no thread. When the person completes it and
 the signed-in user is the account's mailbox, the new tokens are written with the data key the
 login already unlocked: the file keeps every device slot, and the next login just works.
 """
@@ -18,10 +19,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import msal
@@ -33,6 +33,7 @@ from proxy.config import Account, Config
 from proxy.notify.events import publish
 
 log = logging.getLogger("proxy.auth")
+_PENDING = ("authorization_pending", "slow_down")  # keep polling
 
 
 class DeviceCodeNeeded(AuthorisationNeeded):
@@ -58,7 +59,6 @@ class Flow:
     account: Account
     flow: dict[str, Any]
     unlocked: store.Unlocked
-    stop: threading.Event = field(default_factory=threading.Event)
     task: asyncio.Task[None] | None = None
     outcome: str = "waiting"  # waiting, done, expired, failed
     via: str = "in_band"  # who started it: "in_band" (a client's login) or "admin"
@@ -133,8 +133,8 @@ class ReauthFlows:
 
     async def _initiate(self, account: Account, unlocked: store.Unlocked, via: str) -> Flow:
         old = self.flows.pop(account.name, None)
-        if old is not None:
-            old.stop.set()
+        if old is not None and old.task is not None:
+            old.task.cancel()
         cache = msal.SerializableTokenCache()
         app, started = await asyncio.to_thread(self._begin, account, cache)
         flow = Flow(account, started, unlocked, via=via)
@@ -163,7 +163,8 @@ class ReauthFlows:
                       cache: msal.SerializableTokenCache) -> None:
         name = flow.account.name
         try:
-            await asyncio.to_thread(self._wait_and_save, flow, app, cache)
+            result = await self._poll(flow, app)
+            await asyncio.to_thread(self._save, flow, result, cache)
         except TokenError as exc:
             flow.outcome = "expired" if flow.expires_at <= time.time() else "failed"
             logs.event(log, logging.WARNING, "device_flow_ended", account=name,
@@ -182,15 +183,22 @@ class ReauthFlows:
         publish("reauthorised", name, via=flow.via)
         self.on_done(name)
 
-    def _wait_and_save(self, flow: Flow, app: msal.PublicClientApplication,
-                       cache: msal.SerializableTokenCache) -> None:
-        """Poll until the person signs in, the code expires or the daemon stops (worker
-        thread); on success write the tokens under the unlocked data key."""
-        name, account = flow.account.name, flow.account
-        result = msal_client.call(name, lambda: app.acquire_token_by_device_flow(
-            flow.flow, exit_condition=lambda _: flow.stop.is_set()
-            or flow.expires_at <= time.time()))
-        msal_client.check_result(name, result)
+    async def _poll(self, flow: Flow, app: msal.PublicClientApplication) -> dict[str, Any]:
+        """MSAL's answer once the person signed in, refused, or the code expired."""
+        name = flow.account.name
+        while True:
+            result = await asyncio.to_thread(msal_client.call, name, lambda: (
+                app.acquire_token_by_device_flow(flow.flow, exit_condition=lambda _: True)))
+            if (result.get("error") not in _PENDING or flow.expires_at <= time.time()):
+                return dict(result)
+            await asyncio.sleep(max(1.0, float(flow.flow.get("interval") or 5)))
+
+    def _save(self, flow: Flow, result: dict[str, Any],
+              cache: msal.SerializableTokenCache) -> None:
+        """Check MSAL's result and who signed in, then write the tokens under the unlocked
+        data key (worker thread)."""
+        account = flow.account
+        msal_client.check_result(account.name, result)
         identity = flows.check_identity(account, result)
         expiry, has_rt = msal_client.cache_summary(cache)
         meta = store.Meta(identity=identity, flow=account.flow, access_token_expires_at=expiry,
@@ -200,7 +208,7 @@ class ReauthFlows:
 
     async def aclose(self) -> None:
         tasks: list[asyncio.Task[Any]] = [f.task for f in self.flows.values() if f.task]
-        for flow in self.flows.values():
-            flow.stop.set()
         tasks.extend(self._starting.values())
+        for task in tasks:
+            task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

@@ -44,6 +44,7 @@ class Notifier:
         self.workers: list[asyncio.Task[None]] = []
         self.sent_at: dict[tuple[str, ...], float] = {}
         self.session: aiohttp.ClientSession | None = None
+        self.busy = 0  # deliveries in progress
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -79,7 +80,11 @@ class Notifier:
     async def _work(self, target: NotifyTarget, queue: asyncio.Queue[Event]) -> None:
         while True:
             event = await queue.get()
-            await self._deliver(target, event)
+            self.busy += 1
+            try:
+                await self._deliver(target, event)
+            finally:
+                self.busy -= 1
 
     async def _deliver(self, target: NotifyTarget, event: Event) -> None:
         for attempt in range(target.retries + 1):
@@ -113,7 +118,7 @@ class Notifier:
 
     async def idle(self) -> None:
         """Wait until every queued notification has been handled (tests, shutdown)."""
-        while any(not q.empty() for q in self.queues.values()):
+        while self.busy or any(not q.empty() for q in self.queues.values()):
             await asyncio.sleep(0.05)
 
     async def aclose(self) -> None:

@@ -54,9 +54,11 @@ async def run_command(target: NotifyTarget, event: Event) -> None:
         _, err = await asyncio.wait_for(
             proc.communicate(json.dumps(event.as_dict()).encode()), target.timeout)
     except TimeoutError:
-        proc.kill()
-        await proc.wait()
         raise DeliveryFailed(f"{target.argv[0]} did not finish within {target.timeout:g} s") from None
+    finally:
+        if proc.returncode is None:  # timed out, or the daemon stops: no orphan left behind
+            proc.kill()
+            await proc.wait()
     if proc.returncode != 0:
         raise DeliveryFailed(f"{target.argv[0]} exited with {proc.returncode}: "
                              f"{one_line(err.decode('utf-8', 'replace'))[:200]}")
