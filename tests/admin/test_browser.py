@@ -9,7 +9,6 @@ XOAUTH2_PROXY_UPDATE_DOCS=1 in a checkout, to docs/admin-accounts.png (the READM
 from __future__ import annotations
 
 import asyncio
-import imaplib
 import os
 import shutil
 from collections.abc import Iterator
@@ -20,7 +19,7 @@ import pytest
 
 from proxy.demo.process import DemoUpstream
 from tests.admin.adminenv import ADMIN_PASSWORD, PASSWORD, PHONE, AdminEnv, start_admin
-from tests.proxyenv import USER
+from tests.proxyenv import USER, fresh_login_reply
 
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 if not (CHROMIUM and DRIVER):
@@ -57,17 +56,6 @@ def browser(profile: Path) -> Iterator[WebDriver]:
         driver.quit()
 
 
-def imap_login(port: int, password: str) -> str:
-    client = imaplib.IMAP4("127.0.0.1", port, timeout=30)
-    try:
-        client.login(USER, password)
-    except imaplib.IMAP4.error as exc:
-        return exc.args[0].decode() if isinstance(exc.args[0], bytes) else str(exc.args[0])
-    finally:
-        client.shutdown()
-    return "OK"
-
-
 def save_screenshot(driver: WebDriver, tmp_path: Path) -> None:
     artifacts = Path(os.environ.get("XOAUTH2_PROXY_ARTIFACTS") or tmp_path)
     artifacts.mkdir(parents=True, exist_ok=True)
@@ -98,7 +86,7 @@ def session(env: AdminEnv, upstream: DemoUpstream, tmp_path: Path) -> None:
         code = wait(d).until(lambda d: d.find_elements(By.ID, "user-code"))[0].text
         upstream.approve(code, USER)
         wait(d).until(lambda d: d.find_elements(By.ID, "done"))
-        assert imap_login(imap, PASSWORD) == "OK"
+        assert fresh_login_reply(imap, USER, PASSWORD) == "OK"
 
         # Add a device password (shown once), use it, revoke it: its next login fails.
         d.get(f"{env.url}/")
@@ -106,13 +94,13 @@ def session(env: AdminEnv, upstream: DemoUpstream, tmp_path: Path) -> None:
         d.find_element(By.ID, "label-1").send_keys("tablet")
         d.find_element(By.CSS_SELECTOR, "details form button").click()
         new = wait(d).until(lambda d: d.find_elements(By.CLASS_NAME, "new-password"))[0].text
-        assert len(new) >= 20 and imap_login(imap, new) == "OK"
+        assert len(new) >= 20 and fresh_login_reply(imap, USER, new) == "OK"
         d.refresh()
         assert not d.find_elements(By.CLASS_NAME, "new-password")  # shown once
         d.find_element(By.CSS_SELECTOR, "button[value='tablet']").click()
         wait(d).until(lambda d: "Revoked the password of tablet" in d.page_source)
-        assert "Invalid user name or local password" in imap_login(imap, new)
-        assert imap_login(imap, PASSWORD) == "OK"
+        assert "Invalid user name or local password" in fresh_login_reply(imap, USER, new)
+        assert fresh_login_reply(imap, USER, PASSWORD) == "OK"
 
 
 async def test_admin_page_in_a_browser(tmp_path: Path, demo_upstream: DemoUpstream) -> None:

@@ -20,7 +20,8 @@ from proxy.notify.config import NotifyTarget
 from proxy.notify.dispatch import NOTIFICATIONS, Notifier
 from proxy.server.daemon import Daemon
 from tests.notify.receivers import Webhook, command_calls, command_target
-from tests.proxyenv import USER, ProxyEnv, authorise, config_dict
+from tests.ops.util import poll
+from tests.proxyenv import USER, ProxyEnv, authorise, config_dict, fresh_login_reply
 
 PASSWORD = "alice-device"
 BOB, BOB_PASSWORD = "bob@contoso.example", "bob-device"
@@ -38,17 +39,6 @@ async def start(tmp_path: Path, upstream: DemoUpstream, notify: list[dict[str, A
     daemon = Daemon(cfg)
     await daemon.start()
     return ProxyEnv(upstream, cfg, token_store, daemon, USER, PASSWORD)
-
-
-def imap_login(port: int) -> str:
-    client = imaplib.IMAP4("127.0.0.1", port, timeout=30)
-    try:
-        client.login(USER, PASSWORD)
-    except imaplib.IMAP4.error as exc:
-        return exc.args[0].decode() if isinstance(exc.args[0], bytes) else str(exc.args[0])
-    finally:
-        client.shutdown()
-    return "OK"
 
 
 def smtp_login(port: int) -> int:
@@ -76,18 +66,6 @@ def subjects(port: int) -> list[str]:
         client.logout()
 
 
-async def until(check: Any, what: str, timeout: float = 60) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return result
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.05)
-
-
 async def test_one_notification_per_incident(tmp_path: Path, demo_upstream: DemoUpstream) -> None:
     out = tmp_path / "command.jsonl"
     password_file = tmp_path / "bob-password"
@@ -100,16 +78,16 @@ async def test_one_notification_per_incident(tmp_path: Path, demo_upstream: Demo
         try:
             ports = env.ports
             demo_upstream.revoke(USER, access_tokens=True, refresh_tokens=True)
-            replies = [await asyncio.to_thread(imap_login, ports["imap"]) for _ in range(3)]
+            replies = [await asyncio.to_thread(fresh_login_reply, ports["imap"], USER, PASSWORD) for _ in range(3)]
             replies.append(str(await asyncio.to_thread(smtp_login, ports["smtp"])))
             codes = {m.group(1) for r in replies if (m := CODE.search(r))}
             assert len(codes) == 1 and replies[-1] == "535", replies
             code = codes.pop()
 
             await asyncio.to_thread(demo_upstream.approve, code, USER)
-            await until(lambda: len(hook.received) >= 2, "the webhook's second notification")
-            await until(lambda: len(command_calls(out)) >= 2, "the command's second run")
-            assert await asyncio.to_thread(imap_login, ports["imap"]) == "OK"
+            await poll(lambda: len(hook.received) >= 2, timeout=60)
+            await poll(lambda: len(command_calls(out)) >= 2, timeout=60)
+            assert await asyncio.to_thread(fresh_login_reply, ports["imap"], USER, PASSWORD) == "OK"
             assert env.daemon.operator.notifier is not None
             await env.daemon.operator.notifier.idle()
 
@@ -127,7 +105,7 @@ async def test_one_notification_per_incident(tmp_path: Path, demo_upstream: Demo
             async def mail() -> list[str]:
                 found = await asyncio.to_thread(subjects, ports["imap"])
                 return [s for s in found if "Authorisation needed" in s]
-            found = await until(mail, "the email")
+            found = await poll(mail, timeout=60)
             assert len(found) == 1 and code in found[0]
         finally:
             await env.daemon.stop(grace=1)
@@ -146,7 +124,7 @@ async def test_failed_delivery_retried_with_back_off(tmp_path: Path) -> None:
         try:
             hub.publish("source_locked_out", source="192.0.2.7", user=USER)
             hub.publish("source_locked_out", source="192.0.2.7", user=USER)  # the same incident
-            await until(lambda: hook.received, "the delivery")
+            await poll(lambda: hook.received, timeout=60)
             await notifier.idle()
         finally:
             await notifier.aclose()

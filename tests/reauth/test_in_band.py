@@ -14,7 +14,8 @@ from pathlib import Path
 
 from proxy.demo.process import DemoUpstream
 from proxy.secret import Secret
-from tests.proxyenv import USER, ProxyEnv, start_proxy
+from tests.ops.util import poll
+from tests.proxyenv import USER, ProxyEnv, login_reply, start_proxy
 
 PASSWORD = "first-device"  # ASCII: smtplib and imaplib's login() send nothing else
 
@@ -26,16 +27,6 @@ SENTENCE = re.compile(
 def add_device(env: ProxyEnv, label: str, password: str) -> None:
     unlocked = env.store.unlock(USER, Secret(PASSWORD))
     env.store.add_password_slot(unlocked, label, Secret(password))
-
-
-def imap_login(client: imaplib.IMAP4, password: str) -> str:
-    """"OK", or the error text."""
-    try:
-        client.login(USER, password)
-    except imaplib.IMAP4.error as exc:
-        text = exc.args[0]
-        return text.decode() if isinstance(text, bytes) else str(text)
-    return "OK"
 
 
 def pop_error(env: ProxyEnv) -> str:
@@ -60,13 +51,6 @@ def smtp_error(env: ProxyEnv, password: str) -> tuple[int, str]:
     raise AssertionError("SMTP login should have failed")
 
 
-async def until(predicate: object, what: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():  # type: ignore[operator]
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.05)
-
-
 async def test_refused_refresh_token_answered_with_device_code(tmp_path: Path,
                                                                demo_upstream: DemoUpstream) -> None:
     env = await start_proxy(tmp_path, demo_upstream, password=PASSWORD)
@@ -75,16 +59,16 @@ async def test_refused_refresh_token_answered_with_device_code(tmp_path: Path,
         demo_upstream.reset_stats()
         await asyncio.to_thread(add_device, env, "phone", "second-device")
         client = await asyncio.to_thread(imaplib.IMAP4, "127.0.0.1", env.ports["imap"], 30)
-        assert await asyncio.to_thread(imap_login, client, PASSWORD) == "OK"
+        assert await asyncio.to_thread(login_reply, client, USER, PASSWORD) == "OK"
         await asyncio.to_thread(client.logout)
 
         demo_upstream.revoke(USER, access_tokens=True, refresh_tokens=True)
         client = await asyncio.to_thread(imaplib.IMAP4, "127.0.0.1", env.ports["imap"], 30)
-        wrong = await asyncio.to_thread(imap_login, client, "not the password")
+        wrong = await asyncio.to_thread(login_reply, client, USER, "not the password")
         assert "Invalid user name or local password" in wrong
         assert demo_upstream.stats()["devicecode_requests"] == 0
 
-        text = await asyncio.to_thread(imap_login, client, PASSWORD)
+        text = await asyncio.to_thread(login_reply, client, USER, PASSWORD)
         assert text.startswith("[AUTHENTICATIONFAILED] "), text
         match = SENTENCE.search(text)
         assert match, text
@@ -98,12 +82,12 @@ async def test_refused_refresh_token_answered_with_device_code(tmp_path: Path,
 
         await asyncio.to_thread(demo_upstream.approve, code, USER)
         flows = env.daemon.tokens.reauth
-        await until(lambda: flows.current(USER).outcome == "done", "the new tokens")  # type: ignore[union-attr]
+        await poll(lambda: flows.current(USER).outcome == "done", timeout=60)  # type: ignore[union-attr]
 
-        assert await asyncio.to_thread(imap_login, client, PASSWORD) == "OK"  # the same client
+        assert await asyncio.to_thread(login_reply, client, USER, PASSWORD) == "OK"  # the same client
         await asyncio.to_thread(client.logout)
         second = await asyncio.to_thread(imaplib.IMAP4, "127.0.0.1", env.ports["imap"], 30)
-        assert await asyncio.to_thread(imap_login, second, "second-device") == "OK"
+        assert await asyncio.to_thread(login_reply, second, USER, "second-device") == "OK"
         await asyncio.to_thread(second.logout)
         info = env.store.info(USER)
         assert {s.label for s in info.slots} >= {"phone"} and len(info.slots) == 2
@@ -139,7 +123,7 @@ async def test_expired_flow_replaced_on_the_next_refused_login(tmp_path: Path,
         flow = env.daemon.tokens.reauth.current(USER)
         assert flow is not None
         flow.flow["expires_at"] = time.time() - 1  # the code ran out (the poller stops)
-        await until(lambda: flow.outcome == "expired", "the poller to give up")
+        await poll(lambda: flow.outcome == "expired", timeout=60)
         assert env.daemon.tokens.reauth.current(USER) is flow  # nothing new without a login
         second = SENTENCE.search((await asyncio.to_thread(smtp_error, env, PASSWORD))[1])
         assert second and second.group(2) != first.group(2)
