@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from proxy import systemd, tlspolicy
+from proxy.text import host_port
 
 if TYPE_CHECKING:  # their modules read their sections with proxy.config.reader
     from proxy.admin_web.config import AdminSettings
@@ -44,7 +45,7 @@ class Address:
     port: int
 
     def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return host_port(self.host, self.port)
 
     @property
     def is_loopback(self) -> bool:
