@@ -27,7 +27,8 @@ def account_view(token_store: store.TokenStore, account: Account, flow: Flow | N
     try:
         info = token_store.info(account.name)
     except store.TokenFileMissing:
-        view.update(state="no token file: authorise it with `xoauth2-proxy login`", needs=True)
+        view.update(state=f"no token file: authorise it once with `xoauth2-proxy login "
+                          f"{account.name}`", needs=True, can_reauth=False)
         return view
     except (store.StoreError, OSError) as exc:
         view.update(state=f"token file unusable: {exc}", needs=True)

@@ -18,6 +18,7 @@ from tests.proxyenv import USER, ProxyEnv, authorise, config_dict, to_toml
 ADMIN_PASSWORD = "correct horse battery"
 PASSWORD = "alice-laptop"
 PHONE, PHONE_PASSWORD = "phone", "alice-phone-pw"
+BOB = "bob@contoso.example"
 
 
 @dataclass
@@ -32,7 +33,9 @@ class AdminEnv:
 
 
 async def start_admin(tmp_path: Path, upstream: DemoUpstream, **admin: Any) -> AdminEnv:
-    data = config_dict(tmp_path, upstream, protocols=("imap",))
+    # bob is configured but never authorised: the accounts page shows him needing it.
+    data = config_dict(tmp_path, upstream, protocols=("imap",), accounts={
+        USER: {"provider": "demo"}, BOB: {"provider": "demo"}})
     data["admin"] = {"listen": "127.0.0.1:0", **admin}
     path = tmp_path / "config.toml"
     path.write_text(to_toml(data))

@@ -77,6 +77,7 @@ def session(env: AdminEnv, upstream: DemoUpstream, tmp_path: Path) -> None:
         wait(d).until(lambda d: d.title.startswith("Accounts"))
         body = d.find_element(By.TAG_NAME, "main").text
         assert USER in body and PHONE in body and "ok" in body
+        assert "bob@contoso.example" in body and "no token file" in body
         save_screenshot(d, tmp_path)
 
         # Re-authorise by device code: the page shows the code and follows the sign-in.
