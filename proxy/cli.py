@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from proxy import __version__, account_commands, store_commands
+from proxy.admin_web import command as admin_web_command
 from proxy.commands import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
@@ -132,6 +133,7 @@ COMMANDS: tuple[Command, ...] = (
     *account_commands.COMMANDS,
     *migrate_command.COMMANDS,
     *store_commands.COMMANDS,
+    *admin_web_command.COMMANDS,
     Command("check-config", cmd_check_config, "validate a config file and summarise it",
             arguments=_check_config_arguments),
     Command("version", cmd_version, "print the version and where the shipped example files are"),

@@ -161,3 +161,22 @@ def write_config(tmp_path: Path, upstream: DemoUpstream, **kw: Any) -> Path:
     path = tmp_path / "config.toml"
     path.write_text(to_toml(config_dict(tmp_path, upstream, **kw)))
     return path
+
+
+def login_reply(client: imaplib.IMAP4, user: str, password: str) -> str:
+    """LOGIN on ``client`` (ASCII passwords): "OK", or the refusal's text."""
+    try:
+        client.login(user, password)
+    except imaplib.IMAP4.error as exc:
+        text = exc.args[0]
+        return text.decode() if isinstance(text, bytes) else str(text)
+    return "OK"
+
+
+def fresh_login_reply(port: int, user: str, password: str) -> str:
+    """``login_reply`` on a new plain connection to 127.0.0.1:``port``, closed afterwards."""
+    client = imaplib.IMAP4("127.0.0.1", port, timeout=30)
+    try:
+        return login_reply(client, user, password)
+    finally:
+        client.shutdown()

@@ -47,8 +47,10 @@ from proxy.auth.errors import (
     WrongPassword,
 )
 from proxy.auth.gate import GATE, UnlockGate
+from proxy.auth.reauth import ReauthFlows
 from proxy.auth.storemap import NeedsDerivation, cached_token, checked, store_errors
 from proxy.config import Account, Config, Protocol
+from proxy.notify.events import WATCH
 from proxy.secret import Secret
 
 log = logging.getLogger("proxy.auth")
@@ -98,6 +100,7 @@ class TokenService:
         # Key derivations (scrypt, 128 MiB each) run here, never on the default executor: a
         # burst of guesses queues behind this pool, not behind other accounts' warm logins.
         self._kdf = ThreadPoolExecutor(KDF_WORKERS, thread_name_prefix="kdf")
+        self.reauth = ReauthFlows(config, token_store, lambda name: self._states.pop(name, None))
 
     # --- public -----------------------------------------------------------------------------
 
@@ -124,7 +127,10 @@ class TokenService:
             raise
         unlocked = await self._unlocked_by(
             account.name, password, gate, lambda derive: self._unlock(account, password, derive))
-        return await self._token(account, unlocked, protocol, rejected)
+        try:
+            return await self._token(account, unlocked, protocol, rejected)
+        except AuthorisationNeeded as exc:  # refused: a device code if the account allows it
+            raise await self.reauth.needed(account, unlocked, exc) from None
 
     async def _unlocked_by(self, name: str, password: Secret, gate: UnlockGate | None,
                            unlock: Callable[[bool], store.Unlocked | None]) -> store.Unlocked:
@@ -184,7 +190,7 @@ class TokenService:
         token file is read again, its MSAL application rebuilt with the new provider settings).
         Token requests already in flight finish with the old settings; ``aclose`` still waits
         for them."""
-        self.config = config
+        self.config = self.reauth.config = config
         for state in self._states.values():
             for task in state.flights.values():
                 self._background.add(task)
@@ -198,6 +204,7 @@ class TokenService:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await self.reauth.aclose()
         self._kdf.shutdown(wait=False, cancel_futures=True)
 
     # --- unlocking (worker thread) --------------------------------------------------------------
@@ -317,7 +324,10 @@ class TokenService:
             metrics.TOKEN_REFRESH_SECONDS.observe(time.monotonic() - started)
             logs.event(log, logging.WARNING, "token_refresh", account=state.account.name,
                        result=exc.result, reason=exc.detail)
+            if not isinstance(exc, AuthorisationNeeded):
+                WATCH.failed(state.account.name, exc.detail)
             raise
+        WATCH.succeeded(state.account.name)
         if fetched:
             metrics.TOKEN_REFRESHES.labels("ok").inc()
             metrics.TOKEN_REFRESH_SECONDS.observe(time.monotonic() - started)

@@ -74,6 +74,8 @@ def _read_account(name: str, t: Table, providers: dict[str, Provider]) -> Accoun
         flow=t.choice("flow", FLOWS, "device_code"),
         upstream_user=t.text("upstream_user", None),
         service_key_file=t.file_path("service_key_file"),
+        reauthorise_in_band=t.get("reauthorise_in_band", bool,
+                                  t.data.get("flow", "device_code") == "device_code"),
     )
     for key, value in ((None, name), ("upstream_user", account.upstream_user)):
         if value is not None and any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):

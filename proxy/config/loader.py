@@ -12,6 +12,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from proxy.admin_web.config import read_admin
 from proxy.config.accounts import read_accounts, read_providers
 from proxy.config.limits import read_limits, read_metrics
 from proxy.config.listeners import read_listeners, read_upstreams, restrict_old_tls
@@ -19,6 +20,7 @@ from proxy.config.model import Config, ConfigError
 from proxy.config.reader import Table
 from proxy.config.relays import read_relays
 from proxy.config.store import read_store
+from proxy.notify.config import read_notify
 
 DEFAULT_STATE_DIR = Path("/var/lib/xoauth2-proxy")
 
@@ -37,7 +39,9 @@ def parse(data: dict[str, Any], file: Path) -> Config:
     config = Config(path=file, state_dir=state_dir, listeners=restrict_old_tls(listeners, relays),
                     upstreams=upstreams, providers=providers, accounts=accounts,
                     metrics=read_metrics(top), limits=read_limits(top), log_level=log_level,
-                    shutdown_grace=shutdown_grace, relays=relays, store=read_store(top))
+                    shutdown_grace=shutdown_grace, relays=relays, store=read_store(top),
+                    notify=read_notify(top, accounts, {li.name: li.protocol for li, _ in listeners}),
+                    admin=read_admin(top, state_dir))
     top.done()
     return config
 

@@ -7,11 +7,15 @@ import ipaddress
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from proxy import systemd, tlspolicy
 from proxy.config.store import StoreSettings
 from proxy.text import host_port
+
+if TYPE_CHECKING:  # their modules read their sections with proxy.config.reader
+    from proxy.admin_web.config import AdminSettings
+    from proxy.notify.config import NotifyTarget
 
 Protocol = Literal["imap", "pop", "smtp"]
 PROTOCOLS: tuple[Protocol, ...] = ("imap", "pop", "smtp")
@@ -155,6 +159,7 @@ class Account:
     flow: Flow = "device_code"
     upstream_user: str | None = None  # mailbox name upstream, when it differs from `name`
     service_key_file: Path | None = None  # unlocks the token file with no client present
+    reauthorise_in_band: bool = True  # a refused refresh token answers logins with a device code
 
     @property
     def mailbox(self) -> str:
@@ -226,6 +231,8 @@ class Config:
     shutdown_grace: float = 30.0
     relays: tuple[RelayRule, ...] = ()
     store: StoreSettings = StoreSettings()
+    notify: tuple[NotifyTarget, ...] = ()  # proxy.notify.config
+    admin: AdminSettings | None = None  # proxy.admin_web.config
 
     def relay_rules(self, listener: str) -> tuple[RelayRule, ...]:
         """The ``[[relay]]`` rules of one listener, in file order (the first match decides)."""

@@ -29,6 +29,7 @@ from proxy import config as config_mod
 from proxy import logs, metrics, store, systemd
 from proxy.auth.service import TokenService
 from proxy.config import Config, Listener
+from proxy.operator import OperatorServices
 from proxy.protocol.imap import ImapClientSide, ImapUpstreamSide
 from proxy.protocol.pop import PopClientSide, PopUpstreamSide
 from proxy.server import tls, tlsbuffer
@@ -130,6 +131,7 @@ class Daemon:
         self.listeners: list[ListenerRuntime] = []
         self.extra_servers: list[Callable[[], object]] = []
         self.metrics_server: MetricsServer | None = None
+        self.operator = OperatorServices(self)  # notifications and the admin page
         self.state: State = "starting"
         # The context an implicit-TLS server was created with: asyncio keeps it for the
         # server's life, so a reload makes it hand each new handshake to the current context.
@@ -154,7 +156,9 @@ class Daemon:
             upstream_tls = _upstream_tls(self.config, self.config.listeners)
             for li in self.config.listeners:
                 await self._start_listener(li, upstream_tls[li.upstream], sockets.get(li.name))
+            await self.operator.start()
         except BaseException:
+            await self.operator.stop()
             for runtime in self.listeners:
                 runtime.stop_accepting()
             self.listeners.clear()
@@ -182,7 +186,7 @@ class Daemon:
             raise StartupError(f"metrics: cannot listen on {listen}: "
                                f"{exc.strerror or exc}") from None
         self.metrics_server = server
-        host = listen.host if listen else str(server.server.sockets[0].getsockname()[0])  # type: ignore[union-attr]
+        host = listen.host if listen else str(server.sockets[0].getsockname()[0])
         log_listening(str(config_mod.Address(host, server.port)))
 
     async def _start_listener(self, li: Listener, upstream_tls: ssl.SSLContext,
@@ -270,7 +274,7 @@ class Daemon:
             _warn_old_tls(li)
         self._prepare_metrics(config)
         await asyncio.to_thread(self._seed_account_metrics)
-        return notes
+        return notes + await self.operator.reload(config)
 
     async def stop(self, grace: float | None = None) -> None:
         self.state = "draining"
@@ -285,6 +289,7 @@ class Daemon:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+        await self.operator.stop()
         await self.tokens.aclose()
         await self.capabilities.flush()
         if self.metrics_server is not None:

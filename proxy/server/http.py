@@ -1,146 +1,132 @@
-"""The operations HTTP endpoint: Prometheus metrics and health probes on a loopback port.
+"""The operations HTTP endpoint: Prometheus metrics and health probes, served by aiohttp.
 
-A deliberately tiny HTTP/1.1 server on the daemon's own event loop (no threads, no framework):
-one request per connection (``Connection: close``), ``GET`` and ``HEAD`` only, the request head
-capped at 8 KiB and 10 seconds. Paths:
+Paths (``GET`` and ``HEAD``; anything else is 405):
 
 - ``/metrics``  the exposition of ``proxy.metrics.REGISTRY`` (text format 0.0.4, or OpenMetrics
   when the scraper asks for it in ``Accept``);
 - ``/healthz``  200 while the process runs and its event loop answers;
 - ``/readyz``   200 when every listener accepts connections, 503 while starting or draining.
 
-It serves nothing else and reads no request body, so it exposes no secret and takes no input
-worth attacking; it still refuses a non-loopback address unless the config allows one.
+One request per connection (``Connection: close``), each request line and header capped at
+8 KiB (aiohttp answers 400 beyond), no body read. It exposes no secret and takes no input worth attacking; it still
+refuses a non-loopback address unless the config allows one. ``ops_routes`` adds the same
+three paths to another aiohttp application (the admin page's).
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
+from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client.exposition import choose_encoder
 
 from proxy import logs, metrics
+from proxy.text import one_line
 
 log = logging.getLogger("proxy.http")
 
 MAX_HEAD = 8192
 HEAD_TIMEOUT = 10.0
-WRITE_TIMEOUT = 30.0
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
-            408: "Request Timeout", 431: "Request Header Fields Too Large",
-            503: "Service Unavailable"}
+
+class _BadRequests(logging.Filter):
+    """aiohttp logs every malformed request as an error with a traceback: a peer could fill
+    the journal. Those become one debug event; real errors still pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            logs.event(log, logging.DEBUG, "http_bad_request", reason=one_line(str(exc))[:200])
+            return False
+        return True
+
+
+_FILTER = _BadRequests()
+
+
+def quiet_bad_requests() -> None:
+    logging.getLogger("aiohttp.server").addFilter(_FILTER)  # once: a filter is kept in a set
+
+
+def _text(status: int, body: str) -> web.Response:
+    return web.Response(status=status, text=body, content_type="text/plain", charset="utf-8",
+                        headers={"Cache-Control": "no-store"})
+
+
+def ops_routes(app: web.Application, ready: Callable[[], bool]) -> None:
+    """``/metrics``, ``/healthz`` and ``/readyz`` on ``app`` (GET, and HEAD through it)."""
+
+    async def scrape(request: web.Request) -> web.Response:
+        encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
+        return web.Response(body=encoder(metrics.REGISTRY), headers={
+            "Content-Type": content_type, "Cache-Control": "no-store"})
+
+    async def healthz(request: web.Request) -> web.Response:
+        return _text(200, "ok\n")
+
+    async def readyz(request: web.Request) -> web.Response:
+        return _text(200, "ready\n") if ready() else _text(503, "not ready\n")
+
+    app.router.add_get("/metrics", scrape)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+
+
+@web.middleware
+async def _one_request(request: web.Request, handler: Handler) -> web.StreamResponse:
+    logs.event(log, logging.DEBUG, "http_request", method=request.method[:16],
+               path=request.path[:200], peer=request.remote)
+    try:
+        response = await handler(request)
+    except web.HTTPNotFound:
+        response = _text(404, "not found: try /metrics, /healthz or /readyz\n")
+    except web.HTTPMethodNotAllowed:
+        response = _text(405, "only GET and HEAD\n")
+        response.headers["Allow"] = "GET, HEAD"
+    response.force_close()
+    return response
 
 
 class MetricsServer:
     """Serves ``/metrics``, ``/healthz`` and ``/readyz``; ``ready()`` decides ``/readyz``."""
 
     def __init__(self, ready: Callable[[], bool]) -> None:
-        self._ready = ready
-        self.server: asyncio.Server | None = None
-        self._clients: set[asyncio.Task[None]] = set()
+        self.app = web.Application(middlewares=[_one_request], handler_args={
+            "max_field_size": MAX_HEAD, "max_line_size": MAX_HEAD})
+        ops_routes(self.app, ready)
+        quiet_bad_requests()
+        self.runner = web.AppRunner(self.app, access_log=None, handle_signals=False,
+                                    keepalive_timeout=HEAD_TIMEOUT)
+        self.server: web.BaseSite | None = None
 
     @property
     def port(self) -> int:
-        assert self.server is not None
-        return int(self.server.sockets[0].getsockname()[1])
+        assert self.runner.server is not None
+        return int(self.sockets[0].getsockname()[1])
+
+    @property
+    def sockets(self) -> list[socket.socket]:
+        return [s for server in self.runner.sites for s in _sockets(server)]
 
     async def start(self, host: str, port: int, sock: socket.socket | None = None) -> None:
-        if sock is not None:
-            self.server = await asyncio.start_server(self._client, sock=sock, limit=MAX_HEAD)
-        else:
-            self.server = await asyncio.start_server(self._client, host, port,
-                                                     reuse_address=True, limit=MAX_HEAD)
+        await self.runner.setup()
+        site: web.BaseSite = (web.SockSite(self.runner, sock) if sock is not None
+                              else web.TCPSite(self.runner, host or None, port,
+                                               reuse_address=True))
+        await site.start()
+        self.server = site
 
     async def stop(self) -> None:
-        if self.server is not None:
-            self.server.close()
-        for task in list(self._clients):
-            task.cancel()
-        await asyncio.gather(*self._clients, return_exceptions=True)
-        if self.server is not None:
-            await self.server.wait_closed()
-
-    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._clients.add(task)
-        try:
-            await self._serve(reader, writer)
-        except (ConnectionError, TimeoutError, asyncio.IncompleteReadError):
-            pass
-        except Exception:  # a bug: this request fails, the daemon does not
-            log.exception("http_request_failed")
-        finally:
-            self._clients.discard(task)
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            async with asyncio.timeout(HEAD_TIMEOUT):
-                head = await reader.readuntil(b"\r\n\r\n")
-        except asyncio.LimitOverrunError:
-            await _respond(writer, 431, b"request head too large\n")
-            return
-        except TimeoutError:
-            await _respond(writer, 408, b"request timeout\n")
-            return
-        lines = head.decode("latin-1").split("\r\n")
-        parts = lines[0].split(" ")
-        if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
-            await _respond(writer, 400, b"bad request\n")
-            return
-        method, target = parts[0], parts[1]
-        headers = {}
-        for line in lines[1:]:
-            name, sep, value = line.partition(":")
-            if sep:
-                headers[name.strip().lower()] = value.strip()
-        path = target.split("?", 1)[0]
-        head_only = method == "HEAD"
-        logs.event(log, logging.DEBUG, "http_request", method=method[:16], path=path[:200],
-                   peer=_peer(writer))
-        if method not in ("GET", "HEAD"):
-            await _respond(writer, 405, b"only GET and HEAD\n", extra={"Allow": "GET, HEAD"})
-            return
-        if path == "/metrics":
-            encoder, content_type = choose_encoder(headers.get("accept", ""))
-            body = encoder(metrics.REGISTRY)
-            await _respond(writer, 200, body, content_type=content_type, head_only=head_only)
-        elif path == "/healthz":
-            await _respond(writer, 200, b"ok\n", head_only=head_only)
-        elif path == "/readyz":
-            ready = self._ready()
-            await _respond(writer, 200 if ready else 503, b"ready\n" if ready else b"not ready\n",
-                           head_only=head_only)
-        else:
-            await _respond(writer, 404, b"not found: try /metrics, /healthz or /readyz\n",
-                           head_only=head_only)
+        await self.runner.cleanup()
 
 
-async def _respond(writer: asyncio.StreamWriter, status: int, body: bytes, *,
-                   content_type: str = "text/plain; charset=utf-8", head_only: bool = False,
-                   extra: dict[str, str] | None = None) -> None:
-    head = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}",
-            f"Content-Type: {content_type}", f"Content-Length: {len(body)}",
-            "Cache-Control: no-store", "Connection: close"]
-    head.extend(f"{k}: {v}" for k, v in (extra or {}).items())
-    writer.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1"))
-    if not head_only:
-        writer.write(body)
-    async with asyncio.timeout(WRITE_TIMEOUT):
-        await writer.drain()
-
-
-def _peer(writer: asyncio.StreamWriter) -> str:
-    peer = writer.get_extra_info("peername")
-    return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+def _sockets(site: web.BaseSite) -> list[socket.socket]:
+    server = site._server  # noqa: SLF001 - aiohttp keeps the asyncio server here
+    return list(getattr(server, "sockets", None) or ())
 
 
 def log_listening(address: str) -> None:
@@ -148,4 +134,4 @@ def log_listening(address: str) -> None:
                url=f"http://{address}/metrics")
 
 
-__all__ = ["MetricsServer", "log_listening"]
+__all__ = ["MetricsServer", "log_listening", "ops_routes"]

@@ -44,6 +44,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from proxy.config import Limits
+from proxy.notify.events import publish
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -236,10 +237,14 @@ class Throttle:
         reservation.settled = True
         if password_tag is not None:
             pair.wrong = [*pair.wrong, password_tag][-_WRONG_REMEMBERED:]
+        newly_locked = False
         for key in reservation.keys:
             record = self._record(key, now)
             if not key.startswith("account:") and record.failures >= self.limits.lockout_after:
+                newly_locked = newly_locked or record.locked_until <= now
                 record.locked_until = now + self.limits.lockout_seconds
+        if newly_locked:  # an operator event (proxy.notify), once per lockout
+            publish("source_locked_out", source=reservation.source, user=reservation.account)
         return self._delay(reservation, now)
 
     def _delay(self, reservation: Reservation, now: float) -> float:

@@ -140,7 +140,8 @@ async def test_concurrent_logins_share_one_refresh(tmp_path: Path, demo_upstream
 
 async def test_revoked_refresh_token_needs_login(tmp_path: Path, demo_upstream_factory: object) -> None:
     upstream = demo_upstream_factory(access_token_lifetime=1)  # type: ignore[operator]
-    cfg = make_config(tmp_path, upstream)
+    cfg = make_config(tmp_path, upstream, accounts={  # in-band: tests/reauth
+        USER: {"provider": "demo", "reauthorise_in_band": False}})
     token_store = authorise(cfg, upstream)
     service = TokenService(cfg, token_store)
     await service.access_token(USER, Secret(PASSWORD), "imap")

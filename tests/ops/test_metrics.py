@@ -181,12 +181,13 @@ async def test_http_server_edges() -> None:
         assert P + "ready" in names(parse((await http_get(server.port, "/metrics"))[2].decode()))
         assert (await http_get(server.port, "/nope"))[0] == 404
         assert (await http_get(server.port, "/metrics", "POST"))[0] == 405
-        # An oversized request head is refused, not buffered.
+        # An oversized request head is refused, not buffered (aiohttp's parser: 400).
         status, _, _ = await http_get(server.port, "/metrics", headers="X: " + "a" * 20000 + "\r\n")
-        assert status == 431
+        assert status == 400
         reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
         writer.write(b"garbage\r\n\r\n")
-        assert (await reader.read()).startswith(b"HTTP/1.1 400 ")
+        assert (await reader.read()).split(b"\r\n")[0] in (b"HTTP/1.0 400 Bad Request",
+                                                            b"HTTP/1.1 400 Bad Request")
         writer.close()
     finally:
         await server.stop()

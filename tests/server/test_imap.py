@@ -139,7 +139,8 @@ async def test_bad_logins_get_actionable_replies(env: ProxyEnv) -> None:
 
 async def test_revoked_account_names_login_command(tmp_path: Path, demo_upstream_factory: object) -> None:
     upstream = demo_upstream_factory(access_token_lifetime=1)  # type: ignore[operator]
-    env = await start_proxy(tmp_path, upstream, protocols=("imap",))
+    env = await start_proxy(tmp_path, upstream, protocols=("imap",), accounts={  # in-band: tests/reauth
+        USER: {"provider": "demo", "reauthorise_in_band": False}})
     try:
         upstream.revoke(USER)
         await asyncio.sleep(1.1)  # the access token's lifetime

@@ -481,7 +481,8 @@ async def test_revoked_refresh_token_needs_authorisation(tmp_path: Path,
                                                          proxies: list[ProxyEnv]) -> None:
     demo_upstream.configure(access_token_lifetime=4)
     env = await start_smtp_proxy(tmp_path, demo_upstream,
-                                 accounts={USER: {"provider": "demo"}, BOB: {"provider": "demo"}})
+                                 accounts={USER: {"provider": "demo", "reauthorise_in_band": False},
+                                           BOB: {"provider": "demo"}})
     proxies.append(env)
     authorise(env.config, demo_upstream, user=BOB, password=DEVICE_PASSWORD)
     port = env.ports["smtp"]
@@ -510,13 +511,14 @@ async def test_revoked_refresh_token_needs_authorisation(tmp_path: Path,
 async def test_revoked_access_token_error_challenge_then_refresh_refused(
         smtp_env: ProxyEnv) -> None:
     """The upstream refuses the cached token with a 334 error challenge (RFC 7628); the proxy
-    answers it, asks for a new token (refused: revoked) and says what to do."""
+    answers it, asks for a new token (refused: revoked) and answers with a device code."""
     port, up = smtp_env.ports["smtp"], smtp_env.upstream
     await in_thread(lambda: send_ok(port, "token cached"))
     up.configure(xoauth2_error_challenge=True)
     up.revoke(USER, access_tokens=True)
     code, text = await in_thread(lambda: auth_plain(port, DEVICE_PASSWORD))
-    assert code == 535 and b"xoauth2-proxy login alice@contoso.example" in text
+    assert code == 535 and text.startswith(b"5.7.8 Authorisation needed for alice@contoso.example: "
+                                           b"open https://") and b"then log in again" in text
 
 
 # --- faults of the upstream session (a scripted upstream) -------------------------------------

@@ -1,0 +1,1 @@
+"""The admin web page (aiohttp): accounts, re-authorisation, device passwords, events."""

@@ -1,0 +1,1 @@
+"""Operator notifications: events, their targets and delivery."""
