@@ -198,7 +198,8 @@ class Daemon:
             runtime = ListenerRuntime(Context(SPECS[li.protocol], li, up, self.tokens,
                                               upstream_tls, server_tls,
                                               throttle=self.throttle, preauth=self.preauth,
-                                              capability_cache=self.capabilities))
+                                              capability_cache=self.capabilities,
+                                              limits=self.config.limits))
         await runtime.start(sock)
         self.listeners.append(runtime)
         if li.tls == "implicit" and server_tls is not None:
@@ -259,7 +260,7 @@ class Daemon:
         self.throttle.limits = self.preauth.limits = config.limits
         for (runtime, li), (upstream_tls, server_tls) in zip(kept, contexts, strict=True):
             ctx = runtime.ctx
-            ctx.listener, ctx.server_tls = li, server_tls
+            ctx.listener, ctx.server_tls, ctx.limits = li, server_tls, config.limits
             ctx.reconfigure(config.upstreams[li.upstream], upstream_tls)
             bound = self._bound_tls.get(li.name)
             if bound is not None and server_tls is not None:

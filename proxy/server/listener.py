@@ -9,9 +9,9 @@ import ssl
 from typing import Any, Protocol
 
 from proxy.config import Listener
-from proxy.server.session import TLS_HANDSHAKE_TIMEOUT
 
 BACKLOG = 4096  # a burst of hundreds of simultaneous connects must all get a greeting
+TLS_HANDSHAKE_TIMEOUT = 15.0  # an implicit-TLS client's handshake, on every listener
 
 
 class StartupError(Exception):

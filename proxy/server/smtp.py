@@ -47,34 +47,32 @@ from typing import Any
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session, TLSSetupException
 
 from proxy import __version__, logs, metrics
-from proxy.auth.errors import TokenError
 from proxy.auth.service import TokenService
-from proxy.config import Config, Listener, RelayRule, Upstream
-from proxy.protocol.events import Failure, ReplyKind
+from proxy.config import Config, Limits, Listener, RelayRule, Upstream
+from proxy.protocol.events import Failure
 from proxy.protocol.sasl import SaslError, b64decode_strict, decode_plain
 from proxy.secret import Secret
-from proxy.server.limits import PreauthLimiter, Throttle, is_loopback
+from proxy.server.connection import Connection
+from proxy.server.limits import PreauthLimiter, Throttle
 from proxy.server.listener import ListenerBase
-from proxy.server.logins import LoginAttempt, unreachable, upstream_refusal
-from proxy.server.session import source_refused
+from proxy.server.logins import LoginAttempt
+from proxy.server.pipeline import Denied, PasswordToken, Pipeline
 from proxy.server.smtp_protocol import BareLineEndingRefused, ProxySMTP, quiet_aiosmtpd
 from proxy.server.smtp_relay import RelayHandler, RelayRefused, count, seed_metrics
 from proxy.server.smtp_upstream import (
     DATA_END_TIMEOUT,
     Reply,
+    SmtpOpener,
     UpstreamLost,
-    UpstreamRejected,
     UpstreamSession,
-    UpstreamUnavailable,
     queue_id,
 )
-from proxy.server.tls import handshake_done
+from proxy.text import one_line
 
 log = logging.getLogger("proxy.smtp")
 
 CLIENT_IDLE = 300.0  # seconds of client silence before the connection is closed (RFC 5321: 5 min)
 MAX_MESSAGE_SIZE = 64 * 1024 * 1024  # advertised SIZE; lowered to the upstream's after login
-_REPLY_TEXT_LIMIT = 400  # an SMTP reply line is at most 512 octets
 
 _FAILURE_REPLY = {
     Failure.BAD_CREDENTIALS: "535 5.7.8",
@@ -88,14 +86,8 @@ _USERNAME_CHALLENGE = b"VXNlcm5hbWU6"  # "Username:"
 _PASSWORD_CHALLENGE = b"UGFzc3dvcmQ6"  # "Password:"
 
 
-def _text(text: str) -> str:
-    """One reply line of our own: printable, no CR/LF, length capped."""
-    flat = " ".join("".join(c if c.isprintable() else " " for c in text).split())
-    return flat[:_REPLY_TEXT_LIMIT]
-
-
 def failure_reply(failure: Failure, text: str) -> str:
-    return f"{_FAILURE_REPLY[failure]} {_text(text)}"
+    return f"{_FAILURE_REPLY[failure]} {one_line(text)}"
 
 
 def _local_name() -> str:
@@ -108,10 +100,11 @@ class SmtpContext:
 
     def __init__(self, listener: Listener, upstream: Upstream, tokens: TokenService,
                  upstream_tls: ssl.SSLContext, server_tls: ssl.SSLContext | None,
-                 throttle: Throttle, preauth: PreauthLimiter) -> None:
+                 throttle: Throttle, preauth: PreauthLimiter, limits: Limits) -> None:
         self.listener, self.upstream, self.tokens = listener, upstream, tokens
         self.upstream_tls, self.server_tls = upstream_tls, server_tls
         self.throttle, self.preauth = throttle, preauth
+        self.limits = limits
         self.hostname = _local_name()
 
     def reconfigure(self, upstream: Upstream, upstream_tls: ssl.SSLContext) -> None:
@@ -131,57 +124,49 @@ class ConnectionHandler(RelayHandler):
         self.ctx = ctx
         self.on_connect = on_connect
         self.server: ProxySMTP | None = None
-        self.peer = "?"
-        self.peer_host = ""
-        self.account: str | None = None
+        self.conn = Connection(ctx.listener, ctx.preauth, None)
         self.credentials: tuple[str, Secret] | None = None
         self.upstream: UpstreamSession | None = None
         self.in_transaction = False  # the upstream accepted MAIL and has not seen the final dot
         self.rcpt_refused = 0
         self.messages = 0
-        self.started = time.monotonic()
         self._gone: asyncio.Future[None] | None = None
-        self.preauth_slot = False  # holds one of the pre-login connection slots
-        self.tls_version: str | None = None  # the client's, once TLS is up
+
+    @property
+    def peer(self) -> str:
+        return self.conn.peer
+
+    @property
+    def peer_host(self) -> str:
+        return self.conn.peer_host
+
+    @property
+    def account(self) -> str | None:
+        return self.conn.account
 
     def admit(self, transport: asyncio.BaseTransport) -> bytes | None:
         """None if the client may go on; else the reply line that refuses it."""
-        peer = transport.get_extra_info("peername")
-        host = peer[0] if isinstance(peer, tuple) else ""
-        if not self.ctx.listener.admits(host):
-            return b"554 5.7.1 " + source_refused(self.ctx.listener, host) + b"\r\n"
-        if not self.ctx.preauth.admit(host):
-            logs.event(log, logging.WARNING, "connection_refused", protocol="smtp",
-                       peer=host, reason="too many connections before login")
-            return b"421 4.7.0 Too many connections; try again later\r\n"
-        self.preauth_slot = True
-        return None
+        self.conn = Connection(self.ctx.listener, self.ctx.preauth,
+                               transport.get_extra_info("peername"))
+        return self.conn.admit(b"554 5.7.1", b"421 4.7.0 Too many connections; try again later\r\n")
 
     def release_preauth(self) -> None:
-        if self.preauth_slot:
-            self.preauth_slot = False
-            self.ctx.preauth.release(self.peer_host)
+        self.conn.release_preauth()
 
     # --- life -----------------------------------------------------------------------------
 
     def connected(self, server: ProxySMTP, transport: asyncio.BaseTransport) -> None:
         self.server = server
-        peer = transport.get_extra_info("peername")
-        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "?")
-        self.peer_host = peer[0] if isinstance(peer, tuple) else ""
         self._gone = server.loop.create_future()
-        labels = ("smtp", self.ctx.listener.name)
-        metrics.CONNECTIONS.labels(*labels).inc()
-        metrics.CONNECTIONS_ACTIVE.labels(*labels).inc()
+        self.conn.opened()
         if self.ctx.listener.tls == "implicit":
             self._handshake_done(transport)
         if self.on_connect is not None:
             self.on_connect(self)
 
     def _handshake_done(self, transport: asyncio.BaseTransport | None) -> None:
-        ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
-        self.tls_version = handshake_done(self.ctx.listener, ssl_object, self.peer,
-                                          self.peer_host)
+        self.conn.handshake_done(
+            transport.get_extra_info("ssl_object") if transport is not None else None)
 
     def handle_STARTTLS(self, server: SMTP, session: Session, envelope: Envelope) -> bool:
         """aiosmtpd's hook once a STARTTLS handshake has completed: count it, go on."""
@@ -207,21 +192,13 @@ class ConnectionHandler(RelayHandler):
         finally:
             if self.upstream is not None:
                 self.upstream.close()
-            metrics.CONNECTIONS_ACTIVE.labels("smtp", self.ctx.listener.name).dec()
-            if self.account is not None:
-                logs.event(log, logging.INFO, "session_end", protocol="smtp",
-                           account=self.account, peer=self.peer, messages=self.messages,
-                           duration=time.monotonic() - self.started)
+            self.conn.closed(messages=self.messages)
 
     # --- AUTH -----------------------------------------------------------------------------
 
-    def _tls_active(self, server: SMTP) -> bool:
-        return self.ctx.listener.tls == "implicit" or (
-            server.session is not None and server.session.ssl is not None)
-
     def _auth_allowed(self, server: SMTP) -> bool:
-        return (self._tls_active(server) or self.ctx.listener.allow_insecure_non_loopback
-                or is_loopback(self.peer_host))
+        return self.conn.may_send_password(
+            tls_active=server.session is not None and server.session.ssl is not None)
 
     async def _refuse_without_tls(self, server: SMTP) -> bool:
         if self._auth_allowed(server):
@@ -281,63 +258,28 @@ class ConnectionHandler(RelayHandler):
         if not user.isprintable():  # keeps log lines and the upstream's SASL intact
             await server.push("501 5.5.2 The user name has control characters")
             return AuthResult(success=False, handled=True)
-        login = LoginAttempt(self.ctx.throttle, log, protocol="smtp", listener=self.ctx.listener.name,
-                             user=user, peer=self.peer, peer_host=self.peer_host,
-                             mechanism=mechanism)
-        finish = login.finish
-        refusal = login.refusal()
-        if refusal is not None:
-            return _refused(failure_reply(Failure.THROTTLED, refusal))
-        try:
-            upstream, account, attempt = await self._open_upstream(
-                user, password, proven=login.good_credentials)
-        except TokenError as exc:
-            if exc.failure is Failure.BAD_CREDENTIALS:
-                await login.bad_credentials()
-            finish(exc.result, exc.detail)
-            return _refused(failure_reply(exc.failure, exc.user_text))
-        except UpstreamUnavailable as exc:
-            finish("upstream_unavailable", str(exc))
-            return _refused(failure_reply(Failure.UNAVAILABLE, unreachable(self.ctx.upstream.host)))
-        except _Refused as exc:
-            refused = upstream_refusal(exc.kind, exc.code, exc.text, host=self.ctx.upstream.host,
-                                       mailbox=exc.mailbox, permission="SMTP AUTH")
-            finish(refused.result, exc.text, upstream_reply=exc.kind.value,
-                   attempt=exc.attempt if exc.attempt > 1 else None)
-            return _refused(failure_reply(refused.failure, refused.text))
+        conn = self.conn
+        attempt = LoginAttempt(self.ctx.throttle, log, protocol="smtp",
+                               listener=self.ctx.listener.name, user=user, peer=conn.peer,
+                               peer_host=conn.peer_host, mechanism=mechanism)
+        verdict = await self._pipeline(user, password, attempt).run()
+        if isinstance(verdict, Denied):
+            return _refused(failure_reply(verdict.failure, verdict.text))
         if self.upstream is not None:  # AUTH again after STARTTLS: the old session is done
             self.upstream.close()
-        self.upstream, self.account, self.credentials = upstream, account, (user, password)
+        self.upstream, self.credentials = verdict.upstream, (user, password)
         self.in_transaction = False
-        self._adopt_size(server, upstream)
-        self.release_preauth()
-        finish("ok", attempt=attempt if attempt > 1 else None, tls=self.tls_version,
-               upstream_tls=upstream.tls_version)
-        return AuthResult(success=True, auth_data=account)
+        self._adopt_size(server, verdict.upstream)
+        conn.logged_in(verdict.account.name)
+        return AuthResult(success=True, auth_data=verdict.account.name)
 
-    async def _open_upstream(self, user: str, password: Secret,
-                             proven: Callable[[], None] | None = None,
-                             ) -> tuple[UpstreamSession, str, int]:
-        """Token, then upstream login; a token refused as an authentication failure is
-        replaced once (``rejected=``), any other refusal ends the attempt at once.
-        ``proven`` is called once the password has unlocked the token: as on IMAP and POP3,
-        that clears the throttle, whatever the upstream then says."""
+    def _pipeline(self, user: str, password: Secret,
+                  attempt: LoginAttempt | None) -> Pipeline[UpstreamSession]:
         ctx = self.ctx
-        token = await ctx.tokens.access_token(user, password, "smtp")
-        if proven is not None:
-            proven()
-        account = ctx.tokens.account(user)
-        for attempt in (1, 2):
-            try:
-                session = await UpstreamSession.open(ctx.upstream, ctx.upstream_tls,
-                                                     account.mailbox, token,
-                                                     local_name=ctx.hostname)
-                return session, account.name, attempt
-            except UpstreamRejected as exc:
-                if exc.kind is not ReplyKind.AUTH_FAILED or attempt == 2:
-                    raise _Refused(account.mailbox, exc, attempt) from None
-                token = await ctx.tokens.access_token(user, password, "smtp", rejected=token)
-        raise AssertionError("unreachable")
+        return Pipeline(ctx.tokens, PasswordToken(ctx.tokens, user, password, "smtp"),
+                        SmtpOpener(ctx.upstream, ctx.upstream_tls, ctx.hostname),
+                        attempt=attempt, permission="SMTP AUTH",
+                        client_tls=self.conn.tls_version)
 
     @staticmethod
     def _adopt_size(server: SMTP, upstream: UpstreamSession) -> None:
@@ -532,14 +474,13 @@ class ConnectionHandler(RelayHandler):
         if self.credentials is None:
             return self._lost(server, UpstreamLost("no upstream session"))
         user, password = self.credentials
-        try:
-            upstream, _, _ = await self._open_upstream(user, password)
-        except (TokenError, UpstreamUnavailable, _Refused) as exc:
+        verdict = await self._pipeline(user, password, None).run()
+        if isinstance(verdict, Denied):
             logs.event(log, logging.WARNING, "upstream_reconnect_failed", protocol="smtp",
-                       account=self.account, peer=self.peer, reason=str(exc))
+                       account=self.account, peer=self.peer, reason=verdict.reason)
             server.close_soon()
             return "421 4.4.2 The mail server cannot be reached again right now; try again later"
-        self.upstream, self.in_transaction = upstream, False
+        self.upstream, self.in_transaction = verdict.upstream, False
         logs.event(log, logging.INFO, "upstream_reconnected", protocol="smtp",
                    account=self.account, peer=self.peer)
         return None
@@ -561,16 +502,6 @@ class ConnectionHandler(RelayHandler):
                    queue_id=queue_id(reply.text) if reply is not None and reply.positive else None,
                    result=result, reply=str(reply)[:300] if reply is not None else None,
                    reason=reason, latency=time.monotonic() - started)
-
-
-class _Refused(Exception):
-    """The upstream did not accept the login: for an authentication failure, twice (a fresh
-    token included); otherwise at the first answer."""
-
-    def __init__(self, mailbox: str, rejected: UpstreamRejected, attempt: int) -> None:
-        super().__init__(rejected.text)
-        self.mailbox, self.attempt = mailbox, attempt
-        self.text, self.kind, self.code = rejected.text, rejected.kind, rejected.code
 
 
 def bare_line_ending_reply(kind: str) -> str:
@@ -603,7 +534,7 @@ class SmtpListener(ListenerBase):
         super().__init__()
         self.ctx: SmtpContext = SmtpContext(listener, upstream, tokens, upstream_tls, server_tls,
                                throttle or Throttle(config.limits),
-                               preauth or PreauthLimiter(config.limits))
+                               preauth or PreauthLimiter(config.limits), config.limits)
         seed_metrics(config.relay_rules(listener.name))
         quiet_aiosmtpd()
 

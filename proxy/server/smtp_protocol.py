@@ -113,7 +113,7 @@ class ProxySMTP(SMTP):
             task.add_done_callback(_retrieve)
         if first:
             self.event_handler.connected(self, transport)
-            limits = self.event_handler.ctx.tokens.config.limits
+            limits = self.event_handler.ctx.limits
             self._login_deadline = self.loop.call_later(limits.preauth_total, self._too_long)
 
     def connection_lost(self, error: Exception | None) -> None:
@@ -147,7 +147,7 @@ class ProxySMTP(SMTP):
         deadline: the timer is re-armed when it fires early, or when the deadline comes
         sooner than it."""
         if duration is None:
-            duration = (self.event_handler.ctx.tokens.config.limits.preauth_idle
+            duration = (self.event_handler.ctx.limits.preauth_idle
                         if self._before_login() else self._timeout_duration)
         self._idle_deadline = deadline = self.loop.time() + duration
         handle = self._timeout_handle

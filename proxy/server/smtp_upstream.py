@@ -32,13 +32,15 @@ from aiosmtplib.protocol import SMTPProtocol
 from proxy import metrics, tlspolicy
 from proxy.config import Upstream
 from proxy.protocol import sasl
-from proxy.protocol.events import ReplyKind
+from proxy.protocol.events import ReplyKind, UpstreamRejected
 from proxy.protocol.login_reply import smtp_reply
-from proxy.server.session import TLS_HANDSHAKE_TIMEOUT
+from proxy.server.pipeline import UpstreamUnavailable
+from proxy.text import host_port, joined_lines, untrusted_certificate
 
 COMMAND_TIMEOUT = 300.0  # RFC 5321 4.5.3.2: MAIL and RCPT 5 minutes, DATA initiation 2
 DATA_END_TIMEOUT = 600.0  # RFC 5321 4.5.3.2.6: 10 minutes for the reply to the final dot
 QUIT_TIMEOUT = 5.0
+UPSTREAM_TLS_TIMEOUT = 15.0  # the STARTTLS handshake with the upstream
 
 _QUEUE_ID = (
     re.compile(r"queued as\s+([^\s;,\]]+)", re.I),  # Postfix, Exim, Sendmail
@@ -47,17 +49,12 @@ _QUEUE_ID = (
 )
 
 
-class UpstreamUnavailable(Exception):
-    """The upstream cannot be reached or did not complete the login; the message says why."""
+class _Rejected(Exception):
+    """The upstream did not accept the login (``SmtpOpener.open`` returns the verdict)."""
 
-
-class UpstreamRejected(Exception):
-    """The upstream did not accept the login; the message is its reply (code and text),
-    ``kind`` its classification (never ``OK``) and ``code`` the code that decided it."""
-
-    def __init__(self, text: str, kind: ReplyKind, code: str) -> None:
-        super().__init__(text)
-        self.text, self.kind, self.code = text, kind, code
+    def __init__(self, verdict: UpstreamRejected) -> None:
+        super().__init__(verdict.text)
+        self.verdict = verdict
 
 
 class UpstreamLost(Exception):
@@ -103,24 +100,22 @@ def queue_id(text: str) -> str | None:
 
 @contextlib.contextmanager
 def _login_errors(up: Upstream) -> Iterator[None]:
-    where = f"{up.host}:{up.port}"
+    where = host_port(up.host, up.port)
     try:
         yield
-    except (UpstreamUnavailable, UpstreamRejected):
+    except (UpstreamUnavailable, _Rejected):
         raise
     except ssl.SSLCertVerificationError as exc:
-        raise UpstreamUnavailable(f"TLS certificate of {up.host} not trusted: "
-                                  f"{exc.verify_message}") from None
+        raise UpstreamUnavailable(untrusted_certificate(up.host, exc)) from None
     except aiosmtplib.SMTPConnectTimeoutError:
         raise UpstreamUnavailable(f"connecting to {where} timed out") from None
     except aiosmtplib.SMTPConnectResponseError as exc:
         raise UpstreamUnavailable(f"{where} refused the session: {exc.code} "
-                                  f"{_flat(exc.message)}") from None
+                                  f"{joined_lines(exc.message)}") from None
     except aiosmtplib.SMTPConnectError as exc:
         cause = exc.__cause__
         if isinstance(cause, ssl.SSLCertVerificationError):
-            raise UpstreamUnavailable(f"TLS certificate of {up.host} not trusted: "
-                                      f"{cause.verify_message}") from None
+            raise UpstreamUnavailable(untrusted_certificate(up.host, cause)) from None
         detail = (cause.strerror if isinstance(cause, OSError) else None) or cause or exc
         raise UpstreamUnavailable(f"cannot connect to {where}: {detail}") from None
     except aiosmtplib.SMTPTimeoutError:
@@ -128,7 +123,7 @@ def _login_errors(up: Upstream) -> Iterator[None]:
     except aiosmtplib.SMTPServerDisconnected:
         raise UpstreamUnavailable(f"{where} closed the connection during login") from None
     except aiosmtplib.SMTPResponseException as exc:
-        raise UpstreamUnavailable(f"{where} answered {exc.code} {_flat(exc.message)} "
+        raise UpstreamUnavailable(f"{where} answered {exc.code} {joined_lines(exc.message)} "
                                   "during login") from None
     except (aiosmtplib.SMTPException, ssl.SSLError, OSError) as exc:
         raise UpstreamUnavailable(f"{where}: {exc}") from None
@@ -143,13 +138,9 @@ def _session_errors(up: Upstream) -> Iterator[None]:
     except aiosmtplib.SMTPServerDisconnected:
         raise UpstreamLost(f"{up.host} closed the connection") from None
     except aiosmtplib.SMTPResponseException as exc:  # an unparseable or oversized reply
-        raise UpstreamLost(f"{up.host} sent a bad reply: {_flat(exc.message)}") from None
+        raise UpstreamLost(f"{up.host} sent a bad reply: {joined_lines(exc.message)}") from None
     except (aiosmtplib.SMTPException, ssl.SSLError, OSError, ValueError) as exc:
         raise UpstreamLost(f"{up.host}: {exc}") from None
-
-
-def _flat(text: str) -> str:
-    return " / ".join(line.strip() for line in text.splitlines())[:300]
 
 
 class UpstreamSession:
@@ -163,8 +154,9 @@ class UpstreamSession:
 
     @classmethod
     async def open(cls, upstream: Upstream, context: ssl.SSLContext, mailbox: str, token: str,
-                   *, local_name: str) -> UpstreamSession:
-        """Connect, secure, EHLO and log in; raise ``UpstreamUnavailable``/``UpstreamRejected``."""
+                   *, local_name: str) -> UpstreamSession | UpstreamRejected:
+        """Connect, secure, EHLO and log in; the upstream's refusal, or raise
+        ``UpstreamUnavailable``."""
         implicit = upstream.tls == "implicit"
         client = aiosmtplib.SMTP(hostname=upstream.host, port=upstream.port, use_tls=implicit,
                                  start_tls=False, tls_context=context, local_hostname=local_name,
@@ -176,13 +168,16 @@ class UpstreamSession:
                 if not implicit:
                     await client.ehlo(timeout=upstream.connect_timeout)
                     if not client.supports_extension("starttls"):
-                        raise UpstreamUnavailable(f"{upstream.host}:{upstream.port} does not offer "
-                                                  "STARTTLS (upstream TLS is required)")
+                        raise UpstreamUnavailable(f"{host_port(upstream.host, upstream.port)} does "
+                                                  "not offer STARTTLS (upstream TLS is required)")
                     await client.starttls(server_hostname=upstream.host,
-                                          timeout=TLS_HANDSHAKE_TIMEOUT)
+                                          timeout=UPSTREAM_TLS_TIMEOUT)
                 metrics.UPSTREAM_CONNECT_SECONDS.labels("smtp").observe(time.monotonic() - started)
                 await client.ehlo(timeout=upstream.connect_timeout)
                 await _xoauth2(client, upstream, mailbox, token)
+        except _Rejected as exc:
+            client.close()
+            return exc.verdict
         except BaseException:
             client.close()
             raise
@@ -287,8 +282,8 @@ async def _xoauth2(client: aiosmtplib.SMTP, up: Upstream, mailbox: str, token: s
         response = await client.execute_command(b"AUTH", b"XOAUTH2", timeout=up.connect_timeout)
         if response.code != 334:
             _verdict(response.code, response.message, "", token_sent=False)
-            raise UpstreamUnavailable(f"{up.host}:{up.port} accepted AUTH XOAUTH2 without "
-                                      "a response")
+            raise UpstreamUnavailable(f"{host_port(up.host, up.port)} accepted AUTH XOAUTH2 "
+                                      "without a response")
         response = await client.execute_command(b64, timeout=up.connect_timeout)
     detail = ""
     if response.code == 334:
@@ -301,7 +296,8 @@ def _verdict(code: int, message: str, detail: str, *, token_sent: bool) -> None:
     """Return on success; otherwise raise ``UpstreamRejected`` with the reply's kind."""
     reply = smtp_reply(code, message, token_sent=token_sent)
     if reply.kind is not ReplyKind.OK:
-        raise UpstreamRejected(f"{code} {_flat(message)}{detail}", reply.kind, reply.code)
+        raise _Rejected(UpstreamRejected(f"{code} {joined_lines(message)}{detail}", reply.kind,
+                                         reply.code))
 
 
 def _size(client: aiosmtplib.SMTP) -> int | None:
@@ -309,5 +305,23 @@ def _size(client: aiosmtplib.SMTP) -> int | None:
     return int(value) if value.strip().isdigit() and int(value) > 0 else None
 
 
-__all__ = ["Reply", "UpstreamSession", "UpstreamUnavailable", "UpstreamRejected", "UpstreamLost",
+class SmtpOpener:
+    """How SMTP opens and authenticates its upstream (the login pipeline's ``UpstreamOpener``)."""
+
+    def __init__(self, upstream: Upstream, context: ssl.SSLContext, local_name: str) -> None:
+        self.upstream, self.context, self.local_name = upstream, context, local_name
+
+    @property
+    def host(self) -> str:
+        return self.upstream.host
+
+    async def open(self, mailbox: str, token: str) -> UpstreamSession | UpstreamRejected:
+        return await UpstreamSession.open(self.upstream, self.context, mailbox, token,
+                                          local_name=self.local_name)
+
+    def tls_version(self, upstream: UpstreamSession) -> str | None:
+        return upstream.tls_version
+
+
+__all__ = ["Reply", "SmtpOpener", "UpstreamSession", "UpstreamLost",
            "queue_id", "COMMAND_TIMEOUT", "DATA_END_TIMEOUT"]
