@@ -32,16 +32,21 @@ class Connection:
     def __init__(self, listener: Listener, preauth: PreauthLimiter, peername: object) -> None:
         self.listener, self.preauth = listener, preauth
         self.protocol = listener.protocol
-        if isinstance(peername, tuple):
-            self.peer_host = str(peername[0])
-            self.peer = host_port(self.peer_host, int(peername[1]))
-        else:
-            self.peer_host, self.peer = "", str(peername or "?")
+        self.peer, self.peer_host = "?", ""
+        self.identify(peername)
         self.account: str | None = None  # set once logged in upstream
         self.tls_version: str | None = None  # the client's, once TLS is up
         self.started = time.monotonic()
         self._slot = False  # holds one of the pre-login connection slots
         self._active = False
+
+    def identify(self, peername: object) -> None:
+        """Name the peer by its transport's ``peername`` (an address tuple, or a path)."""
+        if isinstance(peername, tuple):
+            self.peer_host = str(peername[0])
+            self.peer = host_port(self.peer_host, int(peername[1]))
+        else:
+            self.peer_host, self.peer = "", str(peername or "?")
 
     def admit(self, refused_prefix: bytes, busy_reply: bytes) -> bytes | None:
         """None if the client may go on (it then holds a pre-login slot); else the reply line

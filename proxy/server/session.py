@@ -42,6 +42,7 @@ from proxy.server.capabilities import CapabilityCache
 from proxy.server.connection import Connection
 from proxy.server.endpoint import ConnectionClosed, Endpoint, relay
 from proxy.server.limits import PreauthLimiter, Throttle
+from proxy.server.listener import ListenerSettings
 from proxy.server.logins import LoginAttempt
 from proxy.server.pipeline import Denied, PasswordToken, Pipeline, UpstreamUnavailable
 from proxy.server.pool import WarmPool
@@ -50,7 +51,7 @@ from proxy.text import host_port, untrusted_certificate
 log = logging.getLogger("proxy.session")
 
 UPSTREAM_LOGIN_TIMEOUT = 30.0
-TLS_HANDSHAKE_TIMEOUT = 15.0
+TLS_HANDSHAKE_TIMEOUT = 15.0  # a client's STARTTLS, and the upstream's TLS (IMAP, POP3)
 
 Outcome = UpstreamLoggedIn | UpstreamRejected | UpstreamBroken
 
@@ -112,12 +113,14 @@ class Context:
         """A new connection to the upstream as currently configured."""
         return connect_upstream(self.upstream, self.upstream_tls)
 
-    def reconfigure(self, upstream: Upstream, upstream_tls: ssl.SSLContext) -> None:
-        """A reload: new sessions use ``upstream``; warm connections made before are closed."""
-        self.upstream, self.upstream_tls = upstream, upstream_tls
-        self.capabilities = self.capability_cache.get(upstream)
+    def reconfigure(self, settings: ListenerSettings) -> None:
+        """A reload: new sessions use ``settings``; warm connections made before are closed."""
+        self.listener, self.server_tls, self.limits = (settings.listener, settings.server_tls,
+                                                       settings.limits)
+        self.upstream, self.upstream_tls = settings.upstream, settings.upstream_tls
+        self.capabilities = self.capability_cache.get(self.upstream)
         self.warm.clear()
-        self.warm.size, self.warm.max_age = upstream.warm_connections, upstream.warm_seconds
+        self.warm.size, self.warm.max_age = self.upstream.warm_connections, self.upstream.warm_seconds
 
 
 async def connect_upstream(upstream: Upstream, context: ssl.SSLContext) -> Endpoint:

@@ -21,20 +21,18 @@ included) is never touched. Every outcome is counted in
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 from proxy import logs, metrics
 from proxy.auth.errors import AuthConfigError, TokenError, UnknownAccount, WrongPassword
+from proxy.auth.service import TokenService
 from proxy.config import RelayRule
 from proxy.protocol.events import Failure
+from proxy.server.connection import Connection
 from proxy.server.limits import peer_address
 from proxy.server.pipeline import Denied, Pipeline, ServiceToken
 from proxy.server.smtp_upstream import SmtpOpener, UpstreamSession
 from proxy.text import word
-
-if TYPE_CHECKING:
-    from proxy.server.connection import Connection
-    from proxy.server.smtp import SmtpContext
 
 log = logging.getLogger("proxy.smtp")
 
@@ -91,16 +89,16 @@ def check_sender(rule: RelayRule, sender: str) -> str:
     return rule.force_sender or sender
 
 
-async def open_service_session(ctx: SmtpContext, rule: RelayRule) -> UpstreamSession:
+async def open_service_session(tokens: TokenService, opener: SmtpOpener,
+                               rule: RelayRule) -> UpstreamSession:
     """Log in upstream as the rule's account with a token its service key unlocks, through
     the login pipeline (a token refused as an authentication failure is replaced once, any
     other refusal is final). Raises ``RelayRefused`` with a ``451`` (``451 4.3.5`` for what an
     administrator must fix)."""
-    verdict = await Pipeline(ctx.tokens, ServiceToken(ctx.tokens, rule.account, "smtp"),
-                             SmtpOpener(ctx.upstream, ctx.upstream_tls, ctx.hostname),
+    verdict = await Pipeline(tokens, ServiceToken(tokens, rule.account, "smtp"), opener,
                              attempt=None, permission="SMTP AUTH").run()
     if isinstance(verdict, Denied):
-        raise relay_refusal(verdict, rule, ctx.upstream.host)
+        raise relay_refusal(verdict, rule, opener.host)
     return verdict.upstream
 
 
@@ -144,60 +142,47 @@ def log_refusal(peer: str, rule: RelayRule | None, sender: str, refused: RelayRe
                reply=refused.reply[:300])
 
 
-class RelayHandler:
-    """The relay half of ``smtp.ConnectionHandler`` (a mixin): the rules at MAIL FROM and the
-    upstream session of an unauthenticated device."""
+@dataclass(frozen=True)
+class Decision:
+    """What the rules say about a MAIL FROM: the envelope sender to send upstream, and the
+    rule that decided (None: a logged-in session no rule applies to, unchanged)."""
 
-    ctx: SmtpContext
-    conn: Connection
-    upstream: UpstreamSession | None
-    in_transaction: bool
-    relay_rule: RelayRule | None = None  # the rule of the current transaction, if any
-    relay_account: str | None = None  # set once an unauthenticated session went upstream
+    sender: str
+    rule: RelayRule | None = None
 
-    async def relay_sender(self, authenticated: bool, sender: str) -> str:
-        """The envelope sender to send upstream for a MAIL FROM (``RelayRefused`` if none).
 
-        Unauthenticated, the session is logged in upstream here (or again, if the upstream
-        dropped it)."""
-        rules = self.ctx.relay_rules()
-        self.relay_rule = None
-        if authenticated:
-            rule = rule_for(rules, self.conn.peer_host, self.conn.account)
-            if rule is None:
-                return sender
-        else:
-            rule = rule_for(rules, self.conn.peer_host, None)
+class RelayRules:
+    """One listener's ``[[relay]]`` rules, as the SMTP front consults them at MAIL FROM."""
+
+    def __init__(self, listener: str, rules: tuple[RelayRule, ...]) -> None:
+        self.listener, self.rules = listener, rules
+
+    def __bool__(self) -> bool:
+        return bool(self.rules)
+
+    def decide(self, peer: Connection, account: str | None, sender: str) -> Decision:
+        """The decision for ``sender`` from ``peer``, logged in as ``account`` (None: not
+        logged in; the rule's account then goes upstream with its service key). Raises
+        ``RelayRefused`` (logged and counted)."""
+        rule = rule_for(self.rules, peer.peer_host, account)
+        if rule is None and account is not None:
+            return Decision(sender)
         try:
             if rule is None:
-                raise source_refused(self.conn.peer_host)
-            if rule.require_password and not authenticated:
+                raise source_refused(peer.peer_host)
+            if rule.require_password and account is None:
                 raise RelayRefused(f"530 5.7.0 Authentication required: relay rule {rule.name} "
                                    "needs the device's password", "refused", "no AUTH")
-            upstream_sender = check_sender(rule, sender)
-            if not authenticated:
-                await self._relay_connect(rule)
+            return Decision(check_sender(rule, sender), rule)
         except RelayRefused as refused:
-            log_refusal(self.conn.peer, rule, sender, refused, self.ctx.listener.name)
+            self.refused(peer, rule, sender, refused)
             raise
-        self.relay_rule = rule
-        return upstream_sender
 
-    async def _relay_connect(self, rule: RelayRule) -> None:
-        upstream = self.upstream
-        if upstream is not None and upstream.connected and self.relay_account == rule.account:
-            return
-        if upstream is not None:  # dropped by the upstream, or the rule's account changed
-            upstream.close()
-        self.upstream, self.in_transaction = None, False
-        self.upstream = await open_service_session(self.ctx, rule)
-        first = self.relay_account is None
-        self.relay_account = rule.account
-        self.conn.logged_in(rule.account)
-        logs.event(log, logging.INFO, "relay_session" if first else "upstream_reconnected",
-                   protocol="smtp", listener=self.ctx.listener.name, rule=rule.name,
-                   account=rule.account, peer=self.conn.peer)
+    def refused(self, peer: Connection, rule: RelayRule | None, sender: str,
+                refused: RelayRefused) -> None:
+        log_refusal(peer.peer, rule, sender, refused, self.listener)
 
 
-__all__ = ["RelayHandler", "RelayRefused", "rule_for", "check_sender", "open_service_session",
-           "seed_metrics", "source_refused", "count", "log_refusal", "NO_RULE"]
+__all__ = ["NO_RULE", "Decision", "RelayRefused", "RelayRules", "check_sender", "count",
+           "log_refusal", "open_service_session", "relay_refusal", "rule_for", "seed_metrics",
+           "source_refused"]

@@ -1,9 +1,11 @@
-"""The upstream half of the SMTP proxy: one aiosmtplib session per authenticated client.
+"""The upstream half of the SMTP proxy: one aiosmtplib session per client, the SMTP
+``MessageSink``.
 
-``UpstreamSession.open`` connects (implicit TLS, or STARTTLS; always verified), says EHLO and
-logs in with SASL XOAUTH2. Afterwards ``command`` forwards one SMTP command line (``DATA``
-included) and ``write_message``/``end_message`` stream a message after the ``354``; each
-returns the upstream's reply as it came (``Reply``), whatever its code.
+``UpstreamSession.open`` (through ``SmtpOpener``, the login pipeline's opener) connects
+(implicit TLS, or STARTTLS; always verified), says EHLO and logs in with SASL XOAUTH2.
+Afterwards ``mail``/``rcpt``/``data``/``reset`` forward one command line each and
+``write``/``end`` stream a message after the ``354``; each returns the upstream's reply as it
+came (``Reply``), whatever its code.
 
 aiosmtplib knows XOAUTH2 but raises on every non-2xx reply of its high-level methods, and its
 DATA rewrites bare CR/LF and holds the whole message; so only ``execute_command`` and the
@@ -11,43 +13,38 @@ protocol's ``write`` / ``read_response`` are used, and the message goes out byte
 the client sent it (still dot-stuffed: the upstream un-stuffs it).
 
 Library exceptions are translated here, once (STYLE 10): ``UpstreamUnavailable`` (cannot
-connect, finish TLS or EHLO: try later), ``UpstreamRejected`` (the server did not accept the
-login; its reply classified by ``login_reply.smtp_reply`` as an authentication failure, a
-temporary failure or another refusal), ``UpstreamLost`` (the session broke after login:
-closed, reset, timed out, or an unreadable reply).
+connect, finish TLS or EHLO: try later), the ``UpstreamRejected`` verdict (the server did not
+accept the login; its reply classified by ``login_reply.smtp_reply`` as an authentication
+failure, a temporary failure or another refusal), ``SinkLost`` (the session broke after
+login: closed, reset, timed out, or an unreadable reply).
 """
 
 from __future__ import annotations
 
 import contextlib
-import re
+import logging
 import ssl
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
 
 import aiosmtplib
 from aiosmtplib.protocol import SMTPProtocol
 
-from proxy import metrics, tlspolicy
+from proxy import logs, metrics, tlspolicy
 from proxy.config import Upstream
 from proxy.protocol import sasl
 from proxy.protocol.events import ReplyKind, UpstreamRejected
 from proxy.protocol.login_reply import smtp_reply
 from proxy.server.pipeline import UpstreamUnavailable
+from proxy.server.smtp_adapter import drain, unclaimed
+from proxy.server.smtp_sink import END_TIMEOUT, Reply, SinkLost, queue_id
 from proxy.text import host_port, joined_lines, untrusted_certificate
 
+log = logging.getLogger("proxy.smtp")
+
 COMMAND_TIMEOUT = 300.0  # RFC 5321 4.5.3.2: MAIL and RCPT 5 minutes, DATA initiation 2
-DATA_END_TIMEOUT = 600.0  # RFC 5321 4.5.3.2.6: 10 minutes for the reply to the final dot
 QUIT_TIMEOUT = 5.0
 UPSTREAM_TLS_TIMEOUT = 15.0  # the STARTTLS handshake with the upstream
-
-_QUEUE_ID = (
-    re.compile(r"queued as\s+([^\s;,\]]+)", re.I),  # Postfix, Exim, Sendmail
-    re.compile(r"<([^<>\s]+)>"),  # Microsoft 365: "2.0.0 OK <id@host> [Hostname=…]"
-    re.compile(r"^\d\.\d{1,3}\.\d{1,3}\s+(?:ok|queued)\W*\s*([A-Za-z0-9][\w.@-]{5,})", re.I),
-)
-
 
 class _Rejected(Exception):
     """The upstream did not accept the login (``SmtpOpener.open`` returns the verdict)."""
@@ -55,47 +52,6 @@ class _Rejected(Exception):
     def __init__(self, verdict: UpstreamRejected) -> None:
         super().__init__(verdict.text)
         self.verdict = verdict
-
-
-class UpstreamLost(Exception):
-    """The upstream session broke after login; the message says how."""
-
-
-@dataclass(frozen=True)
-class Reply:
-    """One SMTP reply; ``text`` keeps the lines of a multi-line reply separated by LF."""
-
-    code: int
-    text: str
-
-    @property
-    def positive(self) -> bool:
-        return 200 <= self.code < 400
-
-    def wire(self) -> bytes:
-        """The reply as it goes to the client (aiosmtpd's ``push`` appends the final CRLF)."""
-        lines = [_one_line(line) for line in self.text.split("\n")]
-        head = [b"%d-%s" % (self.code, line) for line in lines[:-1]]
-        return b"\r\n".join([*head, b"%d %s" % (self.code, lines[-1])]).rstrip(b" ")
-
-    def __str__(self) -> str:
-        return f"{self.code} {' / '.join(self.text.splitlines())}"
-
-
-def _one_line(text: str) -> bytes:
-    """The bytes the upstream sent (aiosmtplib decoded them with surrogateescape), minus any
-    control character that could end or forge a reply line."""
-    data = text.encode("utf-8", "surrogateescape")
-    return bytes(b if b >= 0x20 and b != 0x7F else 0x20 for b in data)
-
-
-def queue_id(text: str) -> str | None:
-    """The queue id in a reply to the final dot (M365 ``<id@host>``, Postfix ``queued as X``)."""
-    for pattern in _QUEUE_ID:
-        match = pattern.search(text)
-        if match:
-            return match.group(1)[:200]
-    return None
 
 
 @contextlib.contextmanager
@@ -134,23 +90,24 @@ def _session_errors(up: Upstream) -> Iterator[None]:
     try:
         yield
     except aiosmtplib.SMTPTimeoutError:
-        raise UpstreamLost(f"{up.host} did not answer in time") from None
+        raise SinkLost(f"{up.host} did not answer in time") from None
     except aiosmtplib.SMTPServerDisconnected:
-        raise UpstreamLost(f"{up.host} closed the connection") from None
+        raise SinkLost(f"{up.host} closed the connection") from None
     except aiosmtplib.SMTPResponseException as exc:  # an unparseable or oversized reply
-        raise UpstreamLost(f"{up.host} sent a bad reply: {joined_lines(exc.message)}") from None
+        raise SinkLost(f"{up.host} sent a bad reply: {joined_lines(exc.message)}") from None
     except (aiosmtplib.SMTPException, ssl.SSLError, OSError, ValueError) as exc:
-        raise UpstreamLost(f"{up.host}: {exc}") from None
+        raise SinkLost(f"{up.host}: {exc}") from None
 
 
 class UpstreamSession:
-    """A logged-in SMTP session to the upstream; one per client connection."""
+    """A logged-in SMTP session to the upstream, one per client connection: the SMTP
+    ``MessageSink``. ``log_fields`` (account, peer) go on its own log lines."""
 
     def __init__(self, upstream: Upstream, client: aiosmtplib.SMTP) -> None:
         self.upstream = upstream
         self.client = client
         self.size_limit: int | None = _size(client)
-        self.out_of_step = False  # the upstream answered more than was asked: closed
+        self.log_fields: dict[str, object] = {}
 
     @classmethod
     async def open(cls, upstream: Upstream, context: ssl.SSLContext, mailbox: str, token: str,
@@ -195,59 +152,82 @@ class UpstreamSession:
             transport.get_extra_info("ssl_object") if transport is not None else None)
 
     async def command(self, *args: bytes, timeout: float = COMMAND_TIMEOUT) -> Reply:
-        """Send one command line; return the reply whatever its code (raise ``UpstreamLost``)."""
+        """Send one command line; return the reply whatever its code (raise ``SinkLost``)."""
         self._check_in_step()
         with _session_errors(self.upstream):
             response = await self.client.execute_command(*args, timeout=timeout)
         return Reply(response.code, response.message)
 
-    async def write_message(self, chunk: bytes) -> None:
-        """Part of a message after the upstream's ``354``, as the client sent it (dot-stuffed);
-        returns once the upstream's transport can take more (raise ``UpstreamLost``)."""
-        with _session_errors(self.upstream):
-            protocol = self._protocol()
-            protocol.write(chunk)
-            await protocol._drain_helper()  # FlowControlMixin's wait while the buffer is full
+    # --- the MessageSink ------------------------------------------------------------------
 
-    async def end_message(self, chunk: bytes) -> Reply:
-        """The last part of a message (ending with the end-of-data line); the upstream's reply
-        to it. An error leaves the session out of step, so it is closed."""
+    async def mail(self, sender: str, options: Sequence[str]) -> Reply:
+        path = b"<>" if sender in ("", "<>") else b"<" + _raw(sender) + b">"  # aiosmtpd: "<>"
+        return await self.command(b"MAIL", b"FROM:" + path, *map(_raw, options))
+
+    async def rcpt(self, recipient: str, options: Sequence[str]) -> Reply:
+        return await self.command(b"RCPT", b"TO:<" + _raw(recipient) + b">", *map(_raw, options))
+
+    async def data(self) -> Reply:
+        return await self.command(b"DATA")
+
+    async def reset(self) -> Reply:
+        return await self.command(b"RSET")
+
+    async def write(self, chunk: bytes) -> None:
+        """Part of a message after the upstream's ``354``, as the client sent it (dot-stuffed);
+        returns once the upstream's transport can take more (raise ``SinkLost``)."""
+        with _session_errors(self.upstream):
+            self._protocol().write(chunk)
+            await drain(self.client)
+
+    async def end(self) -> Reply:
+        """The end-of-data line; the upstream's reply to it. An error leaves the session out
+        of step, so it is closed."""
         with _session_errors(self.upstream):
             try:
                 protocol = self._protocol()
                 # write and read_response back to back: the reply cannot arrive unclaimed
-                protocol.write(chunk)
-                response = await protocol.read_response(timeout=DATA_END_TIMEOUT)
+                protocol.write(b".\r\n")
+                response = await protocol.read_response(timeout=END_TIMEOUT)
             except BaseException:
                 self.client.close()
                 raise
         if response.code == 421:
             self.client.close()
-        elif self._unclaimed():
+        elif unclaimed(self.client):
             # More than one reply to one end of data: the upstream read something else as
             # commands. Its first reply answers the message; the session is done.
-            self.out_of_step = True
+            logs.event(log, logging.WARNING, "upstream_out_of_step", protocol="smtp",
+                       **self.log_fields,
+                       reason=f"{self.upstream.host} sent more than one reply to the end of a "
+                              "message; its session is closed and the next message opens a "
+                              "new one")
             self.client.close()
         return Reply(response.code, response.message)
 
-    def _unclaimed(self) -> int:
-        """Bytes the upstream sent after the reply just read (aiosmtplib keeps them in its
-        protocol's buffer, where the next command would take them for its own reply)."""
-        buffer = getattr(self.client.protocol, "_buffer", None)
-        return len(buffer) if buffer is not None else 0
+    async def abort(self) -> None:
+        """Drop the session: the upstream never sees an end of data."""
+        self.drop()
+
+    async def close(self) -> None:
+        await self.quit()
+
+    # --- the session ----------------------------------------------------------------------
 
     def _check_in_step(self) -> None:
-        if self._unclaimed():
-            self.out_of_step = True
+        if unclaimed(self.client):
             self.client.close()
-            raise UpstreamLost(f"{self.upstream.host} sent a reply to no command; the session "
-                               "was out of step and is closed")
+            raise SinkLost(f"{self.upstream.host} sent a reply to no command; the session "
+                           "was out of step and is closed")
 
     def _protocol(self) -> SMTPProtocol:
         protocol = self.client.protocol
         if protocol is None:
-            raise UpstreamLost(f"{self.upstream.host} closed the connection")
+            raise SinkLost(f"{self.upstream.host} closed the connection")
         return protocol
+
+    async def noop(self) -> Reply:
+        return await self.command(b"NOOP")
 
     async def quit(self) -> Reply | None:
         """QUIT politely (briefly) and close; None when the upstream did not answer."""
@@ -255,13 +235,19 @@ class UpstreamSession:
             if self.client.is_connected:
                 return await self.command(b"QUIT", timeout=QUIT_TIMEOUT)
             return None
-        except UpstreamLost:
+        except SinkLost:
             return None
         finally:
-            self.close()
+            self.drop()
 
-    def close(self) -> None:
+    def drop(self) -> None:
+        """Close the connection at once."""
         self.client.close()
+
+
+def _raw(text: str) -> bytes:
+    """aiosmtpd decoded the command with surrogateescape (SMTPUTF8): the bytes again."""
+    return text.encode("utf-8", "surrogateescape")
 
 
 # RFC 5321 caps a command line at 512 octets; RFC 4954 lets AUTH go further, but servers differ
@@ -323,5 +309,4 @@ class SmtpOpener:
         return upstream.tls_version
 
 
-__all__ = ["Reply", "SmtpOpener", "UpstreamSession", "UpstreamLost",
-           "queue_id", "COMMAND_TIMEOUT", "DATA_END_TIMEOUT"]
+__all__ = ["COMMAND_TIMEOUT", "Reply", "SmtpOpener", "UpstreamSession", "queue_id"]
