@@ -35,7 +35,7 @@ import asyncio
 import logging
 import re
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session, TLSSetupException
@@ -50,7 +50,7 @@ from proxy.server.limits import PreauthLimiter, Throttle
 from proxy.server.listener import ListenerBase, ListenerSettings
 from proxy.server.logins import LoginAttempt
 from proxy.server.pipeline import Denied, PasswordToken, Pipeline
-from proxy.server.smtp_auth import read_login, read_plain
+from proxy.server.smtp_auth import Credentials, read_login, read_plain
 from proxy.server.smtp_protocol import ProxySMTP, quiet_aiosmtpd
 from proxy.server.smtp_relay import (
     Decision,
@@ -221,20 +221,20 @@ class SmtpFront:
         return True
 
     async def auth_PLAIN(self, server: ProxySMTP, args: list[str]) -> AuthResult:
-        if await self._refuse_without_tls(server):
-            return AuthResult(success=False, handled=True)
-        credentials = await read_plain(server, args)
-        if credentials is None:
-            return AuthResult(success=False, handled=True)
-        return await self._login(server, *credentials, "PLAIN")
+        return await self._auth(server, args, read_plain, "PLAIN")
 
     async def auth_LOGIN(self, server: ProxySMTP, args: list[str]) -> AuthResult:
+        return await self._auth(server, args, read_login, "LOGIN")
+
+    async def _auth(self, server: ProxySMTP, args: list[str],
+                    read: Callable[[ProxySMTP, list[str]], Awaitable[Credentials | None]],
+                    mechanism: str) -> AuthResult:
         if await self._refuse_without_tls(server):
             return AuthResult(success=False, handled=True)
-        credentials = await read_login(server, args)
-        if credentials is None:
+        credentials = await read(server, args)
+        if credentials is None:  # answered already
             return AuthResult(success=False, handled=True)
-        return await self._login(server, *credentials, "LOGIN")
+        return await self._login(server, *credentials, mechanism)
 
     async def _login(self, server: ProxySMTP, user: str, password: Secret,
                      mechanism: str) -> AuthResult:
