@@ -46,6 +46,29 @@ def _free(port: int) -> int:
     return port
 
 
+# name (of the upstream, its listener and their protocol), the fake server's port, its TLS
+_MAIL = (("imap", "imaps", "implicit"), ("pop", "pop3s", "implicit"), ("smtp", "submission", "starttls"))
+
+
+def _mail_tables(upstream: DemoUpstream, ports: dict[str, int], ca: Path | str) -> str:
+    """An upstream per protocol (the fake server, trusted through its CA) and a listener in
+    front of each (plain loopback ports)."""
+    upstreams = "\n".join(f"""[upstreams.{name}]
+protocol = "{name}"
+host = "127.0.0.1"
+port = {upstream.ports[port]}
+tls = "{tls}"
+ca_file = "{ca}"
+""" for name, port, tls in _MAIL)
+    listeners = "\n".join(f"""[[listeners]]
+name = "{name}"
+protocol = "{name}"
+listen = "127.0.0.1:{ports[name]}"
+upstream = "{name}"
+""" for name, _, _ in _MAIL)
+    return f"{upstreams}\n{listeners}"
+
+
 def write_config(workdir: Path, upstream: DemoUpstream, *, fixed_ports: bool = True) -> Path:
     ports = {p: _free(n) if fixed_ports else 0 for p, n in PREFERRED_PORTS.items()}
     ca = upstream.ca_file
@@ -60,45 +83,7 @@ tenant = "demo-tenant"
 client_id = "00000000-0000-0000-0000-00000000d3m0"
 ca_file = "{ca}"        # the fake Entra ID's CA; real Microsoft 365 needs no ca_file
 
-[upstreams.imap]
-protocol = "imap"
-host = "127.0.0.1"
-port = {upstream.ports["imaps"]}
-tls = "implicit"
-ca_file = "{ca}"
-
-[upstreams.pop]
-protocol = "pop"
-host = "127.0.0.1"
-port = {upstream.ports["pop3s"]}
-tls = "implicit"
-ca_file = "{ca}"
-
-[upstreams.smtp]
-protocol = "smtp"
-host = "127.0.0.1"
-port = {upstream.ports["submission"]}
-tls = "starttls"
-ca_file = "{ca}"
-
-[[listeners]]
-name = "imap"
-protocol = "imap"
-listen = "127.0.0.1:{ports["imap"]}"
-upstream = "imap"
-
-[[listeners]]
-name = "pop"
-protocol = "pop"
-listen = "127.0.0.1:{ports["pop"]}"
-upstream = "pop"
-
-[[listeners]]
-name = "smtp"
-protocol = "smtp"
-listen = "127.0.0.1:{ports["smtp"]}"
-upstream = "smtp"
-
+{_mail_tables(upstream, ports, ca)}
 [accounts."{DEMO_USER}"]
 provider = "demo"
 flow = "device_code"
