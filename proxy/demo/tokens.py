@@ -176,8 +176,11 @@ def resource_of(scope: str) -> str:
     return OUTLOOK if resource in OUTLOOK_RESOURCES else resource
 
 
-def resource_scopes(scopes: tuple[str, ...]) -> tuple[str, ...]:
-    """Drop the OIDC scopes; expand a delegated Outlook ``/.default`` to the mail permissions."""
+def resource_scopes(scopes: tuple[str, ...], *, many: bool = False) -> tuple[str, ...]:
+    """Drop the OIDC scopes; expand a delegated Outlook ``/.default`` to the mail permissions.
+
+    A token request may name one resource only (Entra: ``invalid_scope``, AADSTS28000); an
+    authorize or device-code request (``many``) may name several, to consent to all at once."""
     out: list[str] = []
     for scope in scopes:
         if scope.lower() in RESERVED_SCOPES:
@@ -187,14 +190,34 @@ def resource_scopes(scopes: tuple[str, ...]) -> tuple[str, ...]:
         else:
             out.append(scope)
     resources = {resource_of(s) for s in out}
-    if len(resources) > 1:
+    if len(resources) > 1 and not many:
         raise EntraError(
-            "invalid_request",
+            "invalid_scope",
             28000,
             "Provided value for the input parameter scope is not valid because it contains "
             f"more than one resource. Scope {' '.join(scopes)} is not valid.",
         )
     return tuple(dict.fromkeys(out))
+
+
+def first_resource(scopes: tuple[str, ...]) -> tuple[str, ...]:
+    """The scopes of the first resource named: what a code redeemed for several is good for."""
+    return tuple(s for s in scopes if resource_of(s) == resource_of(scopes[0])) if scopes else ()
+
+
+def check_consent(requested: tuple[str, ...], consented: tuple[str, ...], client_id: str) -> None:
+    """A refresh for Graph permissions the user never consented to fails as at Entra."""
+    granted = {s.lower() for s in consented}
+    absent = [s for s in resource_scopes(requested)
+               if resource_of(s) == GRAPH and s.lower() not in granted]
+    if absent:
+        raise EntraError(
+            "invalid_grant",
+            65001,
+            f"The user or administrator has not consented to use the application with ID "
+            f"'{client_id}'. Send an interactive authorization request for this user and "
+            f"resource (missing: {' '.join(absent)}).",
+        )
 
 
 def is_loopback_redirect(uri: str) -> bool:
@@ -247,9 +270,10 @@ class TokenAuthority:
         return token
 
     def _issue_user(
-        self, username: str, client_id: str, requested: tuple[str, ...], nonce: str | None = None
+        self, username: str, client_id: str, requested: tuple[str, ...], nonce: str | None = None,
+        consented: tuple[str, ...] = (),
     ) -> Issued:
-        scopes = resource_scopes(requested)
+        scopes = first_resource(resource_scopes(requested, many=True))
         lowered = {s.lower() for s in requested}
         access = self.mint_access(
             username,
@@ -258,7 +282,8 @@ class TokenAuthority:
         )
         issued = Issued(access)
         if "offline_access" in lowered:
-            issued.refresh = self._mint_refresh(username, client_id, requested)
+            kept = tuple(dict.fromkeys(consented + requested))
+            issued.refresh = self._mint_refresh(username, client_id, kept)
         if "openid" in lowered:
             claims = {
                 "aud": client_id,
@@ -285,7 +310,7 @@ class TokenAuthority:
         scopes = split_scopes(scope)
         if not scopes:
             raise missing("scope")
-        resource_scopes(scopes)
+        resource_scopes(scopes, many=True)
         alphabet = "BCDFGHJKLMNPQRSTVWXZ23456789"
         user_code = "".join(secrets.choice(alphabet) for _ in range(9))
         flow = DeviceCode(
@@ -360,7 +385,7 @@ class TokenAuthority:
         scopes = split_scopes(scope)
         if not scopes:
             raise missing("scope")
-        resource_scopes(scopes)
+        resource_scopes(scopes, many=True)
         code = AuthCode(
             secrets.token_urlsafe(64),
             username,
@@ -462,9 +487,12 @@ class TokenAuthority:
                 "The provided value for the input parameter 'refresh_token' or 'assertion' is "
                 "not valid: this refresh token has already been redeemed.",
             )
-        grant.used = True
         requested = split_scopes(scope) or grant.scopes
-        return self._issue_user(grant.username, client_id, requested)
+        if scope:
+            resource_scopes(requested)
+            check_consent(requested, grant.scopes, client_id)
+        grant.used = True
+        return self._issue_user(grant.username, client_id, requested, consented=grant.scopes)
 
     def client_credentials(self, client_id: str, client_secret: str, scope: str | None) -> Issued:
         if not client_secret:
