@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from proxy import systemd, tlspolicy
+from proxy.graph import settings as graph_settings
 
 Protocol = Literal["imap", "pop", "smtp"]
 PROTOCOLS: tuple[Protocol, ...] = ("imap", "pop", "smtp")
@@ -232,6 +233,7 @@ class Config:
     log_level: str = "info"
     shutdown_grace: float = 30.0
     relays: tuple[RelayRule, ...] = ()
+    graph: graph_settings.GraphConfig = field(default_factory=graph_settings.GraphConfig)
 
     def relay_rules(self, listener: str) -> tuple[RelayRule, ...]:
         """The ``[[relay]]`` rules of one listener, in file order (the first match decides)."""
@@ -254,6 +256,7 @@ class Config:
         seen: dict[str, None] = {}
         for protocol in PROTOCOLS:
             seen.update(dict.fromkeys(provider.scopes[protocol]))
+        seen.update(dict.fromkeys(self.graph.login_scopes(account.flow)))
         return tuple(seen)
 
     def secret_files(self) -> list[tuple[str, Path]]:
@@ -405,6 +408,24 @@ def _read_upstream(name: str, t: _Table) -> Upstream:
         raise t.fail("verify", "upstream TLS is always verified; to trust a private CA, set ca_file")
     t.done()
     return up
+
+
+def _read_upstreams(top: _Table) -> tuple[dict[str, Upstream], graph_settings.GraphConfig]:
+    """SMTP/IMAP/POP3 upstreams here; Graph upstreams and fallbacks in ``proxy.graph``."""
+    raw = top.data.get("upstreams")
+    names = {n for n, v in raw.items() if graph_settings.is_graph(v)} if isinstance(
+        raw, dict) else set()
+    upstreams, graphs, fallbacks = {}, {}, {}
+    for name, t in top.subtables("upstreams"):
+        if name in names:
+            graphs[name] = graph_settings.read_upstream(name, t)
+            continue
+        fallback = graph_settings.read_fallback(t, names)
+        if fallback is not None:
+            fallbacks[name] = fallback
+        upstreams[name] = _read_upstream(name, t)
+    graph_settings.check_resources(graphs, top.fail)
+    return upstreams, graph_settings.GraphConfig(graphs, fallbacks)
 
 
 def _read_listener(index: int, t: _Table, upstreams: dict[str, Upstream],
@@ -634,7 +655,7 @@ def parse(data: dict[str, Any], file: Path) -> Config:
     log_level = top.choice("log_level", ("debug", "info", "warning", "error"), "info")
     shutdown_grace = top.number("shutdown_grace", 30.0, 0, 3600)
 
-    upstreams = {name: _read_upstream(name, t) for name, t in top.subtables("upstreams")}
+    upstreams, graph = _read_upstreams(top)
     providers = {name: _read_provider(name, t) for name, t in top.subtables("providers")}
     if not providers:
         raise top.fail("providers", "at least one [providers.NAME] table is required")
@@ -711,7 +732,7 @@ def parse(data: dict[str, Any], file: Path) -> Config:
     top.done()
     return Config(path=file, state_dir=state_dir, listeners=tuple(listeners), upstreams=upstreams,
                   providers=providers, accounts=accounts, metrics=metrics, limits=limits, log_level=log_level,
-                  shutdown_grace=shutdown_grace, relays=tuple(relays))
+                  shutdown_grace=shutdown_grace, relays=tuple(relays), graph=graph)
 
 
 def load(path: Path | str) -> Config:
