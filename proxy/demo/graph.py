@@ -100,7 +100,7 @@ class Graph(resource.Resource):
                ) -> tuple[int, Any]:
         if len(seg) == 2 and seg[0] == "upload" and method == "PUT":
             return self._upload(request, seg[1])
-        if seg[:1] != ["v1.0"] or method != "POST":
+        if seg[:1] != ["v1.0"] or method not in ("POST", "DELETE"):
             raise GraphError(404 if seg[:1] != ["v1.0"] else 405, "BadRequest",
                              f"Unsupported request: {method} {'/'.join(seg)}")
         body = _read(request)
@@ -110,12 +110,16 @@ class Graph(resource.Resource):
         rest, who = self._user(seg)
         action = rest[-1] if rest else ""
         mailbox, app_only = self._authorise(
-            request, "Mail.ReadWrite" if action in _WRITES else "Mail.Send", who)
+            request, "Mail.ReadWrite" if action in _WRITES or method == "DELETE" else "Mail.Send",
+            who)
         self.stats[action] += 1
         if rest == ["sendMail"]:
             return self._send_mail(request, body, mailbox, app_only)
         if rest == ["messages"]:
             return self._create_draft(body, mailbox)
+        if method == "DELETE" and len(rest) == 2 and rest[0] == "messages":
+            self.drafts.pop(rest[1], None)
+            return 204, None
         if len(rest) >= 3 and rest[0] == "messages":
             draft = self.drafts.get(rest[1])
             if draft is None or draft.owner != mailbox:
@@ -208,6 +212,8 @@ class Graph(resource.Resource):
         if not isinstance(message, dict):
             raise GraphError(400, "ErrorInvalidRequest", "The 'message' property is required.")
         draft = Draft("", mailbox, message)
+        for item in message.get("attachments") or []:
+            self._attach(draft, item if isinstance(item, dict) else {})
         return self._send_draft(draft, app_only, save=payload.get("saveToSentItems", True))
 
     def _send_draft(self, draft: Draft, app_only: bool, save: Any = True) -> tuple[int, Any]:
