@@ -28,9 +28,17 @@ from urllib.parse import urlencode
 
 from twisted.web import resource, server
 
-from proxy.demo import tokens
+from proxy.demo import scopes, tokens
 from proxy.demo.knobs import Knobs
-from proxy.demo.tokens import DEVICE_GRANT, TENANT_ID, EntraError, TokenAuthority
+from proxy.demo.tokens import (
+    DEVICE_GRANT,
+    TENANT_ID,
+    EntraError,
+    Issued,
+    TokenAuthority,
+    b64url,
+    object_id,
+)
 
 GRANT_NAMES = {DEVICE_GRANT: "device_code"}
 WELL_KNOWN_TENANTS = frozenset({"common", "organizations", "consumers"})
@@ -67,6 +75,38 @@ def send_html(request: server.Request, title: str, body: str, status: int = 200)
         f"<body><h1>{html.escape(title)}</h1>{body}</body></html>"
     )
     return page.encode()
+
+
+def client_info(username: str) -> str:
+    payload = {"uid": object_id(username), "utid": TENANT_ID}
+    return b64url(json.dumps(payload, separators=(",", ":")).encode())
+
+
+def id_token(claims: dict, issuer: str) -> str:
+    """An unsigned (``alg: none``) JWT: MSAL decodes the id_token but never verifies it."""
+    header = b64url(json.dumps({"typ": "JWT", "alg": "none"}).encode())
+    body = b64url(json.dumps(dict(claims, iss=issuer), separators=(",", ":")).encode())
+    return f"{header}.{body}."
+
+
+def token_response(issued: Issued, issuer: str, want_client_info: bool) -> dict:
+    """Render a grant's result as Entra's token endpoint JSON."""
+    at = issued.access
+    lifetime = int(at.expires_at - at.issued_at)
+    body: dict = {
+        "token_type": "Bearer",
+        "scope": " ".join(at.scopes),
+        "expires_in": lifetime,
+        "ext_expires_in": lifetime,
+        "access_token": at.token,
+    }
+    if issued.refresh is not None:
+        body["refresh_token"] = issued.refresh.token
+    if issued.id_claims is not None:
+        body["id_token"] = id_token(issued.id_claims, issuer)
+    if want_client_info and at.username is not None:
+        body["client_info"] = client_info(at.username)
+    return body
 
 
 class Stats:
@@ -221,7 +261,7 @@ class Entra(resource.Resource):
                 "must contain the following parameter: 'client_id'.</p>",
                 400,
             )
-        if not tokens.is_loopback_redirect(redirect_uri):
+        if not scopes.is_loopback_redirect(redirect_uri):
             return send_html(
                 request,
                 "Sign in: bad request",
@@ -258,7 +298,7 @@ class Entra(resource.Resource):
             )
             params["code"] = code
             if arg(request, "client_info") == "1":
-                params["client_info"] = tokens.client_info(username)
+                params["client_info"] = client_info(username)
         except EntraError as exc:
             body = exc.body(self._correlation(request), base_url(request))
             params = {
@@ -386,7 +426,7 @@ class Entra(resource.Resource):
                 70003,
                 f"The app requested an unsupported grant type '{grant_type}'.",
             )
-        body = tokens.token_response(
+        body = token_response(
             issued, self.issuer(request), arg(request, "client_info") == "1"
         )
         return send_json(request, body)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import functools
 import json
 import os
 import ssl
@@ -145,7 +144,7 @@ class GraphClient:
             for first in range(0, size, UPLOAD_CHUNK):
                 chunk = await asyncio.to_thread(f.read, UPLOAD_CHUNK)
                 last = first + len(chunk) - 1
-                await self._call("PUT", url, mailbox, None, data=functools.partial(bytes, chunk),
+                await self._call("PUT", url, mailbox, None, data=_constant(chunk),
                                  headers={"content-range": f"bytes {first}-{last}/{size}"})
 
     async def _call(self, method: str, url: str, mailbox: str, token: TokenSource | None, *,
@@ -209,6 +208,10 @@ async def _base64_stream(prepared: message.Prepared) -> AsyncIterator[bytes]:
             carry = data[usable:]
             if not chunk:
                 return
+
+
+def _constant(data: bytes) -> Callable[[], bytes]:
+    return lambda: data
 
 
 def _decode_to(spool: Path, part: message.Part, target: Path) -> int:

@@ -1,16 +1,18 @@
 """Config of the Graph upstream kind and of an SMTP upstream's fallback to it.
 
-``[upstreams.NAME]`` with ``protocol = "graph"`` is read here (``read_upstream``), and the
-``fallback``/``fallback_retry_seconds`` keys of an SMTP upstream (``read_fallback``); the config
-reader hands over its table reader (anything with ``get``/``text``/``number``/``path_``/
-``fail``/``done``) and keeps the results in ``Config.graph`` (a ``GraphConfig``).
+``read_upstreams`` reads every ``[upstreams.NAME]``: those with ``protocol = "graph"`` here
+(``read_upstream``), the others with the reader it is given, after taking an SMTP upstream's
+``fallback``/``fallback_retry_seconds`` keys (``read_fallback``). It works on the config
+reader's ``Table`` by its methods alone (``TableReader``): ``proxy.config.model`` imports this
+module for ``GraphConfig``, so it imports nothing of ``proxy.config``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 GraphResource = Literal["graph"]
@@ -28,7 +30,8 @@ class TableReader(Protocol):
             required_hint: str = "") -> Any: ...
     def text(self, name: str, default: Any = ..., **kw: Any) -> Any: ...
     def number(self, name: str, default: float, low: float, high: float) -> float: ...
-    def path_(self, name: str, *, must_exist: bool = False) -> Path | None: ...
+    def file_path(self, name: str, *, must_exist: bool = False) -> Path | None: ...
+    def subtables(self, name: str) -> Iterator[tuple[str, Any]]: ...
     def fail(self, name: str | None, message: str) -> Exception: ...
     def done(self) -> None: ...
 
@@ -91,7 +94,7 @@ def read_upstream(name: str, t: TableReader) -> GraphUpstream:
     upstream = GraphUpstream(
         name=name, base_url=base_url,
         resource=str(t.text("resource", GRAPH_RESOURCE)).rstrip("/"),
-        ca_file=t.path_("ca_file", must_exist=True),
+        ca_file=t.file_path("ca_file", must_exist=True),
         save_to_sent_items=t.get("save_to_sent_items", bool, True),
         timeout=t.number("timeout", 120.0, 1, 3600),
         max_message_size=int(t.number("max_message_size", 150 * 1024 * 1024, 1024,
@@ -116,6 +119,26 @@ def read_fallback(t: TableReader, graph_names: set[str]) -> Fallback | None:
     return Fallback(name, t.number("fallback_retry_seconds", 3600.0, 10, 7 * 86400))
 
 
-def check_resources(upstreams: dict[str, GraphUpstream], fail: Any) -> None:
-    if len({u.resource for u in upstreams.values()}) > 1:
-        raise fail("upstreams", "Graph upstreams must share one resource (one national cloud)")
+U = TypeVar("U")
+
+
+def read_upstreams(top: TableReader, read_other: Callable[[str, Any], U]
+                   ) -> tuple[dict[str, U], GraphConfig]:
+    """Every ``[upstreams.NAME]``: Graph ones here, the others with ``read_other``."""
+    raw = top.data.get("upstreams")
+    names = {n for n, v in raw.items() if is_graph(v)} if isinstance(raw, dict) else set()
+    others: dict[str, U] = {}
+    graphs: dict[str, GraphUpstream] = {}
+    fallbacks: dict[str, Fallback] = {}
+    for name, t in top.subtables("upstreams"):
+        if name in names:
+            graphs[name] = read_upstream(name, t)
+            continue
+        fallback = read_fallback(t, names)
+        if fallback is not None:
+            fallbacks[name] = fallback
+        others[name] = read_other(name, t)
+    if len({u.resource for u in graphs.values()}) > 1:
+        raise top.fail("upstreams", "Graph upstreams must share one resource (one national "
+                                    "cloud)")
+    return others, GraphConfig(graphs, fallbacks)

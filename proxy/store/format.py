@@ -120,15 +120,10 @@ class Meta:
     refresh_token_present: bool
     needs_reauth: str | None = None
     updated_at: float = 0.0
-    # The resources it holds consent or tokens for ("outlook", "graph"); written only when
-    # known, so files from before it are read and bound (AAD) exactly as they were written.
-    resources: tuple[str, ...] = ()
+    resources: tuple[str, ...] = ()  # "outlook", "graph": only written when known (old AAD)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.resources, list | tuple) or not all(
-                isinstance(r, str) and 0 < len(r) <= 200 for r in self.resources):
-            raise ValueError("resources must be a list of short names")
-        object.__setattr__(self, "resources", tuple(self.resources))
+        object.__setattr__(self, "resources", tuple(str(_text(r, "resources", 99)) for r in self.resources))
         _text(self.identity, "identity", 1024, optional=True)
         if not _text(self.flow, "flow", 64):
             raise ValueError("flow must not be empty")
@@ -423,9 +418,9 @@ def _parse_body(body: dict[str, Any]) -> TokenDocument:
     key_id = raw["key_id"]
     if not isinstance(key_id, str) or not _KEY_ID_RE.fullmatch(key_id):
         raise _Bad("key_id is not 24 hex digits")
-    meta_keys = tuple(k for k in Meta.__dataclass_fields__
-                      if k != "resources" or (isinstance(raw["meta"], dict) and "resources" in raw["meta"]))
-    meta_raw = _fields(raw["meta"], "meta", meta_keys)
+    written = isinstance(raw["meta"], dict) and "resources" in raw["meta"]  # only when known
+    meta_raw = _fields(raw["meta"], "meta", tuple(
+        k for k in Meta.__dataclass_fields__ if k != "resources" or written))
     try:
         meta = Meta(**meta_raw)
     except (TypeError, ValueError) as exc:
