@@ -155,7 +155,7 @@ def leaves(f: BinaryIO, headers: EmailMessage, start: int, end: int, depth: int 
         yield from leaves(f, parse_header(header), body, next_at, depth + 1)
 
 
-def decoded(f: BinaryIO, leaf: Leaf, block: int = 3 * BLOCK) -> Iterator[bytes]:
+def decoded(f: BinaryIO, leaf: Leaf, block: int = BLOCK) -> Iterator[bytes]:
     """The part's body, its Content-Transfer-Encoding undone, in chunks."""
     encoding = str(leaf.headers.get("content-transfer-encoding", "7bit")).strip().lower()
     carry = b""
