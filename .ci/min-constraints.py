@@ -7,7 +7,9 @@ import re
 import sys
 from pathlib import Path
 
-FLOOR = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9_.-]*)(?:\[[^\]]*\])?\s*>=\s*([^,;\s]+)\s*(;.*)?$")
+# name>=floor, optionally with an upper bound (",<X") and a marker
+FLOOR = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9_.-]*)(?:\[[^\]]*\])?\s*>=\s*([^,;\s]+)"
+                   r"\s*(?:,\s*<\s*[^,;\s]+\s*)?(;.*)?$")
 
 cfg = configparser.ConfigParser()
 cfg.read(Path(__file__).resolve().parent.parent / "setup.cfg")

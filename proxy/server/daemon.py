@@ -36,8 +36,9 @@ from proxy.server.capabilities import CapabilityCache
 from proxy.server.endpoint import Endpoint
 from proxy.server.http import MetricsServer, log_listening
 from proxy.server.limits import PreauthLimiter, Throttle
-from proxy.server.listener import ListenerBase, StartupError
+from proxy.server.listener import ListenerBase, ListenerSettings, StartupError
 from proxy.server.session import Context, Session, Spec
+from proxy.text import host_port
 
 log = logging.getLogger("proxy.daemon")
 SPECS = {
@@ -102,6 +103,13 @@ def _upstream_tls(config: Config, listeners: Iterable[Listener]) -> dict[str, ss
     return out
 
 
+def _settings(config: Config, li: Listener, upstream_tls: ssl.SSLContext,
+              server_tls: ssl.SSLContext | None) -> ListenerSettings:
+    """What the configuration says to one listener's sessions (at start and on reload)."""
+    return ListenerSettings(li, config.upstreams[li.upstream], upstream_tls, server_tls,
+                            config.limits, config.relay_rules(li.name))
+
+
 def _server_tls(li: Listener) -> ssl.SSLContext | None:
     if li.tls == "none":
         return None
@@ -127,7 +135,7 @@ class Daemon:
         self.preauth = PreauthLimiter(config.limits)
         # Each IMAP upstream's post-login capabilities, announced before login (all listeners).
         self.capabilities = CapabilityCache(config.state_dir)
-        self.listeners: list[ListenerRuntime] = []
+        self.listeners: list[ListenerBase] = []
         self.extra_servers: list[Callable[[], object]] = []
         self.metrics_server: MetricsServer | None = None
         self.state: State = "starting"
@@ -187,25 +195,26 @@ class Daemon:
 
     async def _start_listener(self, li: Listener, upstream_tls: ssl.SSLContext,
                               sock: socket.socket | None) -> None:
-        up = self.config.upstreams[li.upstream]
         server_tls = _server_tls(li)
+        settings = _settings(self.config, li, upstream_tls, server_tls)
+        up = settings.upstream
+        runtime: ListenerBase
         if li.protocol == "smtp":
             from proxy.server.smtp import SmtpListener  # aiosmtpd only when SMTP is used
-            runtime: ListenerRuntime = SmtpListener(self.config, li, up, self.tokens,  # type: ignore[assignment]
-                                                    upstream_tls, server_tls,
-                                                    self.throttle, self.preauth)
+            runtime = SmtpListener(settings, self.tokens, self.throttle, self.preauth)
         else:
             runtime = ListenerRuntime(Context(SPECS[li.protocol], li, up, self.tokens,
                                               upstream_tls, server_tls,
                                               throttle=self.throttle, preauth=self.preauth,
-                                              capability_cache=self.capabilities))
+                                              capability_cache=self.capabilities,
+                                              limits=settings.limits))
         await runtime.start(sock)
         self.listeners.append(runtime)
         if li.tls == "implicit" and server_tls is not None:
             self._bound_tls[li.name] = server_tls
         logs.event(log, logging.INFO, "listening", listener=li.name, protocol=li.protocol,
-                   address=f"{li.listen.host}:{runtime.port}", tls=li.tls,
-                   upstream=f"{up.host}:{up.port}", activated=True if sock is not None else None)
+                   address=host_port(li.listen.host, runtime.port), tls=li.tls,
+                   upstream=host_port(up.host, up.port), activated=True if sock is not None else None)
         _warn_old_tls(li)
 
     def ports(self) -> dict[str, int]:
@@ -224,7 +233,7 @@ class Daemon:
         old = self.config
         notes: list[str] = []
         wanted = {li.name: li for li in config.listeners}
-        kept: list[tuple[ListenerRuntime, Listener]] = []
+        kept: list[tuple[ListenerBase, Listener]] = []
         for runtime in self.listeners:
             current, new = runtime.ctx.listener, wanted.get(runtime.name)
             if new is None:
@@ -258,9 +267,7 @@ class Daemon:
         self.tokens.reconfigure(config)
         self.throttle.limits = self.preauth.limits = config.limits
         for (runtime, li), (upstream_tls, server_tls) in zip(kept, contexts, strict=True):
-            ctx = runtime.ctx
-            ctx.listener, ctx.server_tls = li, server_tls
-            ctx.reconfigure(config.upstreams[li.upstream], upstream_tls)
+            runtime.ctx.reconfigure(_settings(config, li, upstream_tls, server_tls))
             bound = self._bound_tls.get(li.name)
             if bound is not None and server_tls is not None:
                 # The version range and ciphers come from the context a connection starts

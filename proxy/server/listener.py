@@ -1,32 +1,55 @@
 """What every listener has in common, whatever its protocol: opening the socket (or taking a
-socket-activated one), its name and port, its session tasks, and closing for new connections."""
+socket-activated one), its name and port, its session tasks, closing for new connections, and
+the one shape of the settings a reload pushes into its context."""
 
 from __future__ import annotations
 
 import asyncio
 import socket
 import ssl
+from dataclasses import dataclass
 from typing import Any, Protocol
 
-from proxy.config import Listener
-from proxy.server.session import TLS_HANDSHAKE_TIMEOUT
+from proxy.config import Limits, Listener, RelayRule, Upstream
 
 BACKLOG = 4096  # a burst of hundreds of simultaneous connects must all get a greeting
+TLS_HANDSHAKE_TIMEOUT = 15.0  # an implicit-TLS client's handshake, on every listener
 
 
 class StartupError(Exception):
     """The daemon cannot start (one line, for the operator)."""
 
 
-class _Context(Protocol):
+@dataclass(frozen=True)
+class ListenerSettings:
+    """Everything a listener's sessions read from the configuration: given when the listener
+    starts, and pushed into its context again by each reload."""
+
     listener: Listener
+    upstream: Upstream
+    upstream_tls: ssl.SSLContext
     server_tls: ssl.SSLContext | None
+    limits: Limits
+    relay_rules: tuple[RelayRule, ...] = ()
+
+
+class ListenerContext(Protocol):
+    """What every session of one listener shares, whatever the protocol."""
+
+    @property
+    def listener(self) -> Listener: ...
+
+    @property
+    def server_tls(self) -> ssl.SSLContext | None: ...
+
+    def reconfigure(self, settings: ListenerSettings) -> None:
+        """A reload: new sessions (and new logins) use ``settings``."""
 
 
 class ListenerBase:
     """Subclasses set ``ctx`` and provide ``_factory`` (the asyncio protocol factory)."""
 
-    ctx: _Context
+    ctx: ListenerContext
 
     def __init__(self) -> None:
         self.server: asyncio.Server | None = None

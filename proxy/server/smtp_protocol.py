@@ -17,10 +17,11 @@ import logging
 import re
 from base64 import b64decode, b64encode
 from collections.abc import AsyncGenerator, Callable
-from typing import TYPE_CHECKING, Any, AnyStr, TypeVar
+from typing import Any, AnyStr, Protocol, TypeVar
 
 from aiosmtpd.smtp import ALLOWED_BEFORE_STARTTLS, BOGUS_LIMIT, MISSING, SMTP, TLSSetupException
 
+from proxy.config import Limits
 from proxy.protocol.smtp_data import BareLineEnding, DataScanner
 from proxy.protocol.smtp_syntax import (
     AUTH_LINE_TOO_LONG,
@@ -37,9 +38,26 @@ from proxy.protocol.smtp_syntax import (
     split_command,
     unknown_command,
 )
+from proxy.server.smtp_adapter import AdaptedSMTP
 
-if TYPE_CHECKING:
-    from proxy.server.smtp import ConnectionHandler
+
+class FrontHandler(Protocol):
+    """What ``ProxySMTP`` asks of its handler (``smtp.SmtpFront``) besides aiosmtpd's hooks."""
+
+    @property
+    def limits(self) -> Limits: ...
+    @property
+    def logged_in(self) -> bool: ...  # logged in upstream, or relaying for a device
+    @property
+    def peer(self) -> str: ...
+    @property
+    def rcpt_refused(self) -> int: ...  # recipients the upstream refused in this transaction
+    @property
+    def normalise_line_endings(self) -> bool: ...
+    def admit(self, transport: asyncio.BaseTransport) -> bytes | None: ...
+    def connected(self, server: ProxySMTP, transport: asyncio.BaseTransport) -> None: ...
+    def lost(self) -> None: ...
+    async def relay_message(self, server: ProxySMTP) -> str | bytes: ...
 
 
 class _QuietFilter(logging.Filter):
@@ -61,7 +79,7 @@ def quiet_aiosmtpd() -> None:
         mail_log.setLevel(logging.WARNING)
 
 
-class ProxySMTP(SMTP):
+class ProxySMTP(AdaptedSMTP):
     """aiosmtpd's protocol with what the proxy needs on top of the public hooks.
 
     - its own command loop (``_handle_client``): lines framed and checked by ``smtp_syntax``
@@ -80,19 +98,18 @@ class ProxySMTP(SMTP):
       dict across all connections and grows it on every EHLO).
     """
 
-    event_handler: ConnectionHandler
+    event_handler: FrontHandler
     # aiosmtpd sizes its StreamReader by this (its own DATA loop, replaced here, also checked
     # lines against it). At 1001 the reader paused and resumed the socket for every chunk of a
     # message; command lines are still held to ``command_size_limits`` by the command loop.
     line_length_limit = 64 * 1024
 
-    def __init__(self, handler: ConnectionHandler, **kwargs: Any) -> None:
+    def __init__(self, handler: FrontHandler, **kwargs: Any) -> None:
         self.command_size_limits = collections.defaultdict(lambda: SMTP.command_size_limit)
         super().__init__(handler, **kwargs)
         self._proxy_started = False
         self._refused = False
         self._login_deadline: asyncio.TimerHandle | None = None
-        self._idle_deadline = 0.0
         self.data_scanner = DataScanner()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -106,14 +123,10 @@ class ProxySMTP(SMTP):
             transport.close()
             return
         super().connection_made(transport)  # called again after STARTTLS, with the TLS transport
-        task = self._handler_coroutine
-        if task is not None and not getattr(task, "_proxy_watched", False):
-            # aiosmtpd re-raises a client reset from its task; nothing else would retrieve it.
-            task._proxy_watched = True  # type: ignore[attr-defined]
-            task.add_done_callback(_retrieve)
+        self.watch_handler_task()
         if first:
             self.event_handler.connected(self, transport)
-            limits = self.event_handler.ctx.tokens.config.limits
+            limits = self.event_handler.limits
             self._login_deadline = self.loop.call_later(limits.preauth_total, self._too_long)
 
     def connection_lost(self, error: Exception | None) -> None:
@@ -125,48 +138,27 @@ class ProxySMTP(SMTP):
             super().connection_lost(error)
         finally:
             self.event_handler.lost()
-            # asyncio's StreamReaderProtocol keeps a reset in its ``_closed`` future and marks
-            # it retrieved only in ``__del__``; when the protocol dies in a reference cycle the
-            # future can be collected first and asyncio logs "exception was never retrieved".
-            closed = getattr(self, "_closed", None)
-            if isinstance(closed, asyncio.Future) and closed.done() and not closed.cancelled():
-                closed.exception()
+            self.retrieve_reset()
 
     def data_received(self, data: bytes) -> None:
         if self._refused:
             return
-        self._reset_timeout()
+        self.restart_idle()
         super().data_received(data)
 
     def _before_login(self) -> bool:
-        return self.event_handler.account is None  # neither logged in nor relaying
+        return not self.event_handler.logged_in  # neither logged in nor relaying
 
-    def _reset_timeout(self, duration: float | None = None) -> None:
-        """Restart the idle timer; before login the shorter ``limits.preauth_idle`` applies,
-        as on IMAP and POP3. Called per command and per chunk received, so it only moves a
-        deadline: the timer is re-armed when it fires early, or when the deadline comes
-        sooner than it."""
-        if duration is None:
-            duration = (self.event_handler.ctx.tokens.config.limits.preauth_idle
-                        if self._before_login() else self._timeout_duration)
-        self._idle_deadline = deadline = self.loop.time() + duration
-        handle = self._timeout_handle
-        if handle is None or handle.cancelled() or handle.when() > deadline:
-            if handle is not None:
-                handle.cancel()
-            self._timeout_handle = self.loop.call_at(deadline, self._idle_check)
+    def idle_duration(self) -> float:
+        """Before login the shorter ``limits.preauth_idle`` applies, as on IMAP and POP3."""
+        if self._before_login():
+            return self.event_handler.limits.preauth_idle
+        return super().idle_duration()
 
-    def _idle_check(self) -> None:
-        if self.loop.time() < self._idle_deadline:  # activity since: wait for the rest
-            self._timeout_handle = self.loop.call_at(self._idle_deadline, self._idle_check)
-            return
-        self._timeout_cb()
-
-    def _timeout_cb(self) -> None:
+    def idle_expired(self) -> None:
         transport = self.transport
         if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
             transport.write(b"421 4.4.2 Idle too long; closing the connection\r\n")
-        super()._timeout_cb()
 
     def _too_long(self) -> None:
         transport = self.transport
@@ -178,7 +170,7 @@ class ProxySMTP(SMTP):
     def hold_idle_timer(self, seconds: float | None) -> None:
         """Give the client ``seconds`` of silence from now (None: back to CLIENT_IDLE)."""
         if self.transport is not None:
-            self._reset_timeout(seconds)
+            self.restart_idle(seconds)
 
     def close_soon(self) -> None:
         """Close after the reply being sent now (pushed before the loop runs callbacks)."""
@@ -188,10 +180,10 @@ class ProxySMTP(SMTP):
 
     # --- the command loop ---------------------------------------------------------------------
 
-    async def _handle_client(self) -> None:
+    async def serve(self) -> None:
         """aiosmtpd's command loop, with the proxy's framing and replies (see the class)."""
         assert self.session is not None
-        await self.push(f"220 {self.hostname} {self.__ident__}")
+        await self.push(f"220 {self.hostname} {self.ident}")
         unknown_left = BOGUS_LIMIT
         while self.transport is not None:
             try:
@@ -210,7 +202,7 @@ class ProxySMTP(SMTP):
                 if len(framed) > limit:
                     await self.push(str(line_too_long(verb, limit)))
                     continue
-                method = self._smtp_methods.get(verb)
+                method = self.command_method(verb)
                 if method is None:
                     unknown_left -= 1
                     if unknown_left < 1:
@@ -219,17 +211,17 @@ class ProxySMTP(SMTP):
                         continue
                     await self.push(str(unknown_command(verb)))
                     continue
-                if not self._tls_handshake_okay and verb != "QUIT":
+                if not self.tls_handshake_okay and verb != "QUIT":
                     await self.push("554 5.7.0 Command refused due to lack of security")
                     continue
-                if (self.require_starttls and not self._tls_protocol
+                if (self.require_starttls and not self.tls_started
                         and verb not in ALLOWED_BEFORE_STARTTLS):
                     await self.push("530 5.7.0 Must issue a STARTTLS command first")
                     continue
-                self._reset_timeout()
+                self.restart_idle()
                 await method(arg)
             except (asyncio.CancelledError, ConnectionResetError):
-                self._writer.close()
+                self.writer.close()
                 raise
             except Exception as error:  # aiosmtpd's handling: the handler words the reply
                 status = await self.handle_exception(error)
@@ -243,7 +235,7 @@ class ProxySMTP(SMTP):
     async def _read_line(self) -> bytes | None:
         """The next line through its LF; None if it ran past the reader's limit (then it has
         been read to its end and dropped). The client's end of stream: ConnectionResetError."""
-        reader = self._reader
+        reader = self.reader
         try:
             return await reader.readuntil(b"\n")
         except asyncio.LimitOverrunError as error:
@@ -300,7 +292,7 @@ class ProxySMTP(SMTP):
             return
         self.envelope.smtp_utf8 = mail.smtputf8
         options = list(mail.options)
-        status = await self._call_handler_hook("MAIL", mail.sender, options)
+        status = await self.call_hook("MAIL", mail.sender, options)
         if status is MISSING:
             self.envelope.mail_from = mail.sender
             self.envelope.mail_options.extend(options)
@@ -320,7 +312,7 @@ class ProxySMTP(SMTP):
             await self.push(str(rcpt))
             return
         assert isinstance(rcpt, Rcpt)
-        status = await self._call_handler_hook("RCPT", rcpt.recipient, [])
+        status = await self.call_hook("RCPT", rcpt.recipient, [])
         if status is MISSING:
             self.envelope.rcpt_tos.append(rcpt.recipient)
             status = "250 2.1.5 OK"
@@ -336,7 +328,7 @@ class ProxySMTP(SMTP):
 
     async def smtp_HELP(self, arg: str | None) -> None:
         commands = {verb: usage for verb, usage in _HELP.items()
-                    if verb != "STARTTLS" or (self.tls_context and not self._tls_protocol)}
+                    if verb != "STARTTLS" or (self.tls_context and not self.tls_started)}
         if not arg:
             await self.push("214 2.0.0 Commands: " + " ".join(commands))
         elif arg.upper() in commands:
@@ -392,8 +384,11 @@ class ProxySMTP(SMTP):
             await self.push("501 5.5.4 Syntax: DATA")
             return
         status = await self.event_handler.relay_message(self)
-        self._set_post_data_state()
-        await self.push(status)  # type: ignore[type-var]  # str, or the upstream's bytes
+        self.after_data()
+        if isinstance(status, bytes):  # the upstream's reply
+            await self.push(status)
+        else:
+            await self.push(status)
         if self.data_scanner.bare is not None:
             await self.discard_and_close()
 
@@ -403,8 +398,8 @@ class ProxySMTP(SMTP):
         (pipelined commands) are left to aiosmtpd's command loop. ``data_scanner.size`` is
         the message size. A bare line ending (unless the listener normalises them) raises
         ``BareLineEndingRefused`` before any byte from its chunk on is yielded."""
-        reader = self._reader
-        normalise = self.event_handler.ctx.listener.bare_line_endings == "normalise"
+        reader = self.reader
+        normalise = self.event_handler.normalise_line_endings
         scanner = self.data_scanner = DataScanner(normalise=normalise)
         while True:
             chunk = await reader.read(_READ_ALL)
@@ -431,11 +426,11 @@ class ProxySMTP(SMTP):
         (a half-close, where the transport has one), reads and drops the client's bytes until
         it stops sending (closing with unread input would reset the connection and could lose
         the reply), then closes."""
-        reader, transport = self._reader, self.transport
+        reader, transport = self.reader, self.transport
         if transport is None:
             return
-        if self._writer.can_write_eof():  # a TLS transport cannot half-close
-            self._writer.write_eof()
+        if self.writer.can_write_eof():  # a TLS transport cannot half-close
+            self.writer.write_eof()
         try:
             async with asyncio.timeout(DISCARD_SECONDS):
                 while True:
@@ -499,11 +494,6 @@ def _enhanced(status: str) -> str:
     if status[:1] in ("4", "5") and not _HAS_STATUS.match(status):
         return f"{status[:3]} {status[0]}.0.0{status[3:]}"
     return status
-
-
-def _retrieve(task: asyncio.Task[None]) -> None:
-    if not task.cancelled():
-        task.exception()
 
 
 __all__ = ["ProxySMTP", "BareLineEndingRefused", "quiet_aiosmtpd"]

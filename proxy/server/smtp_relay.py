@@ -21,23 +21,18 @@ included) is never touched. Every outcome is counted in
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 from proxy import logs, metrics
-from proxy.auth.errors import (
-    AuthConfigError,
-    TokenError,
-    UnknownAccount,
-    WrongPassword,
-)
+from proxy.auth.errors import AuthConfigError, TokenError, UnknownAccount, WrongPassword
+from proxy.auth.service import TokenService
 from proxy.config import RelayRule
-from proxy.protocol.events import Failure, ReplyKind
+from proxy.protocol.events import Failure
+from proxy.server.connection import Connection
 from proxy.server.limits import peer_address
-from proxy.server.logins import upstream_refusal
-from proxy.server.smtp_upstream import UpstreamRejected, UpstreamSession, UpstreamUnavailable
-
-if TYPE_CHECKING:
-    from proxy.server.smtp import SmtpContext
+from proxy.server.pipeline import Denied, Pipeline, ServiceToken
+from proxy.server.smtp_upstream import SmtpOpener, UpstreamSession
+from proxy.text import word
 
 log = logging.getLogger("proxy.smtp")
 
@@ -80,7 +75,7 @@ def seed_metrics(rules: tuple[RelayRule, ...]) -> None:
 
 
 def source_refused(host: str) -> RelayRefused:
-    shown = peer_address(host) or _printable(host)
+    shown = peer_address(host) or word(host)
     return RelayRefused(f"550 5.7.1 Relaying from {shown} is not allowed by the proxy's rules",
                         "refused", "source not allowed by any relay rule")
 
@@ -88,45 +83,42 @@ def source_refused(host: str) -> RelayRefused:
 def check_sender(rule: RelayRule, sender: str) -> str:
     """The envelope sender to send upstream for ``sender``, or ``RelayRefused``."""
     if not rule.allows_sender(sender):
-        shown = "<>" if sender in ("", "<>") else _printable(sender)
+        shown = "<>" if sender in ("", "<>") else word(sender)
         raise RelayRefused(f"550 5.7.1 Sender {shown} is not allowed for relay rule {rule.name}",
                            "refused", "sender not allowed")
     return rule.force_sender or sender
 
 
-async def open_service_session(ctx: SmtpContext, rule: RelayRule) -> UpstreamSession:
-    """Log in upstream as the rule's account with a token its service key unlocks; a token
-    refused as an authentication failure is replaced once, any other refusal is final. Raises
-    ``RelayRefused`` with a ``451`` (``451 4.3.5`` for what an administrator must fix)."""
-    tokens = ctx.tokens
-    try:
-        account = tokens.account(rule.account)
-        token = await tokens.service_token(account.name, "smtp")
-        for attempt in (1, 2):
-            try:
-                return await UpstreamSession.open(ctx.upstream, ctx.upstream_tls,
-                                                  account.mailbox, token,
-                                                  local_name=ctx.hostname)
-            except UpstreamRejected as exc:
-                if exc.kind is ReplyKind.AUTH_FAILED and attempt == 1:
-                    token = await tokens.service_token(account.name, "smtp", rejected=token)
-                    continue
-                refusal = upstream_refusal(exc.kind, exc.code, exc.text, host=ctx.upstream.host,
-                                           mailbox=account.mailbox, permission="SMTP AUTH")
-                status = "451 4.3.5" if refusal.failure is Failure.CONTACT_ADMIN else "451 4.7.0"
-                raise RelayRefused(f"{status} {refusal.text} (relay rule {rule.name})",
-                                   "unavailable", f"upstream refused the login "
-                                   f"({exc.kind.value}): {exc}") from None
-    except (WrongPassword, UnknownAccount, AuthConfigError) as exc:
-        raise RelayRefused(f"451 4.3.5 The proxy is not configured correctly for relay rule "
-                           f"{rule.name}; contact the administrator",
-                           "unavailable", _service_problem(exc)) from None
-    except TokenError as exc:  # AuthorisationNeeded included: its text says what to run
-        raise RelayRefused(f"451 4.7.0 {exc.user_text}", "unavailable", exc.detail) from None
-    except UpstreamUnavailable as exc:
-        raise RelayRefused(f"451 4.4.1 The mail server {ctx.upstream.host} cannot be reached "
-                           "right now; try again later", "unavailable", str(exc)) from None
-    raise AssertionError("unreachable")
+async def open_service_session(tokens: TokenService, opener: SmtpOpener,
+                               rule: RelayRule) -> UpstreamSession:
+    """Log in upstream as the rule's account with a token its service key unlocks, through
+    the login pipeline (a token refused as an authentication failure is replaced once, any
+    other refusal is final). Raises ``RelayRefused`` with a ``451`` (``451 4.3.5`` for what an
+    administrator must fix)."""
+    verdict = await Pipeline(tokens, ServiceToken(tokens, rule.account, "smtp"), opener,
+                             attempt=None, permission="SMTP AUTH").run()
+    if isinstance(verdict, Denied):
+        raise relay_refusal(verdict, rule, opener.host)
+    return verdict.upstream
+
+
+def relay_refusal(denied: Denied, rule: RelayRule, host: str) -> RelayRefused:
+    """A device's login that did not happen, as the relay words it: always a ``451``, so the
+    device or MTA keeps the message and retries."""
+    exc = denied.error
+    if isinstance(exc, WrongPassword | UnknownAccount | AuthConfigError):
+        return RelayRefused(f"451 4.3.5 The proxy is not configured correctly for relay rule "
+                            f"{rule.name}; contact the administrator",
+                            "unavailable", _service_problem(exc))
+    if exc is not None:  # AuthorisationNeeded included: its text says what to run
+        return RelayRefused(f"451 4.7.0 {exc.user_text}", "unavailable", exc.detail)
+    if denied.kind is not None:
+        status = "451 4.3.5" if denied.failure is Failure.CONTACT_ADMIN else "451 4.7.0"
+        return RelayRefused(f"{status} {denied.text} (relay rule {rule.name})", "unavailable",
+                            f"upstream refused the login ({denied.kind.value}): "
+                            f"{denied.reason}")
+    return RelayRefused(f"451 4.4.1 The mail server {host} cannot be reached right now; try "
+                        "again later", "unavailable", denied.reason)
 
 
 def _service_problem(exc: TokenError) -> str:
@@ -134,10 +126,6 @@ def _service_problem(exc: TokenError) -> str:
         return (f"the service key does not open the token file; run `xoauth2-proxy passwd "
                 f"{exc.account} --service-key`")
     return exc.detail or type(exc).__name__
-
-
-def _printable(text: str) -> str:
-    return "".join(c if c.isprintable() and not c.isspace() else "?" for c in text)[:320]
 
 
 def count(rule: RelayRule | None, result: str) -> None:
@@ -154,65 +142,47 @@ def log_refusal(peer: str, rule: RelayRule | None, sender: str, refused: RelayRe
                reply=refused.reply[:300])
 
 
-class RelayHandler:
-    """The relay half of ``smtp.ConnectionHandler`` (a mixin): the rules at MAIL FROM and the
-    upstream session of an unauthenticated device."""
+@dataclass(frozen=True)
+class Decision:
+    """What the rules say about a MAIL FROM: the envelope sender to send upstream, and the
+    rule that decided (None: a logged-in session no rule applies to, unchanged)."""
 
-    ctx: SmtpContext
-    peer: str
-    peer_host: str
-    account: str | None
-    upstream: UpstreamSession | None
-    in_transaction: bool
-    relay_rule: RelayRule | None = None  # the rule of the current transaction, if any
-    relay_account: str | None = None  # set once an unauthenticated session went upstream
+    sender: str
+    rule: RelayRule | None = None
 
-    def release_preauth(self) -> None:
-        raise NotImplementedError
 
-    async def relay_sender(self, authenticated: bool, sender: str) -> str:
-        """The envelope sender to send upstream for a MAIL FROM (``RelayRefused`` if none).
+class RelayRules:
+    """One listener's ``[[relay]]`` rules, as the SMTP front consults them at MAIL FROM."""
 
-        Unauthenticated, the session is logged in upstream here (or again, if the upstream
-        dropped it)."""
-        rules = self.ctx.relay_rules()
-        self.relay_rule = None
-        if authenticated:
-            rule = rule_for(rules, self.peer_host, self.account)
-            if rule is None:
-                return sender
-        else:
-            rule = rule_for(rules, self.peer_host, None)
+    def __init__(self, listener: str, rules: tuple[RelayRule, ...]) -> None:
+        self.listener, self.rules = listener, rules
+
+    def __bool__(self) -> bool:
+        return bool(self.rules)
+
+    def decide(self, peer: Connection, account: str | None, sender: str) -> Decision:
+        """The decision for ``sender`` from ``peer``, logged in as ``account`` (None: not
+        logged in; the rule's account then goes upstream with its service key). Raises
+        ``RelayRefused`` (logged and counted)."""
+        rule = rule_for(self.rules, peer.peer_host, account)
+        if rule is None and account is not None:
+            return Decision(sender)
         try:
             if rule is None:
-                raise source_refused(self.peer_host)
-            if rule.require_password and not authenticated:
+                raise source_refused(peer.peer_host)
+            if rule.require_password and account is None:
                 raise RelayRefused(f"530 5.7.0 Authentication required: relay rule {rule.name} "
                                    "needs the device's password", "refused", "no AUTH")
-            upstream_sender = check_sender(rule, sender)
-            if not authenticated:
-                await self._relay_connect(rule)
+            return Decision(check_sender(rule, sender), rule)
         except RelayRefused as refused:
-            log_refusal(self.peer, rule, sender, refused, self.ctx.listener.name)
+            self.refused(peer, rule, sender, refused)
             raise
-        self.relay_rule = rule
-        return upstream_sender
 
-    async def _relay_connect(self, rule: RelayRule) -> None:
-        upstream = self.upstream
-        if upstream is not None and upstream.connected and self.relay_account == rule.account:
-            return
-        if upstream is not None:  # dropped by the upstream, or the rule's account changed
-            upstream.close()
-        self.upstream, self.in_transaction = None, False
-        self.upstream = await open_service_session(self.ctx, rule)
-        first = self.relay_account is None
-        self.relay_account = self.account = rule.account
-        self.release_preauth()
-        logs.event(log, logging.INFO, "relay_session" if first else "upstream_reconnected",
-                   protocol="smtp", listener=self.ctx.listener.name, rule=rule.name,
-                   account=rule.account, peer=self.peer)
+    def refused(self, peer: Connection, rule: RelayRule | None, sender: str,
+                refused: RelayRefused) -> None:
+        log_refusal(peer.peer, rule, sender, refused, self.listener)
 
 
-__all__ = ["RelayHandler", "RelayRefused", "rule_for", "check_sender", "open_service_session",
-           "seed_metrics", "source_refused", "count", "log_refusal", "NO_RULE"]
+__all__ = ["NO_RULE", "Decision", "RelayRefused", "RelayRules", "check_sender", "count",
+           "log_refusal", "open_service_session", "relay_refusal", "rule_for", "seed_metrics",
+           "source_refused"]

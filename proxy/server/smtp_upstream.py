@@ -1,9 +1,11 @@
-"""The upstream half of the SMTP proxy: one aiosmtplib session per authenticated client.
+"""The upstream half of the SMTP proxy: one aiosmtplib session per client, the SMTP
+``MessageSink``.
 
-``UpstreamSession.open`` connects (implicit TLS, or STARTTLS; always verified), says EHLO and
-logs in with SASL XOAUTH2. Afterwards ``command`` forwards one SMTP command line (``DATA``
-included) and ``write_message``/``end_message`` stream a message after the ``354``; each
-returns the upstream's reply as it came (``Reply``), whatever its code.
+``UpstreamSession.open`` (through ``SmtpOpener``, the login pipeline's opener) connects
+(implicit TLS, or STARTTLS; always verified), says EHLO and logs in with SASL XOAUTH2.
+Afterwards ``mail``/``rcpt``/``data``/``reset`` forward one command line each and
+``write``/``end`` stream a message after the ``354``; each returns the upstream's reply as it
+came (``Reply``), whatever its code.
 
 aiosmtplib knows XOAUTH2 but raises on every non-2xx reply of its high-level methods, and its
 DATA rewrites bare CR/LF and holds the whole message; so only ``execute_command`` and the
@@ -11,116 +13,65 @@ protocol's ``write`` / ``read_response`` are used, and the message goes out byte
 the client sent it (still dot-stuffed: the upstream un-stuffs it).
 
 Library exceptions are translated here, once (STYLE 10): ``UpstreamUnavailable`` (cannot
-connect, finish TLS or EHLO: try later), ``UpstreamRejected`` (the server did not accept the
-login; its reply classified by ``login_reply.smtp_reply`` as an authentication failure, a
-temporary failure or another refusal), ``UpstreamLost`` (the session broke after login:
-closed, reset, timed out, or an unreadable reply).
+connect, finish TLS or EHLO: try later), the ``UpstreamRejected`` verdict (the server did not
+accept the login; its reply classified by ``login_reply.smtp_reply`` as an authentication
+failure, a temporary failure or another refusal), ``SinkLost`` (the session broke after
+login: closed, reset, timed out, or an unreadable reply).
 """
 
 from __future__ import annotations
 
 import contextlib
-import re
+import logging
 import ssl
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
 
 import aiosmtplib
 from aiosmtplib.protocol import SMTPProtocol
 
-from proxy import metrics, tlspolicy
+from proxy import logs, metrics, tlspolicy
 from proxy.config import Upstream
 from proxy.protocol import sasl
-from proxy.protocol.events import ReplyKind
+from proxy.protocol.events import ReplyKind, UpstreamRejected
 from proxy.protocol.login_reply import smtp_reply
-from proxy.server.session import TLS_HANDSHAKE_TIMEOUT
+from proxy.server.pipeline import UpstreamUnavailable
+from proxy.server.smtp_adapter import drain, unclaimed
+from proxy.server.smtp_sink import END_TIMEOUT, Reply, SinkLost, queue_id
+from proxy.text import host_port, joined_lines, untrusted_certificate
+
+log = logging.getLogger("proxy.smtp")
 
 COMMAND_TIMEOUT = 300.0  # RFC 5321 4.5.3.2: MAIL and RCPT 5 minutes, DATA initiation 2
-DATA_END_TIMEOUT = 600.0  # RFC 5321 4.5.3.2.6: 10 minutes for the reply to the final dot
 QUIT_TIMEOUT = 5.0
+UPSTREAM_TLS_TIMEOUT = 15.0  # the STARTTLS handshake with the upstream
 
-_QUEUE_ID = (
-    re.compile(r"queued as\s+([^\s;,\]]+)", re.I),  # Postfix, Exim, Sendmail
-    re.compile(r"<([^<>\s]+)>"),  # Microsoft 365: "2.0.0 OK <id@host> [Hostname=…]"
-    re.compile(r"^\d\.\d{1,3}\.\d{1,3}\s+(?:ok|queued)\W*\s*([A-Za-z0-9][\w.@-]{5,})", re.I),
-)
+class _Rejected(Exception):
+    """The upstream did not accept the login (``SmtpOpener.open`` returns the verdict)."""
 
-
-class UpstreamUnavailable(Exception):
-    """The upstream cannot be reached or did not complete the login; the message says why."""
-
-
-class UpstreamRejected(Exception):
-    """The upstream did not accept the login; the message is its reply (code and text),
-    ``kind`` its classification (never ``OK``) and ``code`` the code that decided it."""
-
-    def __init__(self, text: str, kind: ReplyKind, code: str) -> None:
-        super().__init__(text)
-        self.text, self.kind, self.code = text, kind, code
-
-
-class UpstreamLost(Exception):
-    """The upstream session broke after login; the message says how."""
-
-
-@dataclass(frozen=True)
-class Reply:
-    """One SMTP reply; ``text`` keeps the lines of a multi-line reply separated by LF."""
-
-    code: int
-    text: str
-
-    @property
-    def positive(self) -> bool:
-        return 200 <= self.code < 400
-
-    def wire(self) -> bytes:
-        """The reply as it goes to the client (aiosmtpd's ``push`` appends the final CRLF)."""
-        lines = [_one_line(line) for line in self.text.split("\n")]
-        head = [b"%d-%s" % (self.code, line) for line in lines[:-1]]
-        return b"\r\n".join([*head, b"%d %s" % (self.code, lines[-1])]).rstrip(b" ")
-
-    def __str__(self) -> str:
-        return f"{self.code} {' / '.join(self.text.splitlines())}"
-
-
-def _one_line(text: str) -> bytes:
-    """The bytes the upstream sent (aiosmtplib decoded them with surrogateescape), minus any
-    control character that could end or forge a reply line."""
-    data = text.encode("utf-8", "surrogateescape")
-    return bytes(b if b >= 0x20 and b != 0x7F else 0x20 for b in data)
-
-
-def queue_id(text: str) -> str | None:
-    """The queue id in a reply to the final dot (M365 ``<id@host>``, Postfix ``queued as X``)."""
-    for pattern in _QUEUE_ID:
-        match = pattern.search(text)
-        if match:
-            return match.group(1)[:200]
-    return None
+    def __init__(self, verdict: UpstreamRejected) -> None:
+        super().__init__(verdict.text)
+        self.verdict = verdict
 
 
 @contextlib.contextmanager
 def _login_errors(up: Upstream) -> Iterator[None]:
-    where = f"{up.host}:{up.port}"
+    where = host_port(up.host, up.port)
     try:
         yield
-    except (UpstreamUnavailable, UpstreamRejected):
+    except (UpstreamUnavailable, _Rejected):
         raise
     except ssl.SSLCertVerificationError as exc:
-        raise UpstreamUnavailable(f"TLS certificate of {up.host} not trusted: "
-                                  f"{exc.verify_message}") from None
+        raise UpstreamUnavailable(untrusted_certificate(up.host, exc)) from None
     except aiosmtplib.SMTPConnectTimeoutError:
         raise UpstreamUnavailable(f"connecting to {where} timed out") from None
     except aiosmtplib.SMTPConnectResponseError as exc:
         raise UpstreamUnavailable(f"{where} refused the session: {exc.code} "
-                                  f"{_flat(exc.message)}") from None
+                                  f"{joined_lines(exc.message)}") from None
     except aiosmtplib.SMTPConnectError as exc:
         cause = exc.__cause__
         if isinstance(cause, ssl.SSLCertVerificationError):
-            raise UpstreamUnavailable(f"TLS certificate of {up.host} not trusted: "
-                                      f"{cause.verify_message}") from None
+            raise UpstreamUnavailable(untrusted_certificate(up.host, cause)) from None
         detail = (cause.strerror if isinstance(cause, OSError) else None) or cause or exc
         raise UpstreamUnavailable(f"cannot connect to {where}: {detail}") from None
     except aiosmtplib.SMTPTimeoutError:
@@ -128,7 +79,7 @@ def _login_errors(up: Upstream) -> Iterator[None]:
     except aiosmtplib.SMTPServerDisconnected:
         raise UpstreamUnavailable(f"{where} closed the connection during login") from None
     except aiosmtplib.SMTPResponseException as exc:
-        raise UpstreamUnavailable(f"{where} answered {exc.code} {_flat(exc.message)} "
+        raise UpstreamUnavailable(f"{where} answered {exc.code} {joined_lines(exc.message)} "
                                   "during login") from None
     except (aiosmtplib.SMTPException, ssl.SSLError, OSError) as exc:
         raise UpstreamUnavailable(f"{where}: {exc}") from None
@@ -139,32 +90,30 @@ def _session_errors(up: Upstream) -> Iterator[None]:
     try:
         yield
     except aiosmtplib.SMTPTimeoutError:
-        raise UpstreamLost(f"{up.host} did not answer in time") from None
+        raise SinkLost(f"{up.host} did not answer in time") from None
     except aiosmtplib.SMTPServerDisconnected:
-        raise UpstreamLost(f"{up.host} closed the connection") from None
+        raise SinkLost(f"{up.host} closed the connection") from None
     except aiosmtplib.SMTPResponseException as exc:  # an unparseable or oversized reply
-        raise UpstreamLost(f"{up.host} sent a bad reply: {_flat(exc.message)}") from None
+        raise SinkLost(f"{up.host} sent a bad reply: {joined_lines(exc.message)}") from None
     except (aiosmtplib.SMTPException, ssl.SSLError, OSError, ValueError) as exc:
-        raise UpstreamLost(f"{up.host}: {exc}") from None
-
-
-def _flat(text: str) -> str:
-    return " / ".join(line.strip() for line in text.splitlines())[:300]
+        raise SinkLost(f"{up.host}: {exc}") from None
 
 
 class UpstreamSession:
-    """A logged-in SMTP session to the upstream; one per client connection."""
+    """A logged-in SMTP session to the upstream, one per client connection: the SMTP
+    ``MessageSink``. ``log_fields`` (account, peer) go on its own log lines."""
 
     def __init__(self, upstream: Upstream, client: aiosmtplib.SMTP) -> None:
         self.upstream = upstream
         self.client = client
         self.size_limit: int | None = _size(client)
-        self.out_of_step = False  # the upstream answered more than was asked: closed
+        self.log_fields: dict[str, object] = {}
 
     @classmethod
     async def open(cls, upstream: Upstream, context: ssl.SSLContext, mailbox: str, token: str,
-                   *, local_name: str) -> UpstreamSession:
-        """Connect, secure, EHLO and log in; raise ``UpstreamUnavailable``/``UpstreamRejected``."""
+                   *, local_name: str) -> UpstreamSession | UpstreamRejected:
+        """Connect, secure, EHLO and log in; the upstream's refusal, or raise
+        ``UpstreamUnavailable``."""
         implicit = upstream.tls == "implicit"
         client = aiosmtplib.SMTP(hostname=upstream.host, port=upstream.port, use_tls=implicit,
                                  start_tls=False, tls_context=context, local_hostname=local_name,
@@ -176,13 +125,16 @@ class UpstreamSession:
                 if not implicit:
                     await client.ehlo(timeout=upstream.connect_timeout)
                     if not client.supports_extension("starttls"):
-                        raise UpstreamUnavailable(f"{upstream.host}:{upstream.port} does not offer "
-                                                  "STARTTLS (upstream TLS is required)")
+                        raise UpstreamUnavailable(f"{host_port(upstream.host, upstream.port)} does "
+                                                  "not offer STARTTLS (upstream TLS is required)")
                     await client.starttls(server_hostname=upstream.host,
-                                          timeout=TLS_HANDSHAKE_TIMEOUT)
+                                          timeout=UPSTREAM_TLS_TIMEOUT)
                 metrics.UPSTREAM_CONNECT_SECONDS.labels("smtp").observe(time.monotonic() - started)
                 await client.ehlo(timeout=upstream.connect_timeout)
                 await _xoauth2(client, upstream, mailbox, token)
+        except _Rejected as exc:
+            client.close()
+            return exc.verdict
         except BaseException:
             client.close()
             raise
@@ -200,59 +152,82 @@ class UpstreamSession:
             transport.get_extra_info("ssl_object") if transport is not None else None)
 
     async def command(self, *args: bytes, timeout: float = COMMAND_TIMEOUT) -> Reply:
-        """Send one command line; return the reply whatever its code (raise ``UpstreamLost``)."""
+        """Send one command line; return the reply whatever its code (raise ``SinkLost``)."""
         self._check_in_step()
         with _session_errors(self.upstream):
             response = await self.client.execute_command(*args, timeout=timeout)
         return Reply(response.code, response.message)
 
-    async def write_message(self, chunk: bytes) -> None:
-        """Part of a message after the upstream's ``354``, as the client sent it (dot-stuffed);
-        returns once the upstream's transport can take more (raise ``UpstreamLost``)."""
-        with _session_errors(self.upstream):
-            protocol = self._protocol()
-            protocol.write(chunk)
-            await protocol._drain_helper()  # FlowControlMixin's wait while the buffer is full
+    # --- the MessageSink ------------------------------------------------------------------
 
-    async def end_message(self, chunk: bytes) -> Reply:
-        """The last part of a message (ending with the end-of-data line); the upstream's reply
-        to it. An error leaves the session out of step, so it is closed."""
+    async def mail(self, sender: str, options: Sequence[str]) -> Reply:
+        path = b"<>" if sender in ("", "<>") else b"<" + _raw(sender) + b">"  # aiosmtpd: "<>"
+        return await self.command(b"MAIL", b"FROM:" + path, *map(_raw, options))
+
+    async def rcpt(self, recipient: str, options: Sequence[str]) -> Reply:
+        return await self.command(b"RCPT", b"TO:<" + _raw(recipient) + b">", *map(_raw, options))
+
+    async def data(self) -> Reply:
+        return await self.command(b"DATA")
+
+    async def reset(self) -> Reply:
+        return await self.command(b"RSET")
+
+    async def write(self, chunk: bytes) -> None:
+        """Part of a message after the upstream's ``354``, as the client sent it (dot-stuffed);
+        returns once the upstream's transport can take more (raise ``SinkLost``)."""
+        with _session_errors(self.upstream):
+            self._protocol().write(chunk)
+            await drain(self.client)
+
+    async def end(self) -> Reply:
+        """The end-of-data line; the upstream's reply to it. An error leaves the session out
+        of step, so it is closed."""
         with _session_errors(self.upstream):
             try:
                 protocol = self._protocol()
                 # write and read_response back to back: the reply cannot arrive unclaimed
-                protocol.write(chunk)
-                response = await protocol.read_response(timeout=DATA_END_TIMEOUT)
+                protocol.write(b".\r\n")
+                response = await protocol.read_response(timeout=END_TIMEOUT)
             except BaseException:
                 self.client.close()
                 raise
         if response.code == 421:
             self.client.close()
-        elif self._unclaimed():
+        elif unclaimed(self.client):
             # More than one reply to one end of data: the upstream read something else as
             # commands. Its first reply answers the message; the session is done.
-            self.out_of_step = True
+            logs.event(log, logging.WARNING, "upstream_out_of_step", protocol="smtp",
+                       **self.log_fields,
+                       reason=f"{self.upstream.host} sent more than one reply to the end of a "
+                              "message; its session is closed and the next message opens a "
+                              "new one")
             self.client.close()
         return Reply(response.code, response.message)
 
-    def _unclaimed(self) -> int:
-        """Bytes the upstream sent after the reply just read (aiosmtplib keeps them in its
-        protocol's buffer, where the next command would take them for its own reply)."""
-        buffer = getattr(self.client.protocol, "_buffer", None)
-        return len(buffer) if buffer is not None else 0
+    async def abort(self) -> None:
+        """Drop the session: the upstream never sees an end of data."""
+        self.drop()
+
+    async def close(self) -> None:
+        await self.quit()
+
+    # --- the session ----------------------------------------------------------------------
 
     def _check_in_step(self) -> None:
-        if self._unclaimed():
-            self.out_of_step = True
+        if unclaimed(self.client):
             self.client.close()
-            raise UpstreamLost(f"{self.upstream.host} sent a reply to no command; the session "
-                               "was out of step and is closed")
+            raise SinkLost(f"{self.upstream.host} sent a reply to no command; the session "
+                           "was out of step and is closed")
 
     def _protocol(self) -> SMTPProtocol:
         protocol = self.client.protocol
         if protocol is None:
-            raise UpstreamLost(f"{self.upstream.host} closed the connection")
+            raise SinkLost(f"{self.upstream.host} closed the connection")
         return protocol
+
+    async def noop(self) -> Reply:
+        return await self.command(b"NOOP")
 
     async def quit(self) -> Reply | None:
         """QUIT politely (briefly) and close; None when the upstream did not answer."""
@@ -260,13 +235,19 @@ class UpstreamSession:
             if self.client.is_connected:
                 return await self.command(b"QUIT", timeout=QUIT_TIMEOUT)
             return None
-        except UpstreamLost:
+        except SinkLost:
             return None
         finally:
-            self.close()
+            self.drop()
 
-    def close(self) -> None:
+    def drop(self) -> None:
+        """Close the connection at once."""
         self.client.close()
+
+
+def _raw(text: str) -> bytes:
+    """aiosmtpd decoded the command with surrogateescape (SMTPUTF8): the bytes again."""
+    return text.encode("utf-8", "surrogateescape")
 
 
 # RFC 5321 caps a command line at 512 octets; RFC 4954 lets AUTH go further, but servers differ
@@ -287,8 +268,8 @@ async def _xoauth2(client: aiosmtplib.SMTP, up: Upstream, mailbox: str, token: s
         response = await client.execute_command(b"AUTH", b"XOAUTH2", timeout=up.connect_timeout)
         if response.code != 334:
             _verdict(response.code, response.message, "", token_sent=False)
-            raise UpstreamUnavailable(f"{up.host}:{up.port} accepted AUTH XOAUTH2 without "
-                                      "a response")
+            raise UpstreamUnavailable(f"{host_port(up.host, up.port)} accepted AUTH XOAUTH2 "
+                                      "without a response")
         response = await client.execute_command(b64, timeout=up.connect_timeout)
     detail = ""
     if response.code == 334:
@@ -301,7 +282,8 @@ def _verdict(code: int, message: str, detail: str, *, token_sent: bool) -> None:
     """Return on success; otherwise raise ``UpstreamRejected`` with the reply's kind."""
     reply = smtp_reply(code, message, token_sent=token_sent)
     if reply.kind is not ReplyKind.OK:
-        raise UpstreamRejected(f"{code} {_flat(message)}{detail}", reply.kind, reply.code)
+        raise _Rejected(UpstreamRejected(f"{code} {joined_lines(message)}{detail}", reply.kind,
+                                         reply.code))
 
 
 def _size(client: aiosmtplib.SMTP) -> int | None:
@@ -309,5 +291,22 @@ def _size(client: aiosmtplib.SMTP) -> int | None:
     return int(value) if value.strip().isdigit() and int(value) > 0 else None
 
 
-__all__ = ["Reply", "UpstreamSession", "UpstreamUnavailable", "UpstreamRejected", "UpstreamLost",
-           "queue_id", "COMMAND_TIMEOUT", "DATA_END_TIMEOUT"]
+class SmtpOpener:
+    """How SMTP opens and authenticates its upstream (the login pipeline's ``UpstreamOpener``)."""
+
+    def __init__(self, upstream: Upstream, context: ssl.SSLContext, local_name: str) -> None:
+        self.upstream, self.context, self.local_name = upstream, context, local_name
+
+    @property
+    def host(self) -> str:
+        return self.upstream.host
+
+    async def open(self, mailbox: str, token: str) -> UpstreamSession | UpstreamRejected:
+        return await UpstreamSession.open(self.upstream, self.context, mailbox, token,
+                                          local_name=self.local_name)
+
+    def tls_version(self, upstream: UpstreamSession) -> str | None:
+        return upstream.tls_version
+
+
+__all__ = ["COMMAND_TIMEOUT", "Reply", "SmtpOpener", "UpstreamSession", "queue_id"]

@@ -177,12 +177,12 @@ async def test_soak_with_faults(tmp_path: Path, demo_upstream_factory: Any, trou
     upstream = demo_upstream_factory(access_token_lifetime=30)
     protocols = ("imap", "pop", "smtp")
     relaying: weakref.WeakSet[session_mod.Session] = weakref.WeakSet()
-    real_relay = session_mod.Session._relay
+    real_relay = session_mod.Session.relay
 
     async def tracked_relay(self: session_mod.Session, client_bytes: bytes) -> None:
         relaying.add(self)
         await real_relay(self, client_bytes)
-    monkeypatch.setattr(session_mod.Session, "_relay", tracked_relay)
+    monkeypatch.setattr(session_mod.Session, "relay", tracked_relay)
 
     env = await start_env(tmp_path, upstream, protocols=protocols, provider_timeout=2,
                           limits={"lockout_after": 10_000})

@@ -15,7 +15,6 @@ import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -26,8 +25,9 @@ from proxy.auth import flows
 from proxy.config import ConfigError
 from proxy.demo.process import DemoUpstream
 from proxy.secret import Secret
+from proxy.server.connection import Connection
 from proxy.server.daemon import Daemon
-from proxy.server.smtp import ConnectionHandler, SmtpContext
+from proxy.server.limits import PreauthLimiter
 from proxy.server.smtp_relay import rule_for
 from tests.proxyenv import PASSWORD, USER, ProxyEnv, config_dict, open_store, to_toml
 from tests.server.smtp_util import (
@@ -422,9 +422,8 @@ def test_rule_matching_and_auth_over_plaintext_beyond_loopback(
     assert config_mod.RelayRule("r", "smtp", (), SCANNER, ("<>",)).allows_sender("<>")
 
     # The listener is plaintext beyond loopback: AUTH stays loopback-only (or after TLS).
-    handler = ConnectionHandler(SmtpContext(cfg.listeners[0], *[None] * 6))  # type: ignore[arg-type]
-    no_tls = SimpleNamespace(session=SimpleNamespace(ssl=None))
-    handler.peer_host = "192.0.2.9"
-    assert not handler._auth_allowed(no_tls)  # type: ignore[arg-type]
-    handler.peer_host = "127.0.0.3"
-    assert handler._auth_allowed(no_tls)  # type: ignore[arg-type]
+    def may_send_password(host: str) -> bool:
+        conn = Connection(cfg.listeners[0], PreauthLimiter(cfg.limits), (host, 2525))
+        return conn.may_send_password(tls_active=False)
+    assert not may_send_password("192.0.2.9")
+    assert may_send_password("127.0.0.3")

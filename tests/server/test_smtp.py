@@ -13,19 +13,19 @@ import smtplib
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from proxy.config import Address, Listener
+from proxy.config import Address, Limits, Listener
 from proxy.demo import certs
 from proxy.demo.process import DemoUpstream
 from proxy.protocol import sasl
 from proxy.server import smtp as smtp_mod
-from proxy.server.smtp import ConnectionHandler, SmtpContext
+from proxy.server.connection import Connection
+from proxy.server.limits import PreauthLimiter
 from proxy.server.smtp_upstream import Reply, queue_id
 from tests.proxyenv import PASSWORD, USER, ProxyEnv, authorise
 from tests.server.smtp_commands import CLOSING, Client, UpstreamRecorder, check_reply
@@ -643,9 +643,8 @@ def test_auth_before_tls_only_for_loopback_peers() -> None:
                 insecure: bool = False) -> bool:
         listener = Listener("smtp", "smtp", Address("0.0.0.0", 587), "up", tls,  # noqa: S104
                             Path("/c"), Path("/k"), insecure)
-        handler = ConnectionHandler(SmtpContext(listener, None, None, None, None, None, None))  # type: ignore[arg-type]
-        handler.peer_host = host
-        return handler._auth_allowed(SimpleNamespace(session=SimpleNamespace(ssl=ssl_info)))  # type: ignore[arg-type]
+        conn = Connection(listener, PreauthLimiter(Limits()), (host, 2525))
+        return conn.may_send_password(tls_active=ssl_info is not None)
 
     assert allowed("127.0.0.1") and allowed("::1") and allowed("::ffff:127.0.0.1")
     assert not allowed("192.0.2.7")
