@@ -31,7 +31,7 @@ def parse(data: dict[str, Any], file: Path) -> Config:
     upstreams, graph = read_upstreams(top)
     providers = read_providers(top)
     accounts = read_accounts(top, providers)
-    listeners = read_listeners(top, upstreams)
+    listeners = read_listeners(top, upstreams, frozenset(graph.upstreams))
     relays = read_relays(top, {li.name: li for li, _ in listeners}, accounts)
     config = Config(path=file, state_dir=state_dir, listeners=restrict_old_tls(listeners, relays),
                     upstreams=upstreams, providers=providers, accounts=accounts,

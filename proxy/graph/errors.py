@@ -11,7 +11,7 @@ from typing import Any
 
 from proxy.auth.errors import TokenError
 from proxy.protocol.events import Failure
-from proxy.server.smtp_upstream import Reply
+from proxy.server.smtp_sink import Reply
 from proxy.text import one_line, untrusted_certificate
 
 THROTTLED = frozenset({429, 503, 504})

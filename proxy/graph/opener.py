@@ -10,17 +10,15 @@ from __future__ import annotations
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from proxy.config import RelayRule
 from proxy.graph.client import GraphClient, TokenSource
 from proxy.graph.sink import GraphSink
 
 
 class GraphOpener:
     def __init__(self, client: GraphClient, token: TokenSource, spool: Path, *,
-                 account: str, size_limit: int, rule: RelayRule | None = None,
-                 peer: str = "") -> None:
+                 account: str, size_limit: int) -> None:
         self.client, self.token, self.spool = client, token, spool
-        self.account, self.size_limit, self.rule, self.peer = account, size_limit, rule, peer
+        self.account, self.size_limit = account, size_limit
 
     @property
     def host(self) -> str:
@@ -28,8 +26,7 @@ class GraphOpener:
 
     async def open(self, mailbox: str, token: str) -> GraphSink:
         return GraphSink(self.client, account=self.account, mailbox=mailbox, token=self.token,
-                         spool=self.spool, size_limit=self.size_limit, rule=self.rule,
-                         peer=self.peer)
+                         spool=self.spool, size_limit=self.size_limit)
 
     def tls_version(self, upstream: GraphSink) -> str | None:
         return None

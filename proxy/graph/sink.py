@@ -1,11 +1,14 @@
 """``GraphSink``: an SMTP client's transactions sent through Microsoft Graph (a ``MessageSink``).
 
 The proxy answers MAIL and RCPT itself (the path's syntax with ``proxy.protocol.smtp_syntax``,
-the ``[[relay]]`` rule's senders, SIZE), spools DATA un-dot-stuffed into a private file
-(``state_dir/graph-spool``, 0700; the file 0600, written in 1 MiB steps on a worker thread,
-removed after the answer), and after the final dot submits it with ``GraphClient`` and answers
-``250`` only after Graph's 202, with Graph's request id as the queue id. One log line per
-message (envelope only) and the ``xoauth2_proxy_graph_messages_total`` counter.
+SIZE; the ``[[relay]]`` rules are the SMTP front's, before MAIL reaches a sink), spools DATA
+un-dot-stuffed into a private file (``state_dir/graph-spool``, 0700; the file 0600, written in
+1 MiB steps on a worker thread, removed after the answer), and after the final dot submits it
+with ``GraphClient`` and answers ``250`` only after Graph's 202, with Graph's request id as the
+queue id (the transaction relay's message line logs it). ``xoauth2_proxy_graph_messages_total``
+counts the outcomes; a debug line says how Graph answered. ``noop``, ``quit``, ``drop``,
+``connected``, ``size_limit`` and ``log_fields`` are what the SMTP front asks of an upstream
+session besides the ``MessageSink`` methods.
 """
 
 from __future__ import annotations
@@ -23,11 +26,10 @@ from typing import BinaryIO
 from prometheus_client import Counter
 
 from proxy import logs, metrics
-from proxy.config import RelayRule
 from proxy.graph.client import GraphClient, TokenSource
 from proxy.graph.errors import GraphFailure
 from proxy.protocol.smtp_syntax import BadPath, parse_path
-from proxy.server.smtp_upstream import Reply
+from proxy.server.smtp_sink import Reply
 
 log = logging.getLogger("proxy.graph")
 
@@ -51,10 +53,11 @@ class GraphSink:
     """One client connection's transactions, sent through Graph as ``mailbox``."""
 
     def __init__(self, client: GraphClient, *, account: str, mailbox: str, token: TokenSource,
-                 spool: Path, size_limit: int, rule: RelayRule | None = None,
-                 peer: str = "") -> None:
+                 spool: Path, size_limit: int) -> None:
         self.client, self.account, self.mailbox, self.token = client, account, mailbox, token
-        self.spool, self.size_limit, self.rule, self.peer = spool, size_limit, rule, peer
+        self.spool, self.size_limit = spool, size_limit
+        self.log_fields: dict[str, object] = {}
+        self.connected = True
         self._sender: str | None = None
         self._recipients: list[str] = []
         self._file: BinaryIO | None = None
@@ -70,8 +73,6 @@ class GraphSink:
             return Reply(503, "5.5.1 Sender already specified")
         if sender not in ("", "<>") and isinstance(parse_path(f"<{sender}>"), BadPath):
             return Reply(501, "5.1.7 Bad sender address syntax")
-        if self.rule is not None and not self.rule.allows_sender(sender):
-            return Reply(550, f"5.7.1 Sender not allowed by relay rule {self.rule.name}")
         for option in options:
             keyword, _, value = option.partition("=")
             if keyword.upper() == "SIZE" and value.isdigit() and int(value) > self.size_limit:
@@ -152,6 +153,26 @@ class GraphSink:
     async def close(self) -> None:
         await self.abort()
 
+    # --- what the SMTP front asks of an upstream session ----------------------------------
+
+    async def noop(self) -> Reply:
+        return Reply(250, "2.0.0 OK")
+
+    async def quit(self) -> Reply:
+        self.drop()
+        return Reply(221, "2.0.0 Bye")
+
+    def drop(self) -> None:
+        """Forget the transaction at once (no await: the front's ``drop``)."""
+        self.connected = False
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self._path.unlink()
+            self._path = None
+
     # --- helpers ------------------------------------------------------------------------------
 
     async def _flush(self) -> None:
@@ -168,11 +189,7 @@ class GraphSink:
     def _logged(self, reply: Reply, result: str, size: int, started: float,
                 request_id: str | None, reason: str | None = None) -> Reply:
         MESSAGES.labels(result).inc()
-        logs.event(log, logging.INFO if result == "accepted" else logging.WARNING, "message",
-                   protocol="smtp", via="graph", account=self.account, peer=self.peer or None,
-                   rule=self.rule.name if self.rule is not None else None,
-                   sender=self._sender, recipients=len(self._recipients), size=size,
-                   queue_id=request_id, result=result, reason=reason,
-                   reply=str(reply)[:300] if result != "accepted" else None,
-                   latency=round(time.monotonic() - started, 3))
+        logs.event(log, logging.DEBUG, "graph_submission", **self.log_fields,
+                   recipients=len(self._recipients), size=size, request_id=request_id,
+                   result=result, reason=reason, latency=round(time.monotonic() - started, 3))
         return reply

@@ -22,7 +22,8 @@ from proxy.demo.process import DemoUpstream
 from proxy.server.daemon import Daemon
 from tests.graph.test_sink import big_message
 from tests.graph.util import graph_dict
-from tests.proxyenv import PASSWORD, USER, ProxyEnv, authorise
+from tests.proxyenv import USER, ProxyEnv, authorise
+from tests.server.smtp_util import DEVICE_PASSWORD, add_device_password
 
 MESSAGE = (f"From: Alice <{USER}>\r\nTo: {USER}\r\nSubject: via Graph\r\n"
            "Message-ID: <graph-1@contoso.example>\r\n\r\nfirst line\r\n"
@@ -38,8 +39,10 @@ async def graph_env(tmp_path: Path, demo_upstream: DemoUpstream) -> AsyncIterato
     token_store = authorise(cfg, demo_upstream)
     daemon = Daemon(cfg)
     await daemon.start()
+    env = ProxyEnv(demo_upstream, cfg, token_store, daemon)
+    add_device_password(env)  # smtplib, imaplib and swaks send ASCII passwords
     try:
-        yield ProxyEnv(demo_upstream, cfg, token_store, daemon)
+        yield env
     finally:
         await daemon.stop()
 
@@ -51,14 +54,14 @@ def in_thread(fn: Any) -> Any:
 def smtp_login(port: int) -> smtplib.SMTP:
     client = smtplib.SMTP("127.0.0.1", port, timeout=120)
     client.ehlo("client.example")
-    client.login(USER, PASSWORD)
+    client.login(USER, DEVICE_PASSWORD)
     return client
 
 
 def imap_messages(port: int) -> list[bytes]:
     client = imaplib.IMAP4("127.0.0.1", port, timeout=60)
     try:
-        client.login(USER, PASSWORD)
+        client.login(USER, DEVICE_PASSWORD)
         client.select("INBOX", readonly=True)
         _, data = client.fetch("1:*", "(BODY.PEEK[])")
         return [item[1] for item in data if isinstance(item, tuple)]
@@ -140,7 +143,7 @@ async def test_smtp_auth_off_falls_back_to_graph(graph_env: ProxyEnv,
     async def swaks(subject: str) -> str:
         proc = await asyncio.create_subprocess_exec(
             "swaks", "--server", "127.0.0.1", "--port", str(graph_env.ports["smtp"]),
-            "--auth", "PLAIN", "--auth-user", USER, "--auth-password", PASSWORD,
+            "--auth", "PLAIN", "--auth-user", USER, "--auth-password", DEVICE_PASSWORD,
             "--from", USER, "--to", USER, "--header", f"Subject: {subject}",
             "--body", "sent by swaks", "--timeout", "60",
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
