@@ -33,7 +33,7 @@ from proxy.graph.settings import GraphUpstream
 TokenSource = Callable[[str | None], Awaitable[str]]  # rejected token (or None) -> a token
 READ = 3 * 256 * 1024  # bytes read from the spool per step (a multiple of 3: base64 lines up)
 SMALL_ATTACHMENT = 3 * 1024 * 1024
-UPLOAD_CHUNK = 12 * 320 * 1024
+UPLOAD_CHUNK = 5 * 320 * 1024  # 1.56 MiB: Graph takes any multiple of 320 KiB up to 4 MB
 
 
 class GraphClient:
