@@ -25,6 +25,7 @@ from proxy.commands import (
 )
 from proxy.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load
 from proxy.migrate import command as migrate_command
+from proxy.text import host_port
 
 
 def cmd_version(args: argparse.Namespace) -> int:
@@ -45,7 +46,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         floor = f" {li.min_tls_version}+" if li.tls != "none" else ""
         sources = f", only from {', '.join(map(str, li.allow_from))}" if li.allow_from else ""
         print(f"  listener {li.name}: {li.protocol} on {li.listen} (local TLS {li.tls}{floor}"
-              f"{sources}) -> {up.host}:{up.port} ({up.tls} TLS)")
+              f"{sources}) -> {host_port(up.host, up.port)} ({up.tls} TLS)")
         if li.old_tls and li.tls != "none":
             print(f"  warning: listener {li.name} accepts TLS {li.min_tls_version}, which is weak; "
                   "serve only devices that cannot do TLS 1.2 (docs/devices.md)")

@@ -33,7 +33,7 @@ from __future__ import annotations
 import platform
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from prometheus_client import (
@@ -63,63 +63,78 @@ BUILD = Info("xoauth2_proxy_build", "Version of the running proxy.", registry=RE
 BUILD.info({"version": __version__, "python": platform.python_version()})
 ProcessCollector(registry=REGISTRY)
 
-LISTENERS_READY = Gauge("xoauth2_proxy_ready", "1 while every listener accepts connections.",
-                        registry=REGISTRY)
-RELOADS = Counter("xoauth2_proxy_config_reloads_total",
-                  "Configuration reloads (SIGHUP) by outcome.", ["result"], registry=REGISTRY)
-RELOAD_OK = Gauge("xoauth2_proxy_config_last_reload_successful",
-                  "1 if the last configuration reload succeeded (or none was tried).",
-                  registry=REGISTRY)
-RELOAD_OK.set(1)
-RELOAD_TIME = Gauge("xoauth2_proxy_config_last_reload_success_timestamp_seconds",
-                    "When the configuration was last loaded successfully (Unix time).",
-                    registry=REGISTRY)
 
-CONNECTIONS = Counter("xoauth2_proxy_connections_total", "Client connections accepted.",
-                      ["protocol", "listener"], registry=REGISTRY)
-CONNECTIONS_ACTIVE = Gauge("xoauth2_proxy_connections_active", "Client connections open now.",
-                           ["protocol", "listener"], registry=REGISTRY)
+def _counter(name: str, help_: str, labels: Sequence[str] = ()) -> Counter:
+    return Counter(f"xoauth2_proxy_{name}", help_, labels, registry=REGISTRY)
+
+
+def _gauge(name: str, help_: str, labels: Sequence[str] = ()) -> Gauge:
+    return Gauge(f"xoauth2_proxy_{name}", help_, labels, registry=REGISTRY)
+
+
+def _histogram(name: str, help_: str, labels: Sequence[str] = (), *,
+               buckets: Sequence[float]) -> Histogram:
+    return Histogram(f"xoauth2_proxy_{name}", help_, labels, registry=REGISTRY, buckets=buckets)
+
+
+LISTENERS_READY = _gauge("ready", "1 while every listener accepts connections.")
+RELOADS = _counter("config_reloads_total", "Configuration reloads (SIGHUP) by outcome.", ["result"])
+RELOAD_OK = _gauge(
+    "config_last_reload_successful",
+    "1 if the last configuration reload succeeded (or none was tried).")
+RELOAD_OK.set(1)
+RELOAD_TIME = _gauge(
+    "config_last_reload_success_timestamp_seconds",
+    "When the configuration was last loaded successfully (Unix time).")
+
+CONNECTIONS = _counter("connections_total", "Client connections accepted.",
+                       ["protocol", "listener"])
+CONNECTIONS_ACTIVE = _gauge("connections_active", "Client connections open now.",
+                            ["protocol", "listener"])
 TLS_VERSIONS = ("1.0", "1.1", "1.2", "1.3")
-TLS_HANDSHAKES = Counter("xoauth2_proxy_tls_handshakes_total",
-                         "Client TLS handshakes completed, by listener and negotiated version.",
-                         ["listener", "version"], registry=REGISTRY)
-LOGINS = Counter("xoauth2_proxy_logins_total", "Client logins by outcome.",
-                 ["protocol", "result"], registry=REGISTRY)
-UPSTREAM_CONNECT_SECONDS = Histogram(
-    "xoauth2_proxy_upstream_connect_seconds", "Time to connect to the upstream, TLS included.",
-    ["protocol"], registry=REGISTRY,
+TLS_HANDSHAKES = _counter(
+    "tls_handshakes_total",
+    "Client TLS handshakes completed, by listener and negotiated version.",
+    ["listener", "version"])
+LOGINS = _counter("logins_total", "Client logins by outcome.", ["protocol", "result"])
+UPSTREAM_CONNECT_SECONDS = _histogram(
+    "upstream_connect_seconds",
+    "Time to connect to the upstream, TLS included.",
+    ["protocol"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
-UPSTREAM_LOGIN_SECONDS = Histogram(
-    "xoauth2_proxy_upstream_login_seconds", "Time from client credentials to upstream login OK.",
-    ["protocol"], registry=REGISTRY,
+UPSTREAM_LOGIN_SECONDS = _histogram(
+    "upstream_login_seconds",
+    "Time from client credentials to upstream login OK.",
+    ["protocol"],
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
 # hit: a login took a warm connection; miss: none was ready; stale: one the upstream had closed
 # (or that broke during the login, which then used a new one); expired: closed unused
 WARM_RESULTS = ("hit", "miss", "stale", "expired")
-UPSTREAM_WARM = Counter("xoauth2_proxy_upstream_warm_connections_total",
-                        "Warm upstream connections (IMAP/POP3) by what became of them.",
-                        ["protocol", "result"], registry=REGISTRY)
-TOKEN_REFRESHES = Counter("xoauth2_proxy_token_refreshes_total",
-                          "Token requests to the identity platform by outcome.", ["result"],
-                          registry=REGISTRY)
-TOKEN_REFRESH_SECONDS = Histogram("xoauth2_proxy_token_refresh_seconds",
-                                  "Latency of token requests to the identity platform.",
-                                  registry=REGISTRY,
-                                  buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
-TOKEN_FILE_WRITE_ERRORS = Counter("xoauth2_proxy_token_file_write_errors_total",
-                                  "Token files that could not be written (serving from memory).",
-                                  registry=REGISTRY)
-BYTES_RELAYED = Counter("xoauth2_proxy_relayed_bytes_total", "Bytes relayed after login.",
-                        ["protocol", "direction"], registry=REGISTRY)
-SMTP_MESSAGES = Counter("xoauth2_proxy_smtp_messages_total", "SMTP messages by outcome.",
-                        ["result"], registry=REGISTRY)
-SMTP_RECIPIENTS = Counter("xoauth2_proxy_smtp_recipients_total", "SMTP recipients by outcome.",
-                          ["result"], registry=REGISTRY)
+UPSTREAM_WARM = _counter(
+    "upstream_warm_connections_total",
+    "Warm upstream connections (IMAP/POP3) by what became of them.",
+    ["protocol", "result"])
+TOKEN_REFRESHES = _counter(
+    "token_refreshes_total",
+    "Token requests to the identity platform by outcome.",
+    ["result"])
+TOKEN_REFRESH_SECONDS = _histogram(
+    "token_refresh_seconds",
+    "Latency of token requests to the identity platform.",
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+TOKEN_FILE_WRITE_ERRORS = _counter(
+    "token_file_write_errors_total",
+    "Token files that could not be written (serving from memory).")
+BYTES_RELAYED = _counter("relayed_bytes_total", "Bytes relayed after login.",
+                         ["protocol", "direction"])
+SMTP_MESSAGES = _counter("smtp_messages_total", "SMTP messages by outcome.", ["result"])
+SMTP_RECIPIENTS = _counter("smtp_recipients_total", "SMTP recipients by outcome.", ["result"])
 # rule: a [[relay]] rule name from the config, or "(none)" for a source no rule allows
 RELAY_RESULTS = ("accepted", "deferred", "rejected", "failed", "refused", "unavailable")
-RELAY_MESSAGES = Counter("xoauth2_proxy_relay_messages_total",
-                         "Messages sent under a [[relay]] rule, by rule and outcome.",
-                         ["rule", "result"], registry=REGISTRY)
+RELAY_MESSAGES = _counter(
+    "relay_messages_total",
+    "Messages sent under a [[relay]] rule, by rule and outcome.",
+    ["rule", "result"])
 
 
 @dataclass

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -289,3 +291,43 @@ def test_devices_example_old_printer_listener_loads(tmp_path: Path) -> None:
                        SHIPPED / "config" / "devices.toml")
     li = next(li for li in cfg.listeners if li.name == "old-printers")
     assert li.old_tls and [str(n) for n in li.allow_from] == ["192.168.20.0/24"]
+
+
+@dataclass(frozen=True)
+class Example:
+    size: int
+    name: str
+
+
+def read_example(top: config.Table) -> Example:
+    """A config section as another package would write one: the reader's Table in, a frozen
+    dataclass out, every mistake a ConfigError naming the key."""
+    t = top.table("example", required=True)
+    assert t is not None
+    example = Example(size=int(t.number("size", 1, 1, 10)), name=t.text("name", "x"))
+    t.done()
+    return example
+
+
+def test_a_section_reads_through_the_public_table(tmp_path: Path) -> None:
+    file = tmp_path / "config.toml"
+    top = config.Table({"example": {"size": 3}}, "", file)
+    assert read_example(top) == Example(3, "x")
+    with pytest.raises(ConfigError, match=r"config.toml: example.size: must be between 1 and 10"):
+        read_example(config.Table({"example": {"size": 11}}, "", file))
+    with pytest.raises(ConfigError, match=r"example.sise: unknown key; did you mean 'size'\?"):
+        read_example(config.Table({"example": {"sise": 1}}, "", file))
+
+
+def test_the_reader_and_model_import_without_the_loader(tmp_path: Path) -> None:
+    """A section module elsewhere imports proxy.config.reader and .model; the loader, which
+    imports that section, must then not be imported with them (it would be a cycle)."""
+    code = ("import sys, proxy.config.reader, proxy.config.model, proxy.config as c\n"
+            "assert 'proxy.config.loader' not in sys.modules, 'loader imported too early'\n"
+            "assert c.load is sys.modules['proxy.config.loader'].load\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(Path(config.__file__).resolve().parent.parent.parent),
+         *filter(None, [os.environ.get("PYTHONPATH")])]))
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr

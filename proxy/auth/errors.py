@@ -12,11 +12,13 @@ import re
 from proxy.protocol.events import Failure
 
 _AADSTS = re.compile(r"AADSTS\d+")
+_BAD_CREDENTIALS = "Invalid user name or local password."
 
 
 class TokenError(Exception):
     failure: Failure = Failure.UNAVAILABLE
     result: str = "provider_unavailable"
+    client_text: str = "Login failed."  # the sentence of a class whose user_text is fixed
 
     def __init__(self, account: str, detail: str = "") -> None:
         super().__init__(f"{account}: {detail}" if detail else account)
@@ -25,23 +27,17 @@ class TokenError(Exception):
 
     @property
     def user_text(self) -> str:
-        return "Login failed."
+        return self.client_text
 
 
 class WrongPassword(TokenError):
     failure, result = Failure.BAD_CREDENTIALS, "bad_password"
-
-    @property
-    def user_text(self) -> str:
-        return "Invalid user name or local password."
+    client_text = _BAD_CREDENTIALS
 
 
 class UnknownAccount(TokenError):
     failure, result = Failure.BAD_CREDENTIALS, "unknown_account"
-
-    @property
-    def user_text(self) -> str:  # same text as a wrong password: no account enumeration
-        return "Invalid user name or local password."
+    client_text = _BAD_CREDENTIALS  # same text as a wrong password: no account enumeration
 
 
 class NoUsableTokenFile(TokenError):
@@ -50,20 +46,14 @@ class NoUsableTokenFile(TokenError):
     the log keeps the detail and the command that fixes it."""
 
     failure, result = Failure.BAD_CREDENTIALS, "authorisation_needed"
-
-    @property
-    def user_text(self) -> str:
-        return "Invalid user name or local password."
+    client_text = _BAD_CREDENTIALS
 
 
 class Throttled(TokenError):
     """Another key derivation for this account or source is in flight: refused, not queued."""
 
     failure, result = Failure.THROTTLED, "throttled"
-
-    @property
-    def user_text(self) -> str:
-        return "Too many login attempts at once for this account; try again in a few seconds."
+    client_text = "Too many login attempts at once for this account; try again in a few seconds."
 
 
 class AuthorisationNeeded(TokenError):
@@ -94,18 +84,12 @@ class AuthorisationNeeded(TokenError):
 
 class ProviderUnavailable(TokenError):
     failure, result = Failure.UNAVAILABLE, "provider_unavailable"
-
-    @property
-    def user_text(self) -> str:
-        return "The Microsoft identity platform cannot be reached right now; try again later."
+    client_text = "The Microsoft identity platform cannot be reached right now; try again later."
 
 
 class AuthConfigError(TokenError):
     failure, result = Failure.CONTACT_ADMIN, "config_error"
-
-    @property
-    def user_text(self) -> str:
-        return "The proxy is not configured correctly for this account; contact the administrator."
+    client_text = "The proxy is not configured correctly for this account; contact the administrator."
 
 
 class IdentityMismatch(TokenError):

@@ -18,6 +18,7 @@ import msal
 import msal.exceptions
 import requests
 
+from proxy.auth import requests_session
 from proxy.auth.errors import AuthConfigError, AuthorisationNeeded, ProviderUnavailable, TokenError
 from proxy.config import Account, Config, ConfigError, Provider
 
@@ -30,24 +31,9 @@ _CONFIG_ERRORS = {"invalid_client", "unauthorized_client", "invalid_scope", "inv
                   "unsupported_grant_type", "invalid_resource"}
 
 
-class _Session(requests.Session):
-    """MSAL ignores its own ``timeout`` when given an http_client: every request gets ours."""
-
-    def __init__(self, timeout: float) -> None:
-        super().__init__()
-        self.default_timeout = timeout
-
-    def request(self, method: Any, url: Any, *args: Any, **kwargs: Any) -> Any:
-        if kwargs.get("timeout") is None:
-            kwargs["timeout"] = self.default_timeout
-        return super().request(method, url, *args, **kwargs)
-
-
 def http_session(provider: Provider) -> requests.Session:
-    session = _Session(provider.timeout)
-    session.trust_env = False
-    session.verify = str(provider.ca_file) if provider.ca_file else True
-    return session
+    return requests_session.session(str(provider.ca_file) if provider.ca_file else True,
+                                    provider.timeout)
 
 
 def _is_microsoft(authority: str) -> bool:

@@ -11,6 +11,7 @@ from typing import Literal
 
 from proxy import systemd, tlspolicy
 from proxy.graph import settings as graph_settings
+from proxy.text import host_port
 
 Protocol = Literal["imap", "pop", "smtp"]
 PROTOCOLS: tuple[Protocol, ...] = ("imap", "pop", "smtp")
@@ -41,7 +42,7 @@ class Address:
     port: int
 
     def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return host_port(self.host, self.port)
 
     @property
     def is_loopback(self) -> bool:

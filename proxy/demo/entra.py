@@ -28,17 +28,9 @@ from urllib.parse import urlencode
 
 from twisted.web import resource, server
 
-from proxy.demo import scopes, tokens
+from proxy.demo import tokens
 from proxy.demo.knobs import Knobs
-from proxy.demo.tokens import (
-    DEVICE_GRANT,
-    TENANT_ID,
-    EntraError,
-    Issued,
-    TokenAuthority,
-    b64url,
-    object_id,
-)
+from proxy.demo.tokens import DEVICE_GRANT, TENANT_ID, EntraError, TokenAuthority
 
 GRANT_NAMES = {DEVICE_GRANT: "device_code"}
 WELL_KNOWN_TENANTS = frozenset({"common", "organizations", "consumers"})
@@ -75,38 +67,6 @@ def send_html(request: server.Request, title: str, body: str, status: int = 200)
         f"<body><h1>{html.escape(title)}</h1>{body}</body></html>"
     )
     return page.encode()
-
-
-def client_info(username: str) -> str:
-    payload = {"uid": object_id(username), "utid": TENANT_ID}
-    return b64url(json.dumps(payload, separators=(",", ":")).encode())
-
-
-def id_token(claims: dict, issuer: str) -> str:
-    """An unsigned (``alg: none``) JWT: MSAL decodes the id_token but never verifies it."""
-    header = b64url(json.dumps({"typ": "JWT", "alg": "none"}).encode())
-    body = b64url(json.dumps(dict(claims, iss=issuer), separators=(",", ":")).encode())
-    return f"{header}.{body}."
-
-
-def token_response(issued: Issued, issuer: str, want_client_info: bool) -> dict:
-    """Render a grant's result as Entra's token endpoint JSON."""
-    at = issued.access
-    lifetime = int(at.expires_at - at.issued_at)
-    body: dict = {
-        "token_type": "Bearer",
-        "scope": " ".join(at.scopes),
-        "expires_in": lifetime,
-        "ext_expires_in": lifetime,
-        "access_token": at.token,
-    }
-    if issued.refresh is not None:
-        body["refresh_token"] = issued.refresh.token
-    if issued.id_claims is not None:
-        body["id_token"] = id_token(issued.id_claims, issuer)
-    if want_client_info and at.username is not None:
-        body["client_info"] = client_info(at.username)
-    return body
 
 
 class Stats:
@@ -253,59 +213,11 @@ class Entra(resource.Resource):
         self.stats.other["authorize"] += 1
         client_id = arg(request, "client_id")
         redirect_uri = arg(request, "redirect_uri")
-        if not client_id:
-            return send_html(
-                request,
-                "Sign in: bad request",
-                "<p>AADSTS900144: The request body "
-                "must contain the following parameter: 'client_id'.</p>",
-                400,
-            )
-        if not scopes.is_loopback_redirect(redirect_uri):
-            return send_html(
-                request,
-                "Sign in: bad request",
-                "<p>AADSTS50011: The redirect URI specified in the request does not match the "
-                "redirect URIs configured for the application. This demo accepts http loopback "
-                f"URIs only; got {html.escape(redirect_uri)!s}.</p>",
-                400,
-            )
-        username = arg(request, "login_hint") or self.knobs.auto_approve_user
-        if not username:
-            return send_html(
-                request,
-                "Sign in: nobody to sign in",
-                "<p>The demo tenant signs in the user named by <code>login_hint</code> or by "
-                "the <code>auto_approve_user</code> knob; neither was given.</p>",
-                400,
-            )
-        params: dict[str, str] = {}
-        try:
-            if arg(request, "response_type") != "code":
-                raise EntraError(
-                    "unsupported_response_type",
-                    700054,
-                    "response_type 'code' is the only one enabled for the application.",
-                )
-            code = self.authority.authorize(
-                client_id=client_id,
-                redirect_uri=redirect_uri,
-                scope=arg(request, "scope"),
-                code_challenge=arg(request, "code_challenge"),
-                code_challenge_method=arg(request, "code_challenge_method") or "plain",
-                username=username,
-                nonce=arg(request, "nonce") or None,
-            )
-            params["code"] = code
-            if arg(request, "client_info") == "1":
-                params["client_info"] = client_info(username)
-        except EntraError as exc:
-            body = exc.body(self._correlation(request), base_url(request))
-            params = {
-                "error": exc.error,
-                "error_description": body["error_description"],
-                "error_uri": body["error_uri"],
-            }
+        username = arg(request, "login_hint") or self.knobs.auto_approve_user or ""
+        refusal = self._authorize_refusal(client_id, redirect_uri, username)
+        if refusal is not None:
+            return send_html(request, *refusal, 400)
+        params = self._authorize_result(request, client_id, redirect_uri, username)
         if arg(request, "state"):
             params["state"] = arg(request, "state")
         if arg(request, "response_mode") == "form_post":
@@ -314,6 +226,54 @@ class Entra(resource.Resource):
         request.redirect((redirect_uri + sep + urlencode(params)).encode())
         request.setHeader("cache-control", "no-store, no-cache")
         return b""
+
+    @staticmethod
+    def _authorize_refusal(client_id: str, redirect_uri: str, username: str) -> tuple[str, str] | None:
+        """A request that cannot be redirected back: the page's title and body, or None."""
+        if not client_id:
+            return ("Sign in: bad request",
+                    "<p>AADSTS900144: The request body "
+                    "must contain the following parameter: 'client_id'.</p>")
+        if not tokens.is_loopback_redirect(redirect_uri):
+            return ("Sign in: bad request",
+                    "<p>AADSTS50011: The redirect URI specified in the request does not match the "
+                    "redirect URIs configured for the application. This demo accepts http loopback "
+                    f"URIs only; got {html.escape(redirect_uri)!s}.</p>")
+        if not username:
+            return ("Sign in: nobody to sign in",
+                    "<p>The demo tenant signs in the user named by <code>login_hint</code> or by "
+                    "the <code>auto_approve_user</code> knob; neither was given.</p>")
+        return None
+
+    def _authorize_result(self, request: server.Request, client_id: str, redirect_uri: str,
+                          username: str) -> dict[str, str]:
+        """The redirect's parameters: an authorization code, or Entra's error."""
+        try:
+            if arg(request, "response_type") != "code":
+                raise EntraError(
+                    "unsupported_response_type",
+                    700054,
+                    "response_type 'code' is the only one enabled for the application.",
+                )
+            params = {"code": self.authority.authorize(
+                client_id=client_id,
+                redirect_uri=redirect_uri,
+                scope=arg(request, "scope"),
+                code_challenge=arg(request, "code_challenge"),
+                code_challenge_method=arg(request, "code_challenge_method") or "plain",
+                username=username,
+                nonce=arg(request, "nonce") or None,
+            )}
+            if arg(request, "client_info") == "1":
+                params["client_info"] = tokens.client_info(username)
+            return params
+        except EntraError as exc:
+            body = exc.body(self._correlation(request), base_url(request))
+            return {
+                "error": exc.error,
+                "error_description": body["error_description"],
+                "error_uri": body["error_uri"],
+            }
 
     @staticmethod
     def _form_post(request: server.Request, action: str, params: dict[str, str]) -> bytes:
@@ -426,7 +386,7 @@ class Entra(resource.Resource):
                 70003,
                 f"The app requested an unsupported grant type '{grant_type}'.",
             )
-        body = token_response(
+        body = tokens.token_response(
             issued, self.issuer(request), arg(request, "client_info") == "1"
         )
         return send_json(request, body)

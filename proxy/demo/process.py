@@ -25,23 +25,13 @@ from typing import Any
 import requests
 
 import proxy
+from proxy.auth import requests_session
 
 PROJECT_ROOT = Path(proxy.__file__).resolve().parent.parent
 
 
 class DemoUpstreamError(RuntimeError):
     """The upstream did not start, died, or refused an admin call."""
-
-
-class _TimeoutSession(requests.Session):
-    def __init__(self, timeout: float | None) -> None:
-        super().__init__()
-        self.default_timeout = timeout
-
-    def request(self, method: Any, url: Any, *args: Any, **kwargs: Any) -> Any:
-        if kwargs.get("timeout") is None:
-            kwargs["timeout"] = self.default_timeout
-        return super().request(method, url, *args, **kwargs)
 
 
 def http_session(ca_file: str | Path, timeout: float | None = 10.0) -> requests.Session:
@@ -51,10 +41,7 @@ def http_session(ca_file: str | Path, timeout: float | None = 10.0) -> requests.
     override ``verify``. Usable as MSAL's ``http_client``; ``timeout`` applies to every
     request that does not pass one (MSAL passes none).
     """
-    session = _TimeoutSession(timeout)
-    session.trust_env = False
-    session.verify = str(ca_file)
-    return session
+    return requests_session.session(str(ca_file), timeout)
 
 
 class DemoUpstream:

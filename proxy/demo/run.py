@@ -46,11 +46,38 @@ def _free(port: int) -> int:
     return port
 
 
-def _listeners(ports: dict[str, int]) -> str:
-    """One [[listeners]] table per port: "graph" is an SMTP listener sending through Graph."""
-    return "\n".join(f'[[listeners]]\nname = "{name}"\nprotocol = "{"smtp" if name == "graph" else name}"'
-                     f'\nlisten = "127.0.0.1:{port}"\nupstream = "{name}"\n'
-                     for name, port in ports.items())
+# name (of the upstream, its listener and their protocol), the fake server's port, its TLS
+_MAIL = (("imap", "imaps", "implicit"), ("pop", "pop3s", "implicit"), ("smtp", "submission", "starttls"))
+
+
+def _mail_tables(upstream: DemoUpstream, ports: dict[str, int], ca: Path | str) -> str:
+    """An upstream per protocol (the fake server, trusted through its CA) and a listener in
+    front of each (plain loopback ports)."""
+    upstreams = "\n".join(f"""[upstreams.{name}]
+protocol = "{name}"
+host = "127.0.0.1"
+port = {upstream.ports[port]}
+tls = "{tls}"
+ca_file = "{ca}"
+""" for name, port, tls in _MAIL)
+    listeners = "\n".join(f"""[[listeners]]
+name = "{name}"
+protocol = "{name}"
+listen = "127.0.0.1:{ports[name]}"
+upstream = "{name}"
+""" for name, _, _ in _MAIL)
+    graph = f"""[upstreams.graph]        # Microsoft Graph sendMail: for tenants with SMTP AUTH off
+protocol = "graph"
+base_url = "{upstream.graph_url}/v1.0"
+ca_file = "{ca}"
+
+[[listeners]]
+name = "graph"
+protocol = "smtp"
+listen = "127.0.0.1:{ports["graph"]}"
+upstream = "graph"
+"""
+    return f"{upstreams}\n{graph}\n{listeners}"
 
 
 def write_config(workdir: Path, upstream: DemoUpstream, *, fixed_ports: bool = True) -> Path:
@@ -67,33 +94,7 @@ tenant = "demo-tenant"
 client_id = "00000000-0000-0000-0000-00000000d3m0"
 ca_file = "{ca}"        # the fake Entra ID's CA; real Microsoft 365 needs no ca_file
 
-[upstreams.imap]
-protocol = "imap"
-host = "127.0.0.1"
-port = {upstream.ports["imaps"]}
-tls = "implicit"
-ca_file = "{ca}"
-
-[upstreams.pop]
-protocol = "pop"
-host = "127.0.0.1"
-port = {upstream.ports["pop3s"]}
-tls = "implicit"
-ca_file = "{ca}"
-
-[upstreams.smtp]
-protocol = "smtp"
-host = "127.0.0.1"
-port = {upstream.ports["submission"]}
-tls = "starttls"
-ca_file = "{ca}"
-
-[upstreams.graph]        # Microsoft Graph sendMail: for tenants with SMTP AUTH switched off
-protocol = "graph"
-base_url = "{upstream.graph_url}/v1.0"
-ca_file = "{ca}"
-
-{_listeners(ports)}
+{_mail_tables(upstream, ports, ca)}
 [accounts."{DEMO_USER}"]
 provider = "demo"
 flow = "device_code"

@@ -1,5 +1,4 @@
-"""Token state of the fake Entra ID: grants, tokens and validation (scopes and Entra-shaped
-errors: :mod:`proxy.demo.scopes`).
+"""The fake Entra ID's token authority: grants and tokens issued, refreshed, revoked, validated.
 
 Pure Python, no Twisted and no I/O: ``proxy.demo.entra`` turns HTTP requests into calls on
 :class:`TokenAuthority`, which raises :class:`EntraError` for anything Entra would refuse.
@@ -12,28 +11,44 @@ username signs in, with an object id derived from it, in one fixed tenant.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import hmac
 import secrets
-import uuid
-from dataclasses import dataclass
+from urllib.parse import urlsplit
 
-from proxy.demo.knobs import Knobs
-from proxy.demo.scopes import (
-    OUTLOOK,
-    PROTOCOL_PERMISSIONS,
+from proxy.demo.entra_records import (
     TENANT_ID,
+    AccessToken,
+    AuthCode,
+    DeviceCode,
     EntraError,
-    check_consent,
+    Issued,
+    RefreshToken,
+    b64url,
+    display_name,
     entra_timestamp,
-    first_resource,
     missing,
     now,
-    resource_of,
-    resource_scopes,
-    split_scopes,
+    object_id,
 )
+from proxy.demo.entra_records import client_info as client_info  # re-exported: entra.py uses them
+from proxy.demo.entra_records import token_response as token_response
+from proxy.demo.knobs import Knobs
+
+OUTLOOK = "https://outlook.office.com"
+SCOPE_IMAP = f"{OUTLOOK}/IMAP.AccessAsUser.All"
+SCOPE_POP = f"{OUTLOOK}/POP.AccessAsUser.All"
+SCOPE_SMTP = f"{OUTLOOK}/SMTP.Send"
+SCOPE_APP_ONLY = "https://outlook.office365.com/.default"
+PROTOCOL_PERMISSIONS = {
+    "imap": "imap.accessasuser.all",
+    "pop": "pop.accessasuser.all",
+    "smtp": "smtp.send",
+}
+RESERVED_SCOPES = frozenset({"openid", "profile", "offline_access", "email"})
+# Exchange Online answers to both identifier URIs; treat them as one resource.
+OUTLOOK_RESOURCES = frozenset({"https://outlook.office.com", "https://outlook.office365.com"})
+GRAPH = "https://graph.microsoft.com"
 
 AUTH_CODE_LIFETIME = 600
 DEVICE_CODE_LIFETIME = 900
@@ -43,74 +58,56 @@ DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
 ACCESS_TOKEN_BYTES = 1200
 
 
-def b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+def split_scopes(scope: str | None) -> tuple[str, ...]:
+    return tuple(dict.fromkeys((scope or "").split()))
 
 
-def object_id(username: str) -> str:
-    """The stable object id of a user (the same name always signs in as the same user)."""
-    return str(uuid.uuid5(uuid.NAMESPACE_URL, "xoauth2-proxy-demo:" + username.casefold()))
+def resource_of(scope: str) -> str:
+    if "://" not in scope:
+        return GRAPH  # a bare permission name means Microsoft Graph, as at Entra
+    resource = scope.rsplit("/", 1)[0].lower().rstrip("/")
+    return OUTLOOK if resource in OUTLOOK_RESOURCES else resource
 
 
-def display_name(username: str) -> str:
-    local = username.split("@", 1)[0]
-    return " ".join(part.capitalize() for part in local.replace("_", ".").split(".") if part)
+def resource_scopes(scopes: tuple[str, ...], *, many: bool = False) -> tuple[str, ...]:
+    """Drop the OIDC scopes; expand a delegated Outlook ``/.default`` to the mail permissions.
+    A token request names one resource (AADSTS28000); an authorize or device-code request
+    (``many``) may name several, to consent to all at once."""
+    out: list[str] = []
+    for scope in scopes:
+        if scope.lower() in RESERVED_SCOPES:
+            continue
+        if scope.lower().endswith("/.default") and resource_of(scope) == OUTLOOK:
+            out.extend((SCOPE_IMAP, SCOPE_POP, SCOPE_SMTP))
+        else:
+            out.append(scope)
+    resources = {resource_of(s) for s in out}
+    if len(resources) > 1 and not many:
+        raise EntraError(
+            "invalid_scope",
+            28000,
+            "Provided value for the input parameter scope is not valid because it contains "
+            f"more than one resource. Scope {' '.join(scopes)} is not valid.",
+        )
+    return tuple(dict.fromkeys(out))
 
 
-@dataclass
-class AccessToken:
-    token: str
-    username: str | None  # None: app-only (client credentials)
-    client_id: str
-    scopes: tuple[str, ...]
-    issued_at: float
-    expires_at: float
-    revoked: bool = False
+def check_consent(requested: tuple[str, ...], consented: tuple[str, ...], client_id: str) -> None:
+    """A refresh for Graph permissions the user never consented to fails as at Entra."""
+    absent = [s for s in resource_scopes(requested) if resource_of(s) == GRAPH
+              and s.lower() not in {c.lower() for c in consented}]
+    if absent:
+        raise EntraError("invalid_grant", 65001, "The user or administrator has not consented "
+                         f"to use the application with ID '{client_id}'. Send an interactive "
+                         f"authorization request for this user and resource ({' '.join(absent)}).")
 
 
-@dataclass
-class RefreshToken:
-    token: str
-    username: str
-    client_id: str
-    scopes: tuple[str, ...]
-    issued_at: float
-    expires_at: float
-    revoked_at: float | None = None
-    used: bool = False
-
-
-@dataclass
-class AuthCode:
-    code: str
-    username: str
-    client_id: str
-    redirect_uri: str
-    scopes: tuple[str, ...]
-    code_challenge: str
-    nonce: str | None
-    expires_at: float
-    redeemed: bool = False
-
-
-@dataclass
-class DeviceCode:
-    device_code: str
-    user_code: str
-    client_id: str
-    scopes: tuple[str, ...]
-    expires_at: float
-    username: str | None = None  # set when approved
-    redeemed: bool = False
-
-
-@dataclass
-class Issued:
-    """What a grant produced, before it is rendered as a token response."""
-
-    access: AccessToken
-    refresh: RefreshToken | None = None
-    id_claims: dict | None = None
+def is_loopback_redirect(uri: str) -> bool:
+    try:
+        parts = urlsplit(uri)
+        return parts.scheme == "http" and parts.hostname in ("localhost", "127.0.0.1", "::1")
+    except ValueError:
+        return False
 
 
 class TokenAuthority:
@@ -158,7 +155,9 @@ class TokenAuthority:
         self, username: str, client_id: str, requested: tuple[str, ...], nonce: str | None = None,
         consented: tuple[str, ...] = (),
     ) -> Issued:
-        scopes = first_resource(resource_scopes(requested, many=True))
+        # A code for several resources gives a token for the first; the refresh token keeps all.
+        scopes = resource_scopes(requested, many=True)
+        scopes = tuple(s for s in scopes if resource_of(s) == resource_of(scopes[0])) if scopes else ()
         lowered = {s.lower() for s in requested}
         access = self.mint_access(
             username,
@@ -167,8 +166,8 @@ class TokenAuthority:
         )
         issued = Issued(access)
         if "offline_access" in lowered:
-            kept = tuple(dict.fromkeys(consented + requested))
-            issued.refresh = self._mint_refresh(username, client_id, kept)
+            issued.refresh = self._mint_refresh(username, client_id,
+                                                tuple(dict.fromkeys(consented + requested)))
         if "openid" in lowered:
             claims = {
                 "aud": client_id,
@@ -492,4 +491,3 @@ class Validator:
         """True for a valid client-credentials token (it may send as any mailbox)."""
         at = self._authority.lookup(token)
         return at is not None and at.username is None
-

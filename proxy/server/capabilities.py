@@ -28,6 +28,7 @@ from proxy import logs
 from proxy.config import Upstream
 from proxy.store.atomic import atomic_write, read_regular
 from proxy.store.errors import StoreWriteError
+from proxy.text import host_port
 
 log = logging.getLogger("proxy.capabilities")
 
@@ -82,7 +83,7 @@ class CapabilityCache:
 
     def get(self, upstream: Upstream) -> UpstreamCapabilities:
         """The entry for ``upstream``; a new, unknown one if its server address changed."""
-        server = f"{upstream.host}:{upstream.port}"
+        server = host_port(upstream.host, upstream.port)
         entry = self._entries.get(upstream.name)
         if entry is None or entry.server != server:
             entry = self._entries[upstream.name] = UpstreamCapabilities(

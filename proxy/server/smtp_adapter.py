@@ -38,19 +38,20 @@ _watched: weakref.WeakSet[asyncio.Task[None]] = weakref.WeakSet()
 def missing_privates() -> list[str]:
     """The private attributes this module uses that the installed libraries lack (checked on
     an instance: aiosmtpd and asyncio set most of them in ``__init__``)."""
-    server = SMTP(handler=object(), loop=asyncio.new_event_loop())
+    loop = asyncio.new_event_loop()  # never run: the constructors only want one
     try:
+        server = SMTP(handler=object(), loop=loop)
         connected = getattr(server, "_cb_client_connected", None)  # sets _reader, _writer
         if connected is not None:
             connected(object(), object())
         missing = [f"aiosmtpd SMTP.{name}" for name in ("_cb_client_connected",
                                                          *_SERVER_PRIVATES)
                    if not hasattr(server, name)]
+        client = SMTPProtocol(loop=loop)
+        missing += [f"aiosmtplib SMTPProtocol.{name}" for name in _CLIENT_PRIVATES
+                    if not hasattr(client, name)]
     finally:
-        server.loop.close()
-    client = SMTPProtocol()
-    missing += [f"aiosmtplib SMTPProtocol.{name}" for name in _CLIENT_PRIVATES
-                if not hasattr(client, name)]
+        loop.close()
     return missing
 
 

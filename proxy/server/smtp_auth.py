@@ -11,6 +11,7 @@ from aiosmtpd.smtp import MISSING
 from proxy.protocol.sasl import SaslError, b64decode_strict, decode_plain
 from proxy.secret import Secret
 from proxy.server.smtp_protocol import ProxySMTP
+from proxy.text import decode_utf8
 
 Credentials = tuple[str, Secret]
 
@@ -49,19 +50,19 @@ async def read_login(server: ProxySMTP, args: list[str]) -> Credentials | None:
         raw_password = await server.challenge_auth(_PASSWORD_CHALLENGE, encode_to_b64=False)
         if raw_password is MISSING:
             return None
-        assert isinstance(raw_user, bytes) and isinstance(raw_password, bytes)
-        user = raw_user.decode("utf-8").strip()
-        password = Secret(raw_password.decode("utf-8"))
     except SaslError:
         await server.push("501 5.5.2 Can't decode base64")
         return None
-    except UnicodeDecodeError:
+    assert isinstance(raw_user, bytes) and isinstance(raw_password, bytes)
+    user, password = decode_utf8(raw_user), decode_utf8(raw_password)
+    if user is None or password is None:
         await server.push("501 5.5.2 User name and password must be UTF-8")
         return None
-    if not user or not password.reveal():
+    user = user.strip()
+    if not user or not password:
         await server.push("501 5.5.2 Empty user name or password")
         return None
-    return user, password
+    return user, Secret(password)
 
 
 __all__ = ["Credentials", "read_login", "read_plain"]

@@ -88,7 +88,7 @@ class ProxySMTP(AdaptedSMTP):
       protocol or per-command call limits (the listener configures neither);
     - MAIL and RCPT parsed strictly by ``smtp_syntax`` (aiosmtpd's parser repairs some paths
       and raises on others), their parameters sent upstream in canonical form;
-    - a per-connection life task (``ConnectionHandler.life``) the daemon can wait for;
+    - a per-connection life task (``SmtpFront.life``) the daemon can wait for;
     - the idle timer restarts on every byte received, so a slow 20 MB DATA is not cut off at
       CLIENT_IDLE (aiosmtpd restarts it per command only), and can be held while the upstream
       takes its time over a message;

@@ -124,6 +124,7 @@ class TransactionRelay:
         it, and the client hears the sink's reply to the end of data (or to DATA itself)."""
         envelope, started = server.envelope, time.monotonic()
         assert envelope is not None
+        sink = self.link.current()
         reply = await self.command(server, lambda sink: sink.data())
         if not isinstance(reply, Reply):
             return reply  # the sink is gone: 421
@@ -133,18 +134,17 @@ class TransactionRelay:
             self._logged(envelope, 0, reply, _result(reply), started)
             return reply.wire()
         await server.push(reply.wire())
-        sink = self.link.current()
-        assert sink is not None
-        size = lambda: server.data_scanner.size  # noqa: E731
+        assert sink is not None  # it answered DATA
         finished = False
         try:
             end = await self._stream(server, sink)
             finished = end is not None
         except SinkLost as exc:
-            self._logged(envelope, size(), None, "failed", started, reason=str(exc))
+            self._logged(envelope, server.data_scanner.size, None, "failed", started,
+                         reason=str(exc))
             return self.lost(server, exc)
         except BareLineEndingRefused as exc:
-            self._logged(envelope, size(), None, "rejected", started,
+            self._logged(envelope, server.data_scanner.size, None, "rejected", started,
                          reason=f"{exc}: the connection is closed without an end of data "
                                 "upstream")
             return bare_line_ending_reply(exc.kind)
@@ -157,10 +157,11 @@ class TransactionRelay:
         if end is None:
             text = (f"552 5.3.4 Message too big: the mail server takes at most "
                     f"{server.data_size_limit} bytes")
-            self._logged(envelope, size(), None, "rejected", started, reason=text)
+            self._logged(envelope, server.data_scanner.size, None, "rejected", started,
+                         reason=text)
             return text
         self.in_transaction = False  # after the end of data the sink's transaction is over
-        self._logged(envelope, size(), end, _result(end), started)
+        self._logged(envelope, server.data_scanner.size, end, _result(end), started)
         if end.code == 421:
             server.close_soon()
         return end.wire()

@@ -13,8 +13,15 @@ import pytest
 
 from proxy.demo.knobs import Knobs
 from proxy.demo.process import DemoUpstream, DemoUpstreamError, http_session
-from proxy.demo.scopes import SCOPE_APP_ONLY, SCOPE_IMAP, SCOPE_POP, SCOPE_SMTP, TENANT_ID
-from proxy.demo.tokens import TokenAuthority, Validator
+from proxy.demo.tokens import (
+    SCOPE_APP_ONLY,
+    SCOPE_IMAP,
+    SCOPE_POP,
+    SCOPE_SMTP,
+    TENANT_ID,
+    TokenAuthority,
+    Validator,
+)
 
 ALICE = "alice@contoso.example"
 
