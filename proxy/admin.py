@@ -109,20 +109,22 @@ def _when(epoch: float | None) -> str:
 
 def cmd_accounts(config: Config, args: argparse.Namespace) -> int:
     token_store = open_store(config)
-    rows = [("ACCOUNT", "FLOW", "TOKEN FILE", "ACCESS TOKEN EXPIRES", "REFRESH TOKEN", "SLOTS")]
+    rows = [("ACCOUNT", "FLOW", "TOKEN FILE", "ACCESS TOKEN EXPIRES", "REFRESH TOKEN", "SLOTS",
+             "RESOURCES")]
     for account in config.accounts.values():
         if not token_store.exists(account.name):
-            rows.append((account.name, account.flow, "missing", "-", "-", "-"))
+            rows.append((account.name, account.flow, "missing", "-", "-", "-", "-"))
             continue
         try:
             info = token_store.info(account.name)
         except store.StoreError as exc:
-            rows.append((account.name, account.flow, f"unreadable: {exc}", "-", "-", "-"))
+            rows.append((account.name, account.flow, f"unreadable: {exc}", "-", "-", "-", "-"))
             continue
         state = "needs login" if info.meta.needs_reauth else "present"
         rows.append((account.name, account.flow, state, _when(info.meta.access_token_expires_at),
                      "yes" if info.meta.refresh_token_present else "no",
-                     ",".join(s.label for s in info.slots)))
+                     ",".join(s.label for s in info.slots),
+                     ",".join(info.meta.resources) or "-"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())

@@ -16,7 +16,7 @@ def test_demo_check_round_trip(tmp_path: Path) -> None:
                              str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "demo check OK" in result.stdout
-    for step in ("SMTP: sent", "IMAP: LOGIN", "POP3: USER/PASS"):
+    for step in ("SMTP: sent", "SMTP through Microsoft Graph: sent", "IMAP: LOGIN", "POP3: USER/PASS"):
         assert step in result.stdout
     assert (tmp_path / "config.toml").exists()
 

@@ -93,7 +93,8 @@ def login(config: Config, account: Account, token_store: store.TokenStore, passw
     identity = check_identity(account, result)
     expiry, has_rt = msal_client.cache_summary(cache)
     meta = store.Meta(identity=identity, flow=account.flow, access_token_expires_at=expiry,
-                      refresh_token_present=has_rt, needs_reauth=None, updated_at=time.time())
+                      refresh_token_present=has_rt, needs_reauth=None, updated_at=time.time(),
+                      resources=msal_client.cache_resources(cache, config.login_scopes(account)))
     payload = cache.serialize().encode("utf-8")
     replaced = False
     existing = None

@@ -9,7 +9,7 @@ one is configured, else the system's default trust store.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -129,6 +129,26 @@ def cache_summary(cache: msal.SerializableTokenCache) -> tuple[float | None, boo
     return (max(expiries) if expiries else None), has_rt
 
 
+def resource_names(scopes: Iterable[str]) -> set[str]:
+    """Short names of the resources scopes are for: "outlook", "graph", else the host."""
+    names = set()
+    for scope in scopes:
+        host = (urlsplit(scope).hostname or "").lower()
+        if host:
+            names.add("outlook" if host.startswith("outlook.") else
+                      "graph" if host.startswith("graph.") else host)
+    return names
+
+
+def cache_resources(cache: msal.SerializableTokenCache, consented: tuple[str, ...] = ()
+                    ) -> tuple[str, ...]:
+    """The resources a cache holds access tokens for, with those of ``consented`` scopes."""
+    names = resource_names(consented)
+    for at in cache.search(msal.TokenCache.CredentialType.ACCESS_TOKEN):
+        names |= resource_names(str(at.get("target", "")).split())
+    return tuple(sorted(names))
+
+
 def refresh_token_expiry(cache: msal.SerializableTokenCache) -> float | None:
     """When the cached refresh token expires, if the cache says (Entra usually does not)."""
     expiries = [float(rt["expires_on"])
@@ -138,4 +158,4 @@ def refresh_token_expiry(cache: msal.SerializableTokenCache) -> float | None:
 
 
 __all__ = ["TokenError", "build_app", "call", "check_result", "identity_of", "cache_summary",
-           "http_session", "TokenResult", "refresh_token_expiry"]
+           "http_session", "TokenResult", "refresh_token_expiry", "cache_resources"]

@@ -50,6 +50,7 @@ from proxy.auth.gate import GATE, UnlockGate
 from proxy.auth.reauth import ReauthFlows
 from proxy.auth.storemap import NeedsDerivation, cached_token, checked, store_errors
 from proxy.config import Account, Config, Protocol
+from proxy.graph.settings import GraphResource
 from proxy.notify.events import WATCH
 from proxy.secret import Secret
 
@@ -110,7 +111,7 @@ class TokenService:
             raise UnknownAccount(name.strip().lower()[:200], "no such account in the config")
         return account
 
-    async def access_token(self, name: str, password: Secret, protocol: Protocol, *,
+    async def access_token(self, name: str, password: Secret, protocol: Protocol | GraphResource, *,
                            rejected: str | None = None) -> str:
         """A valid access token for ``name``'s mailbox on ``protocol``.
 
@@ -176,7 +177,7 @@ class TokenService:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._kdf, checked, unlock, True)
 
-    async def service_token(self, name: str, protocol: Protocol, *,
+    async def service_token(self, name: str, protocol: Protocol | GraphResource, *,
                             rejected: str | None = None) -> str:
         """A token with no client password: the token file's service-key slot unlocks it."""
         account = self.account(name)
@@ -259,14 +260,14 @@ class TokenService:
 
     # --- tokens -------------------------------------------------------------------------------
 
-    async def _token(self, account: Account, unlocked: store.Unlocked, protocol: Protocol,
-                     rejected: str | None) -> str:
+    async def _token(self, account: Account, unlocked: store.Unlocked,
+                     protocol: Protocol | GraphResource, rejected: str | None) -> str:
         state = self._adopt(account, unlocked)
         meta = state.unlocked.meta if state.unlocked is not None else unlocked.meta  # ours if unsaved
         self._set_needs_reauth(account, bool(meta.needs_reauth))
         if meta.needs_reauth:
             raise AuthorisationNeeded(account.name, meta.needs_reauth)
-        scopes = self.config.scopes(account, protocol)
+        scopes = _scopes(self.config, account, protocol)
         now = time.time()
         token = state.tokens.get(scopes)
         if token is not None and token.value != rejected and token.remaining(now) > token.margin:
@@ -418,9 +419,10 @@ class TokenService:
     def _meta(self, state: _AccountState, needs_reauth: str | None = None) -> store.Meta:
         assert state.cache is not None and state.unlocked is not None
         expiry, has_rt = msal_client.cache_summary(state.cache)
+        resources = msal_client.cache_resources(state.cache, state.unlocked.meta.resources)
         return replace(state.unlocked.meta, access_token_expires_at=expiry,
                        refresh_token_present=has_rt, needs_reauth=needs_reauth,
-                       updated_at=time.time())
+                       updated_at=time.time(), resources=resources)
 
     def _persist(self, state: _AccountState) -> None:
         assert state.cache is not None and state.unlocked is not None
@@ -464,6 +466,17 @@ class TokenService:
         task = asyncio.get_running_loop().create_task(run(), name=name)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+
+def _scopes(config: Config, account: Account, protocol: Protocol | GraphResource) -> Scopes:
+    """The scopes of a token for ``protocol``; "graph": Microsoft Graph, from the same cache
+    and refresh token (``proxy.graph.settings``)."""
+    if protocol != "graph":
+        return config.scopes(account, protocol)
+    scopes = config.graph.scopes(account.flow)
+    if not scopes:
+        raise AuthConfigError(account.name, "no Graph upstream is configured")
+    return scopes
 
 
 __all__ = ["TokenService", "TokenError", "WrongPassword", "UnknownAccount", "AuthorisationNeeded",

@@ -9,17 +9,22 @@ from typing import Any
 from proxy import tlspolicy
 from proxy.config.model import PROTOCOLS, Listener, RelayRule, Upstream
 from proxy.config.reader import Table, parse_address
+from proxy.graph import settings as graph_settings
 
 
-def read_upstreams(top: Table) -> dict[str, Upstream]:
-    return {name: _read_upstream(name, t) for name, t in top.subtables("upstreams")}
+def read_upstreams(top: Table) -> tuple[dict[str, Upstream], graph_settings.GraphConfig]:
+    """IMAP, POP3 and SMTP upstreams here; Graph upstreams and SMTP fallbacks in
+    ``proxy.graph.settings``."""
+    return graph_settings.read_upstreams(top, _read_upstream)
 
 
-def read_listeners(top: Table, upstreams: dict[str, Upstream]) -> list[tuple[Listener, Table]]:
+def read_listeners(top: Table, upstreams: dict[str, Upstream],
+                   graph: frozenset[str] = frozenset()) -> list[tuple[Listener, Table]]:
     """Every ``[[listeners]]`` table, with the table it was read from (``restrict_old_tls``
-    reports against it once the relay rules are known)."""
+    reports against it once the relay rules are known); an smtp listener may name one of the
+    ``graph`` upstreams."""
     relayed = _relayed_listeners(top.data)
-    listeners = [(_read_listener(i, t, upstreams, relayed), t)
+    listeners = [(_read_listener(i, t, upstreams, relayed, graph), t)
                  for i, t in enumerate(top.array("listeners"))]
     names = [li.name for li, _ in listeners]
     for i, (li, _) in enumerate(listeners):
@@ -50,12 +55,16 @@ def _read_upstream(name: str, t: Table) -> Upstream:
 
 
 def _read_listener(index: int, t: Table, upstreams: dict[str, Upstream],
-                   relayed: frozenset[str] = frozenset()) -> Listener:
+                   relayed: frozenset[str] = frozenset(),
+                   graph: frozenset[str] = frozenset()) -> Listener:
     protocol = t.choice("protocol", PROTOCOLS)
     upstream = t.text("upstream")
-    if upstream not in upstreams:
+    if upstream in graph and protocol != "smtp":
+        raise t.fail("upstream", f"upstream {upstream!r} is Microsoft Graph: it sends mail for "
+                                 "smtp listeners only")
+    if upstream not in upstreams and upstream not in graph:
         raise t.fail("upstream", f"no [upstreams.{upstream}] is defined")
-    if upstreams[upstream].protocol != protocol:
+    if upstream in upstreams and upstreams[upstream].protocol != protocol:
         raise t.fail("upstream", f"upstream {upstream!r} speaks {upstreams[upstream].protocol}, "
                                  f"this listener {protocol}")
     listener = Listener(

@@ -31,17 +31,17 @@ def parse(data: dict[str, Any], file: Path) -> Config:
     state_dir = top.file_path("state_dir") or DEFAULT_STATE_DIR
     log_level = top.choice("log_level", ("debug", "info", "warning", "error"), "info")
     shutdown_grace = top.number("shutdown_grace", 30.0, 0, 3600)
-    upstreams = read_upstreams(top)
+    upstreams, graph = read_upstreams(top)
     providers = read_providers(top)
     accounts = read_accounts(top, providers)
-    listeners = read_listeners(top, upstreams)
+    listeners = read_listeners(top, upstreams, frozenset(graph.upstreams))
     relays = read_relays(top, {li.name: li for li, _ in listeners}, accounts)
     config = Config(path=file, state_dir=state_dir, listeners=restrict_old_tls(listeners, relays),
                     upstreams=upstreams, providers=providers, accounts=accounts,
                     metrics=read_metrics(top), limits=read_limits(top), log_level=log_level,
                     shutdown_grace=shutdown_grace, relays=relays, store=read_store(top),
                     notify=read_notify(top, accounts, {li.name: li.protocol for li, _ in listeners}),
-                    admin=read_admin(top, state_dir))
+                    admin=read_admin(top, state_dir), graph=graph)
     top.done()
     return config
 

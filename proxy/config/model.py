@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Literal
 
 from proxy import systemd, tlspolicy
 from proxy.config.store import StoreSettings
+from proxy.graph import settings as graph_settings
 from proxy.text import host_port
 
 if TYPE_CHECKING:  # their modules read their sections with proxy.config.reader
@@ -233,6 +234,7 @@ class Config:
     store: StoreSettings = StoreSettings()
     notify: tuple[NotifyTarget, ...] = ()  # proxy.notify.config
     admin: AdminSettings | None = None  # proxy.admin_web.config
+    graph: graph_settings.GraphConfig = field(default_factory=graph_settings.GraphConfig)
 
     def relay_rules(self, listener: str) -> tuple[RelayRule, ...]:
         """The ``[[relay]]`` rules of one listener, in file order (the first match decides)."""
@@ -255,6 +257,7 @@ class Config:
         seen: dict[str, None] = {}
         for protocol in PROTOCOLS:
             seen.update(dict.fromkeys(provider.scopes[protocol]))
+        seen.update(dict.fromkeys(self.graph.login_scopes(account.flow)))
         return tuple(seen)
 
     def secret_files(self) -> list[tuple[str, Path]]:

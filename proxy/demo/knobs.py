@@ -7,7 +7,7 @@ takes effect at once.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 TokenEndpointMode = Literal["ok", "503", "hang", "garbage"]
@@ -40,6 +40,19 @@ class Knobs:
     # with the proxy would send (for example one that read a smuggled command in the message).
     smtp_extra_reply_after_data: bool = False
     preauth_timeout: int = 60  # IMAP/POP3: seconds a connection may wait without logging in
+    # SMTP AUTH switched off for the tenant: every AUTH answers 535 5.7.139 (as Exchange Online
+    # does after Set-TransportConfig -SmtpClientAuthenticationDisabled $true).
+    smtp_auth_disabled: bool = False
+    # Fake Graph (proxy.demo.graph)
+    graph_throttle: int = 0  # the next N Graph requests are answered 429 with Retry-After
+    graph_retry_after: int = 3  # seconds, in Retry-After of 429 and 503 answers
+    graph_outage: bool = False  # every Graph request is answered 503 (with Retry-After)
+    # mailbox -> addresses it may send as (besides itself); app-only tokens may send as any
+    graph_send_as: dict[str, list[str]] = field(default_factory=dict)
+    # app-only tokens reach only these mailboxes (an application access policy); None: all
+    graph_app_mailboxes: list[str] | None = None
+    graph_app_roles: list[str] = field(default_factory=lambda: ["Mail.Send", "Mail.ReadWrite"])
+    graph_request_limit: int = 4 * 1024 * 1024  # bytes of one request body (sendMail's limit)
 
     def update(self, values: dict[str, Any]) -> None:
         """Apply a partial update; unknown names raise ``KeyError``, wrong types ``TypeError``."""

@@ -56,6 +56,7 @@ class DemoUpstream:
         self.host: str = record["host"]
         self.entra_url: str = record["entra_url"]
         self.authority: str = record["authority"]
+        self.graph_url: str = record["graph_url"]
         self.ca_file: str = record["ca_file"]
         self.ports: dict[str, int] = dict(record["ports"])
         self.session = http_session(self.ca_file, timeout=30)
@@ -229,6 +230,12 @@ class DemoUpstream:
 
     def reset_stats(self) -> None:
         self._call("POST", "stats/reset")
+
+    def graph_stats(self) -> dict[str, int]:
+        """Fake Graph requests per route (``sendMail``, ``upload chunk``, ``error CODE`` …)."""
+        response = self.session.get(f"{self.graph_url}/_test/stats")
+        response.raise_for_status()
+        return dict(response.json())
 
     def mailbox(self, user: str) -> list[bytes]:
         return [base64.b64decode(m) for m in self._call("GET", "mailbox", params={"user": user})]

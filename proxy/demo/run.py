@@ -33,7 +33,7 @@ from proxy.server.daemon import Daemon
 
 DEMO_USER = "demo@contoso.example"
 DEMO_PASSWORD = "demo-password"  # the *local* password the demo account is set up with
-PREFERRED_PORTS = {"imap": 11143, "pop": 11110, "smtp": 11587}
+PREFERRED_PORTS = {"imap": 11143, "pop": 11110, "smtp": 11587, "graph": 11588}
 
 
 def _free(port: int) -> int:
@@ -66,7 +66,18 @@ protocol = "{name}"
 listen = "127.0.0.1:{ports[name]}"
 upstream = "{name}"
 """ for name, _, _ in _MAIL)
-    return f"{upstreams}\n{listeners}"
+    graph = f"""[upstreams.graph]        # Microsoft Graph sendMail: for tenants with SMTP AUTH off
+protocol = "graph"
+base_url = "{upstream.graph_url}/v1.0"
+ca_file = "{ca}"
+
+[[listeners]]
+name = "graph"
+protocol = "smtp"
+listen = "127.0.0.1:{ports["graph"]}"
+upstream = "graph"
+"""
+    return f"{upstreams}\n{graph}\n{listeners}"
 
 
 def write_config(workdir: Path, upstream: DemoUpstream, *, fixed_ports: bool = True) -> Path:
@@ -108,6 +119,7 @@ Point any mail client at it (no TLS on these loopback ports):
   IMAP  127.0.0.1:{ports.get("imap")}    user {DEMO_USER}   password {DEMO_PASSWORD}
   POP3  127.0.0.1:{ports.get("pop")}    (same user and password)
   SMTP  127.0.0.1:{ports.get("smtp")}    AUTH PLAIN or LOGIN, same user and password
+  SMTP  127.0.0.1:{ports.get("graph")}    the same, sent through Microsoft Graph (sendMail)
 
 For example:
   curl -s --url 'imap://127.0.0.1:{ports.get("imap")}/INBOX' --user '{DEMO_USER}:{DEMO_PASSWORD}'
@@ -119,17 +131,23 @@ Press Ctrl-C to stop.
 """
 
 
+def _send(port: int, subject: str) -> None:
+    msg = email.message.EmailMessage()
+    msg["From"], msg["To"], msg["Subject"] = DEMO_USER, DEMO_USER, subject
+    msg.set_content("Sent through xoauth2-proxy with a local password.\n")
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as smtp:
+        smtp.login(DEMO_USER, DEMO_PASSWORD)
+        smtp.send_message(msg)
+
+
 def round_trip(ports: dict[str, int], say: Callable[[str], None]) -> None:
     """Send a message through the SMTP proxy, read it back through IMAP and POP3."""
     subject = f"xoauth2-proxy demo check {time.time():.0f}"
-    msg = email.message.EmailMessage()
-    msg["From"], msg["To"], msg["Subject"] = DEMO_USER, DEMO_USER, subject
-    msg.set_content("Sent through xoauth2-proxy with a local password; "
-                    "delivered upstream with XOAUTH2.\n")
-    with smtplib.SMTP("127.0.0.1", ports["smtp"], timeout=30) as smtp:
-        smtp.login(DEMO_USER, DEMO_PASSWORD)
-        smtp.send_message(msg)
+    _send(ports["smtp"], subject)
     say(f"SMTP: sent {subject!r}")
+    if "graph" in ports:
+        _send(ports["graph"], subject + " via Graph")
+        say(f"SMTP through Microsoft Graph: sent {subject + ' via Graph'!r}")
     imap = imaplib.IMAP4("127.0.0.1", ports["imap"], timeout=30)
     try:
         imap.login(DEMO_USER, DEMO_PASSWORD)
@@ -139,6 +157,9 @@ def round_trip(ports: dict[str, int], say: Callable[[str], None]) -> None:
         assert typ == "OK", "SELECT failed"
         typ, found = imap.search(None, "SUBJECT", f'"{subject}"')
         assert typ == "OK" and found[0], "the message sent by SMTP is not in the INBOX"
+        if "graph" in ports:
+            typ, via = imap.search(None, "SUBJECT", f'"{subject} via Graph"')
+            assert typ == "OK" and via[0], "the message sent through Graph is not in the INBOX"
         number = found[0].split()[-1]
         typ, fetched = imap.fetch(number, "(BODY.PEEK[])")
         part = fetched[0]

@@ -69,8 +69,10 @@ def resource_of(scope: str) -> str:
     return OUTLOOK if resource in OUTLOOK_RESOURCES else resource
 
 
-def resource_scopes(scopes: tuple[str, ...]) -> tuple[str, ...]:
-    """Drop the OIDC scopes; expand a delegated Outlook ``/.default`` to the mail permissions."""
+def resource_scopes(scopes: tuple[str, ...], *, many: bool = False) -> tuple[str, ...]:
+    """Drop the OIDC scopes; expand a delegated Outlook ``/.default`` to the mail permissions.
+    A token request names one resource (AADSTS28000); an authorize or device-code request
+    (``many``) may name several, to consent to all at once."""
     out: list[str] = []
     for scope in scopes:
         if scope.lower() in RESERVED_SCOPES:
@@ -80,14 +82,24 @@ def resource_scopes(scopes: tuple[str, ...]) -> tuple[str, ...]:
         else:
             out.append(scope)
     resources = {resource_of(s) for s in out}
-    if len(resources) > 1:
+    if len(resources) > 1 and not many:
         raise EntraError(
-            "invalid_request",
+            "invalid_scope",
             28000,
             "Provided value for the input parameter scope is not valid because it contains "
             f"more than one resource. Scope {' '.join(scopes)} is not valid.",
         )
     return tuple(dict.fromkeys(out))
+
+
+def check_consent(requested: tuple[str, ...], consented: tuple[str, ...], client_id: str) -> None:
+    """A refresh for Graph permissions the user never consented to fails as at Entra."""
+    absent = [s for s in resource_scopes(requested) if resource_of(s) == GRAPH
+              and s.lower() not in {c.lower() for c in consented}]
+    if absent:
+        raise EntraError("invalid_grant", 65001, "The user or administrator has not consented "
+                         f"to use the application with ID '{client_id}'. Send an interactive "
+                         f"authorization request for this user and resource ({' '.join(absent)}).")
 
 
 def is_loopback_redirect(uri: str) -> bool:
@@ -140,9 +152,12 @@ class TokenAuthority:
         return token
 
     def _issue_user(
-        self, username: str, client_id: str, requested: tuple[str, ...], nonce: str | None = None
+        self, username: str, client_id: str, requested: tuple[str, ...], nonce: str | None = None,
+        consented: tuple[str, ...] = (),
     ) -> Issued:
-        scopes = resource_scopes(requested)
+        # A code for several resources gives a token for the first; the refresh token keeps all.
+        scopes = resource_scopes(requested, many=True)
+        scopes = tuple(s for s in scopes if resource_of(s) == resource_of(scopes[0])) if scopes else ()
         lowered = {s.lower() for s in requested}
         access = self.mint_access(
             username,
@@ -151,7 +166,8 @@ class TokenAuthority:
         )
         issued = Issued(access)
         if "offline_access" in lowered:
-            issued.refresh = self._mint_refresh(username, client_id, requested)
+            issued.refresh = self._mint_refresh(username, client_id,
+                                                tuple(dict.fromkeys(consented + requested)))
         if "openid" in lowered:
             claims = {
                 "aud": client_id,
@@ -178,7 +194,7 @@ class TokenAuthority:
         scopes = split_scopes(scope)
         if not scopes:
             raise missing("scope")
-        resource_scopes(scopes)
+        resource_scopes(scopes, many=True)
         alphabet = "BCDFGHJKLMNPQRSTVWXZ23456789"
         user_code = "".join(secrets.choice(alphabet) for _ in range(9))
         flow = DeviceCode(
@@ -253,7 +269,7 @@ class TokenAuthority:
         scopes = split_scopes(scope)
         if not scopes:
             raise missing("scope")
-        resource_scopes(scopes)
+        resource_scopes(scopes, many=True)
         code = AuthCode(
             secrets.token_urlsafe(64),
             username,
@@ -355,9 +371,12 @@ class TokenAuthority:
                 "The provided value for the input parameter 'refresh_token' or 'assertion' is "
                 "not valid: this refresh token has already been redeemed.",
             )
-        grant.used = True
         requested = split_scopes(scope) or grant.scopes
-        return self._issue_user(grant.username, client_id, requested)
+        if scope:
+            resource_scopes(requested)
+            check_consent(requested, grant.scopes, client_id)
+        grant.used = True
+        return self._issue_user(grant.username, client_id, requested, consented=grant.scopes)
 
     def client_credentials(self, client_id: str, client_secret: str, scope: str | None) -> Issued:
         if not client_secret:

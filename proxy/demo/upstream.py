@@ -5,10 +5,11 @@ servers on free ports, then prints one JSON line to stdout and writes the same o
 ``DIR/upstream.json``::
 
     {"ready": true, "pid": ..., "host": "127.0.0.1", "entra_url": "https://127.0.0.1:PORT",
-     "authority": "https://127.0.0.1:PORT/demo-tenant", "ca_file": ".../ca.pem",
+     "authority": "https://127.0.0.1:PORT/demo-tenant", "graph_url": "https://127.0.0.1:PORT",
+     "ca_file": ".../ca.pem",
      "cert_file": ".../server.pem", "key_file": ".../server.key",
      "ports": {"entra": PORT, "imaps": ..., "imap": ..., "pop3s": ..., "pop3": ...,
-               "submission": ..., "smtps": ...}}
+               "submission": ..., "smtps": ..., "graph": ...}}
 
 It runs until SIGTERM or SIGINT (or, with ``--exit-on-stdin-eof``, until its parent goes
 away and stdin closes). Nothing else is written to stdout; warnings go to stderr.
@@ -70,7 +71,7 @@ def build(reactor: Any, workdir: Path, host: str, knobs: Knobs) -> dict:
     """Start everything on ``reactor``; return the ready record (without ``ready``/``pid``)."""
     from twisted.web import server
 
-    from proxy.demo import certs, mail
+    from proxy.demo import certs, graph, mail
     from proxy.demo.admin import Admin
     from proxy.demo.entra import Entra
     from proxy.demo.tokens import TokenAuthority, Validator
@@ -89,11 +90,14 @@ def build(reactor: Any, workdir: Path, host: str, knobs: Knobs) -> dict:
     ports.update(mail.start_mail_servers(reactor, host=host, tls=tls,
                                          validator=Validator(authority), store=store,
                                          knobs=knobs))
+    ports["graph"] = graph.start(reactor, host=host, tls=tls, knobs=knobs, authority=authority,
+                                 store=store)
     url_host = f"[{host}]" if ":" in host else host
     entra_url = f"https://{url_host}:{entra_port}"
     return {
         "host": host,
         "entra_url": entra_url,
+        "graph_url": f"https://{url_host}:{ports['graph']}",
         "authority": f"{entra_url}/{DEMO_TENANT}",
         "ca_file": str(paths.ca_file),
         "cert_file": str(paths.cert_file),

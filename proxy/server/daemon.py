@@ -29,6 +29,7 @@ from proxy import config as config_mod
 from proxy import logs, metrics, store, systemd
 from proxy.auth.service import TokenService
 from proxy.config import Config, Listener
+from proxy.graph.route import GraphRoutes, upstream_of
 from proxy.operator import OperatorServices
 from proxy.protocol.imap import ImapClientSide, ImapUpstreamSide
 from proxy.protocol.pop import PopClientSide, PopUpstreamSide
@@ -94,7 +95,7 @@ def _upstream_tls(config: Config, listeners: Iterable[Listener]) -> dict[str, ss
     by_ca: dict[Path | None, ssl.SSLContext] = {}
     out = {}
     for name in {li.upstream for li in listeners}:
-        up = config.upstreams[name]
+        up = upstream_of(config, name)  # a Graph upstream: its HTTPS endpoint
         if up.ca_file not in by_ca:
             try:
                 by_ca[up.ca_file] = tls.upstream_context(up.ca_file)
@@ -105,10 +106,10 @@ def _upstream_tls(config: Config, listeners: Iterable[Listener]) -> dict[str, ss
 
 
 def _settings(config: Config, li: Listener, upstream_tls: ssl.SSLContext,
-              server_tls: ssl.SSLContext | None) -> ListenerSettings:
+              server_tls: ssl.SSLContext | None, graph: GraphRoutes) -> ListenerSettings:
     """What the configuration says to one listener's sessions (at start and on reload)."""
-    return ListenerSettings(li, config.upstreams[li.upstream], upstream_tls, server_tls,
-                            config.limits, config.relay_rules(li.name))
+    return ListenerSettings(li, upstream_of(config, li.upstream), upstream_tls, server_tls,
+                            config.limits, config.relay_rules(li.name), graph.route(config, li))
 
 
 def _server_tls(li: Listener) -> ssl.SSLContext | None:
@@ -136,6 +137,7 @@ class Daemon:
         self.preauth = PreauthLimiter(config.limits)
         # Each IMAP upstream's post-login capabilities, announced before login (all listeners).
         self.capabilities = CapabilityCache(config.state_dir)
+        self.graph = GraphRoutes()  # Graph clients and SMTP fallbacks (proxy.graph.route)
         self.listeners: list[ListenerBase] = []
         self.extra_servers: list[Callable[[], object]] = []
         self.metrics_server: MetricsServer | None = None
@@ -200,7 +202,7 @@ class Daemon:
     async def _start_listener(self, li: Listener, upstream_tls: ssl.SSLContext,
                               sock: socket.socket | None) -> None:
         server_tls = _server_tls(li)
-        settings = _settings(self.config, li, upstream_tls, server_tls)
+        settings = _settings(self.config, li, upstream_tls, server_tls, self.graph)
         up = settings.upstream
         runtime: ListenerBase
         if li.protocol == "smtp":
@@ -271,7 +273,7 @@ class Daemon:
         self.tokens.reconfigure(config)
         self.throttle.limits = self.preauth.limits = config.limits
         for (runtime, li), (upstream_tls, server_tls) in zip(kept, contexts, strict=True):
-            runtime.ctx.reconfigure(_settings(config, li, upstream_tls, server_tls))
+            runtime.ctx.reconfigure(_settings(config, li, upstream_tls, server_tls, self.graph))
             bound = self._bound_tls.get(li.name)
             if bound is not None and server_tls is not None:
                 # The version range and ciphers come from the context a connection starts
@@ -298,6 +300,7 @@ class Daemon:
             await asyncio.gather(*pending, return_exceptions=True)
         await self.operator.stop()
         await self.tokens.aclose()
+        await self.graph.aclose()
         await self.capabilities.flush()
         if self.metrics_server is not None:
             await self.metrics_server.stop()

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from proxy.config import Limits, Listener, RelayRule, Upstream
+from proxy.graph.route import GraphRoute
 
 BACKLOG = 4096  # a burst of hundreds of simultaneous connects must all get a greeting
 TLS_HANDSHAKE_TIMEOUT = 15.0  # an implicit-TLS client's handshake, on every listener
@@ -31,6 +32,7 @@ class ListenerSettings:
     server_tls: ssl.SSLContext | None
     limits: Limits
     relay_rules: tuple[RelayRule, ...] = ()
+    graph: GraphRoute | None = None  # SMTP through Microsoft Graph, directly or as fallback
 
 
 class ListenerContext(Protocol):

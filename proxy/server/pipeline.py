@@ -19,6 +19,7 @@ from proxy.auth.errors import TokenError
 from proxy.auth.service import TokenService
 from proxy.config import Account
 from proxy.config import Protocol as MailProtocol
+from proxy.graph.settings import GraphResource
 from proxy.protocol.events import Failure, ReplyKind, UpstreamBroken, UpstreamRejected
 from proxy.secret import Secret
 from proxy.server.logins import LoginAttempt, unreachable, upstream_refusal
@@ -48,7 +49,7 @@ class PasswordToken:
     tokens: TokenService
     name: str
     password: Secret
-    protocol: MailProtocol
+    protocol: MailProtocol | GraphResource
 
     async def token(self, rejected: str | None = None) -> str:
         return await self.tokens.access_token(self.name, self.password, self.protocol,
@@ -59,7 +60,7 @@ class PasswordToken:
 class ServiceToken:
     tokens: TokenService
     name: str
-    protocol: MailProtocol
+    protocol: MailProtocol | GraphResource
 
     async def token(self, rejected: str | None = None) -> str:
         return await self.tokens.service_token(self.name, self.protocol, rejected=rejected)

@@ -43,6 +43,8 @@ from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session, TLSSetupException
 from proxy import __version__, logs
 from proxy.auth.service import TokenService
 from proxy.config import Limits, Listener, Upstream
+from proxy.graph.route import GraphRoute, service_session
+from proxy.graph.sink import GraphSink
 from proxy.protocol.events import Failure
 from proxy.secret import Secret
 from proxy.server.connection import Connection
@@ -52,13 +54,7 @@ from proxy.server.logins import LoginAttempt
 from proxy.server.pipeline import Denied, PasswordToken, Pipeline
 from proxy.server.smtp_auth import Credentials, read_login, read_plain
 from proxy.server.smtp_protocol import ProxySMTP, quiet_aiosmtpd
-from proxy.server.smtp_relay import (
-    Decision,
-    RelayRefused,
-    RelayRules,
-    open_service_session,
-    seed_metrics,
-)
+from proxy.server.smtp_relay import Decision, RelayRefused, RelayRules, seed_metrics
 from proxy.server.smtp_sink import MessageSink, SinkLost
 from proxy.server.smtp_transaction import Ready, TransactionRelay
 from proxy.server.smtp_upstream import SmtpOpener, UpstreamSession
@@ -104,6 +100,7 @@ class SmtpContext:
         self.upstream_tls, self.server_tls = settings.upstream_tls, settings.server_tls
         self.limits: Limits = settings.limits
         self.relay = RelayRules(settings.listener.name, settings.relay_rules)
+        self.graph: GraphRoute | None = settings.graph
         seed_metrics(settings.relay_rules)
 
     def opener(self) -> SmtpOpener:
@@ -122,7 +119,7 @@ class SmtpFront:
         self.conn = Connection(ctx.listener, ctx.preauth, None)
         self.transactions = TransactionRelay(self, self.conn)
         self.credentials: tuple[str, Secret] | None = None
-        self.upstream: UpstreamSession | None = None
+        self.upstream: UpstreamSession | GraphSink | None = None
         self.device_account: str | None = None  # set once a device's session went upstream
         self._gone: asyncio.Future[None] | None = None
 
@@ -241,14 +238,16 @@ class SmtpFront:
         if not user.isprintable():  # keeps log lines and the upstream's SASL intact
             await server.push("501 5.5.2 The user name has control characters")
             return AuthResult(success=False, handled=True)
-        conn = self.conn
-        attempt = LoginAttempt(self.ctx.throttle, log, protocol="smtp",
-                               listener=self.ctx.listener.name, user=user, peer=conn.peer,
-                               peer_host=conn.peer_host, mechanism=mechanism)
-        verdict = await self._pipeline(user, password, attempt).run()
+        verdict = await self._pipeline(user, password, self._attempt(user, mechanism)).run()
+        route = self.ctx.graph
+        if (isinstance(verdict, Denied) and route is not None
+                and route.falls_back(verdict.reason, user.strip().lower(), verdict.kind)):
+            verdict = await self._pipeline(user, password, self._attempt(user, mechanism)).run()
         if isinstance(verdict, Denied):
             return AuthResult(success=False, handled=False,
                               message=failure_reply(verdict.failure, verdict.text))
+        if route is not None and not isinstance(verdict.upstream, GraphSink):
+            route.smtp_worked(verdict.account.name)
         self.drop()  # AUTH again after STARTTLS: the old session is done
         self.credentials = (user, password)
         self._adopt(verdict.upstream, verdict.account.name)
@@ -258,14 +257,23 @@ class SmtpFront:
             server.data_size_limit = upstream.size_limit
         return AuthResult(success=True, auth_data=verdict.account.name)
 
-    def _pipeline(self, user: str, password: Secret,
-                  attempt: LoginAttempt | None) -> Pipeline[UpstreamSession]:
-        tokens = self.ctx.tokens
+    def _attempt(self, user: str, mechanism: str) -> LoginAttempt:
+        conn = self.conn
+        return LoginAttempt(self.ctx.throttle, log, protocol="smtp",
+                            listener=self.ctx.listener.name, user=user, peer=conn.peer,
+                            peer_host=conn.peer_host, mechanism=mechanism)
+
+    def _pipeline(self, user: str, password: Secret, attempt: LoginAttempt | None
+                  ) -> Pipeline[UpstreamSession] | Pipeline[GraphSink]:
+        tokens, route = self.ctx.tokens, self.ctx.graph
+        if route is not None and route.wanted(user.strip().lower()):  # Microsoft Graph
+            return route.pipeline(tokens, user, password, attempt, MAX_MESSAGE_SIZE,
+                                  client_tls=self.conn.tls_version)
         return Pipeline(tokens, PasswordToken(tokens, user, password, "smtp"), self.ctx.opener(),
                         attempt=attempt, permission="SMTP AUTH",
                         client_tls=self.conn.tls_version)
 
-    def _adopt(self, upstream: UpstreamSession, account: str) -> None:
+    def _adopt(self, upstream: UpstreamSession | GraphSink, account: str) -> None:
         self.upstream = upstream
         self.transactions.in_transaction = False
         self.conn.logged_in(account)
@@ -353,7 +361,8 @@ class SmtpFront:
             return
         self.drop()
         try:
-            upstream = await open_service_session(self.ctx.tokens, self.ctx.opener(), rule)
+            upstream = await service_session(self.ctx.graph, self.ctx.tokens, self.ctx.opener(),
+                                             rule)
         except RelayRefused as refused:
             self.ctx.relay.refused(self.conn, rule, sender, refused)
             raise

@@ -120,8 +120,10 @@ class Meta:
     refresh_token_present: bool
     needs_reauth: str | None = None
     updated_at: float = 0.0
+    resources: tuple[str, ...] = ()  # "outlook", "graph": only written when known (old AAD)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "resources", tuple(str(_text(r, "resources", 99)) for r in self.resources))
         _text(self.identity, "identity", 1024, optional=True)
         if not _text(self.flow, "flow", 64):
             raise ValueError("flow must not be empty")
@@ -140,7 +142,7 @@ class Meta:
             "refresh_token_present": self.refresh_token_present,
             "needs_reauth": self.needs_reauth,
             "updated_at": self.updated_at,
-        }
+        } | ({"resources": list(self.resources)} if self.resources else {})
 
     def canonical(self) -> bytes:
         """The bytes bound into the payload AAD."""
@@ -416,7 +418,9 @@ def _parse_body(body: dict[str, Any]) -> TokenDocument:
     key_id = raw["key_id"]
     if not isinstance(key_id, str) or not _KEY_ID_RE.fullmatch(key_id):
         raise _Bad("key_id is not 24 hex digits")
-    meta_raw = _fields(raw["meta"], "meta", tuple(Meta.__dataclass_fields__))
+    written = isinstance(raw["meta"], dict) and "resources" in raw["meta"]  # only when known
+    meta_raw = _fields(raw["meta"], "meta", tuple(
+        k for k in Meta.__dataclass_fields__ if k != "resources" or written))
     try:
         meta = Meta(**meta_raw)
     except (TypeError, ValueError) as exc:

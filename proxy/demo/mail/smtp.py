@@ -29,6 +29,9 @@ _SIZE = re.compile(rb"(?:^|\s)SIZE=(\d+)", re.I)
 _MAX_LINE = 64 * 1024
 _BASIC_DISABLED = (b"5.7.139 Authentication unsuccessful, basic authentication is disabled. ["
                    + common.FRONTEND.encode() + b"]")
+_SMTP_AUTH_DISABLED = (b"5.7.139 Authentication unsuccessful, SmtpClientAuthentication is "
+                       b"disabled for the Tenant. Visit https://aka.ms/smtp_auth_disabled for "
+                       b"more information. [" + common.FRONTEND.encode() + b"]")
 _AUTH_FAILED = b"5.7.3 Authentication unsuccessful [" + common.FRONTEND.encode() + b"]"
 
 
@@ -222,6 +225,8 @@ class SMTPServer(smtp.ESMTP):
     def _auth_verdict(self, login: common.Login) -> None:
         if self.factory.knobs.xoauth2_temporary_failure:
             self.sendCode(454, b"4.7.0 " + common.TEMPORARY_FAILURE)
+        elif self.factory.knobs.smtp_auth_disabled:
+            self.sendCode(535, _SMTP_AUTH_DISABLED)
         elif login.ok:
             self._user = login.user
             self._app_only = login.app_only

@@ -117,6 +117,10 @@ class MailStore:
             acct = self._accounts[key] = Account(key)
         return acct
 
+    def addresses(self) -> list[str]:
+        """Every mailbox that exists so far (lower case)."""
+        return list(self._accounts)
+
     def deliver(self, recipient: str, message: bytes) -> None:
         """Append ``message`` to the recipient's INBOX, byte for byte."""
         self.account(recipient).inbox.append(message)

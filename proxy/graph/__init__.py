@@ -1,0 +1,1 @@
+"""Sending through Microsoft Graph: settings, tokens' scopes, the HTTP client, the SMTP sink."""
