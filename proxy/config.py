@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from proxy import runtime as runtime_mod
 from proxy import systemd, tlspolicy
 
 Protocol = Literal["imap", "pop", "smtp"]
@@ -232,6 +233,7 @@ class Config:
     log_level: str = "info"
     shutdown_grace: float = 30.0
     relays: tuple[RelayRule, ...] = ()
+    runtime: runtime_mod.Runtime = runtime_mod.Runtime()  # workers, event_loop
 
     def relay_rules(self, listener: str) -> tuple[RelayRule, ...]:
         """The ``[[relay]]`` rules of one listener, in file order (the first match decides)."""
@@ -633,6 +635,7 @@ def parse(data: dict[str, Any], file: Path) -> Config:
     state_dir = top.path_("state_dir") or Path("/var/lib/xoauth2-proxy")
     log_level = top.choice("log_level", ("debug", "info", "warning", "error"), "info")
     shutdown_grace = top.number("shutdown_grace", 30.0, 0, 3600)
+    runtime = runtime_mod.read(top)
 
     upstreams = {name: _read_upstream(name, t) for name, t in top.subtables("upstreams")}
     providers = {name: _read_provider(name, t) for name, t in top.subtables("providers")}
@@ -711,7 +714,7 @@ def parse(data: dict[str, Any], file: Path) -> Config:
     top.done()
     return Config(path=file, state_dir=state_dir, listeners=tuple(listeners), upstreams=upstreams,
                   providers=providers, accounts=accounts, metrics=metrics, limits=limits, log_level=log_level,
-                  shutdown_grace=shutdown_grace, relays=tuple(relays))
+                  shutdown_grace=shutdown_grace, relays=tuple(relays), runtime=runtime)
 
 
 def load(path: Path | str) -> Config:

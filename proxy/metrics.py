@@ -63,22 +63,25 @@ BUILD = Info("xoauth2_proxy_build", "Version of the running proxy.", registry=RE
 BUILD.info({"version": __version__, "python": platform.python_version()})
 ProcessCollector(registry=REGISTRY)
 
+# Gauges' multiprocess modes (workers = N, see proxy.supervisor): "livemin" where every live
+# worker must agree (ready, the last reload's outcome and time), "livesum" for counts.
 LISTENERS_READY = Gauge("xoauth2_proxy_ready", "1 while every listener accepts connections.",
-                        registry=REGISTRY)
+                        registry=REGISTRY, multiprocess_mode="livemin")
 RELOADS = Counter("xoauth2_proxy_config_reloads_total",
                   "Configuration reloads (SIGHUP) by outcome.", ["result"], registry=REGISTRY)
 RELOAD_OK = Gauge("xoauth2_proxy_config_last_reload_successful",
                   "1 if the last configuration reload succeeded (or none was tried).",
-                  registry=REGISTRY)
+                  registry=REGISTRY, multiprocess_mode="livemin")
 RELOAD_OK.set(1)
 RELOAD_TIME = Gauge("xoauth2_proxy_config_last_reload_success_timestamp_seconds",
                     "When the configuration was last loaded successfully (Unix time).",
-                    registry=REGISTRY)
+                    registry=REGISTRY, multiprocess_mode="livemin")
 
 CONNECTIONS = Counter("xoauth2_proxy_connections_total", "Client connections accepted.",
                       ["protocol", "listener"], registry=REGISTRY)
 CONNECTIONS_ACTIVE = Gauge("xoauth2_proxy_connections_active", "Client connections open now.",
-                           ["protocol", "listener"], registry=REGISTRY)
+                           ["protocol", "listener"], registry=REGISTRY,
+                           multiprocess_mode="livesum")
 TLS_VERSIONS = ("1.0", "1.1", "1.2", "1.3")
 TLS_HANDSHAKES = Counter("xoauth2_proxy_tls_handshakes_total",
                          "Client TLS handshakes completed, by listener and negotiated version.",
