@@ -71,21 +71,51 @@ class Worker:
     exited: asyncio.Event = field(default_factory=asyncio.Event)
 
 
-def bind(config: Config, passed: dict[str, socket.socket]) -> list[tuple[str, socket.socket]]:
-    """Every listener's listening socket: the activated one, else a new bound one."""
-    out: list[tuple[str, socket.socket]] = []
+@dataclass
+class Socket:
+    """A listener's socket(s). Passed by systemd: one socket all workers accept on (``shared``).
+    Else each worker gets its own socket on the address, bound with SO_REUSEPORT, so the kernel
+    spreads connections evenly over the workers (a fixed share each, which keeps each worker
+    within its descriptor limit) and a dead worker's socket leaves the group with it;
+    ``anchor`` (bound, never listening) holds the port while workers come and go."""
+
+    name: str
+    shared: socket.socket | None = None
+    anchor: socket.socket | None = None
+
+    def for_worker(self) -> socket.socket:
+        if self.shared is not None:
+            return self.shared
+        assert self.anchor is not None
+        host, port = self.anchor.getsockname()[:2]
+        return socket.create_server((host, port), family=self.anchor.family, backlog=BACKLOG,
+                                    reuse_port=True)
+
+    def close(self) -> None:
+        for sock in (self.shared, self.anchor):
+            if sock is not None:
+                sock.close()
+
+
+def bind(config: Config, passed: dict[str, socket.socket]) -> list[Socket]:
+    """Every listener's socket: the activated one, else an anchor on its address."""
+    out: list[Socket] = []
     for li in config.listeners:
-        sock = passed.get(li.name)
-        if sock is None:
-            try:
-                sock = socket.create_server((li.listen.host, li.listen.port), backlog=BACKLOG,
-                                            family=_family(li.listen.host))
-            except OSError as exc:
-                for _, s in out:
-                    s.close()
-                raise SupervisorError(f"listener {li.name}: cannot listen on {li.listen}: "
-                                      f"{exc.strerror or exc}") from None
-        out.append((li.name, sock))
+        if li.name in passed:
+            out.append(Socket(li.name, shared=passed[li.name]))
+            continue
+        anchor = socket.socket(_family(li.listen.host), socket.SOCK_STREAM)
+        try:
+            anchor.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            anchor.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            anchor.bind((li.listen.host, li.listen.port))
+        except OSError as exc:
+            anchor.close()
+            for sock in out:
+                sock.close()
+            raise SupervisorError(f"listener {li.name}: cannot listen on {li.listen}: "
+                                  f"{exc.strerror or exc}") from None
+        out.append(Socket(li.name, anchor=anchor))
     return out
 
 
@@ -95,17 +125,13 @@ def _family(host: str) -> socket.AddressFamily:
 
 class Supervisor:
     def __init__(self, config: Config, log_level: str | None, notifier: systemd.Notifier,
-                 sockets: list[tuple[str, socket.socket]], private: Path) -> None:
+                 sockets: list[Socket], private: Path) -> None:
         self.config, self.log_level, self.notifier = config, log_level, notifier
         self.private = private
         self.metrics_dir = private / "metrics"
         self.metrics_dir.mkdir(mode=0o700)
-        # Copies above fds 3…3+n, so that placing them there in a child never overwrites one.
-        n = len(sockets)
-        self.names = [name for name, _ in sockets]
-        self.fds = [fcntl.fcntl(s.fileno(), fcntl.F_DUPFD_CLOEXEC, 3 + n) for _, s in sockets]
-        for _, s in sockets:
-            s.close()
+        self.sockets = sockets
+        self.names = [sock.name for sock in sockets]
         self.watchdog_usec = _watchdog_usec()
         self.workers = [Worker(slot, self._notify_socket(slot))
                         for slot in range(1, config.runtime.workers + 1)]
@@ -131,7 +157,7 @@ class Supervisor:
         env.update({runtime.WORKER_ENV: str(worker.slot),
                     "PROMETHEUS_MULTIPROC_DIR": str(self.metrics_dir),
                     "NOTIFY_SOCKET": str(self.private / f"notify-{worker.slot}.sock"),
-                    "LISTEN_FDS": str(len(self.fds)), "LISTEN_FDNAMES": ":".join(self.names)})
+                    "LISTEN_FDS": str(len(self.names)), "LISTEN_FDNAMES": ":".join(self.names)})
         if self.watchdog_usec:
             env["WATCHDOG_USEC"] = str(self.watchdog_usec)
         return env
@@ -140,9 +166,21 @@ class Supervisor:
         argv = [sys.executable, "-m", "proxy", "-c", str(self.config.path), "run"]
         if self.log_level:
             argv += ["--log-level", self.log_level]
-        actions = [(os.POSIX_SPAWN_DUP2, fd, 3 + i) for i, fd in enumerate(self.fds)]
-        worker.pid = os.posix_spawn(sys.executable, argv, self._environment(worker),
-                                    file_actions=actions)
+        # Copies above fds 3…3+n, so that placing them there in the child overwrites none.
+        n = len(self.sockets)
+        fds = []
+        try:
+            for sock in self.sockets:
+                own = sock.for_worker()
+                fds.append(fcntl.fcntl(own.fileno(), fcntl.F_DUPFD_CLOEXEC, 3 + n))
+                if own is not sock.shared:
+                    own.close()
+            actions = [(os.POSIX_SPAWN_DUP2, fd, 3 + i) for i, fd in enumerate(fds)]
+            worker.pid = os.posix_spawn(sys.executable, argv, self._environment(worker),
+                                        file_actions=actions)
+        finally:
+            for fd in fds:
+                os.close(fd)
         worker.pidfd = os.pidfd_open(worker.pid)
         worker.started = worker.last_ping = time.monotonic()
         worker.ready, worker.reloaded = False, self.generation
@@ -288,8 +326,8 @@ class Supervisor:
             if worker.pidfd >= 0:
                 loop.remove_reader(worker.pidfd)
                 os.close(worker.pidfd)
-        for fd in self.fds:
-            os.close(fd)
+        for sock in self.sockets:
+            sock.close()
         shutil.rmtree(self.private, ignore_errors=True)
 
 

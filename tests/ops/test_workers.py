@@ -10,6 +10,8 @@ import imaplib
 import os
 import re
 import signal
+import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -157,3 +159,69 @@ async def test_two_workers_one_scrape_reload_crash_and_stop(
     assert "event=stopped" in proc.text()
     private = re.search(r"event=supervisor_started .*runtime_dir=(\S+)", proc.text())
     assert private and not Path(private.group(1)).exists()  # metrics files removed
+
+
+async def test_two_workers_on_socket_activated_sockets(
+        tmp_path: Path, demo_upstream: DemoUpstream, notify: NotifySocket,
+        processes: list[ProxyProcess]) -> None:
+    """Sockets from systemd are shared by the workers; the metrics socket stays with the
+    supervisor."""
+    authorise(make_config(tmp_path, demo_upstream, protocols=("imap",)), demo_upstream)
+    imap = socket.create_server(("127.0.0.1", 0), backlog=64)
+    metrics_sock = socket.create_server(("127.0.0.1", 0))
+    port, metrics_port = imap.getsockname()[1], metrics_sock.getsockname()[1]
+    proc = ProxyProcess(write_config(tmp_path, demo_upstream), tmp_path / "proxy.log",
+                        notify=notify, activate={"imap": imap, "metrics": metrics_sock})
+    processes.append(proc)
+    imap.close()
+    metrics_sock.close()
+    await asyncio.to_thread(notify.expect, "READY", proc=proc.proc, timeout=60)
+    assert proc.text().count(f"address=127.0.0.1:{port} ") == 2  # both workers, one socket
+    for _ in range(3):
+        await asyncio.to_thread(login, port)
+    samples = await scrape(metrics_port)
+    assert value(samples, "xoauth2_proxy_logins_total", protocol="imap", result="ok") == 3
+    proc.signal(signal.SIGTERM)
+    assert await asyncio.to_thread(proc.wait) == 0
+
+
+async def _storm_login(port: int, n: int) -> list[bytes]:
+    """``n`` connections greeted first, then all send LOGIN at once; the tagged replies."""
+    conns = []
+    for _ in range(n):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        await reader.readline()
+        conns.append((reader, writer))
+    user = USER.encode()
+    secret = PASSWORD.encode()
+    try:
+        for _, writer in conns:
+            writer.write(b"a LOGIN " + user + b" {" + str(len(secret)).encode() + b"+}\r\n"
+                         + secret + b"\r\n")
+
+        async def reply(reader: asyncio.StreamReader) -> bytes:
+            while not (line := await reader.readline()).startswith(b"a ") and line:
+                pass
+            return line
+        async with asyncio.timeout(120):
+            return await asyncio.gather(*(reply(reader) for reader, _ in conns))
+    finally:
+        for _, writer in conns:
+            writer.close()
+
+
+async def test_storm_over_two_workers_makes_one_token_request(
+        tmp_path: Path, demo_upstream_factory: Any, notify: NotifySocket,
+        processes: list[ProxyProcess]) -> None:
+    """An expired access token and 200 concurrent logins spread over both workers: one token
+    request at the fake Entra (the token file's lock and re-read across processes)."""
+    upstream = demo_upstream_factory(access_token_lifetime=3)
+    proc, port, _ = await start(tmp_path, upstream, notify, processes)
+    issued = time.monotonic()
+    await asyncio.sleep(max(0.0, issued + 4 - time.monotonic()))  # the 3 s token runs out
+    upstream.reset_stats()
+    replies = await _storm_login(port, 200)
+    assert all(line.startswith(b"a OK") for line in replies), set(replies)
+    assert len(logins_by_worker(proc)) == 2  # both workers served logins
+    stats = upstream.stats()
+    assert stats["grant_types"].get("refresh_token", 0) == 1, stats
