@@ -1,20 +1,22 @@
-"""``TokenStore``: one encrypted token file per account, unlocked by a password or a service key.
+"""The token store's core: reading, unlocking and writing envelopes through a backend.
 
-The file format is described in ``proxy.store.format``; locking and atomic writes in
-``proxy.store.atomic``; slots and the derived-key cache in ``proxy.store.slots``.
+``StoreCore`` holds what every operation needs; ``proxy.store.store.TokenStore`` adds the slot
+operations. The backend (``proxy.store.backend``: files; ``proxy.store.pg``: PostgreSQL) keeps
+each account's envelope as opaque bytes with a version; the format is ``proxy.store.format``.
 
-File names and the values handed out are in ``proxy.store.names``.
-
-Concurrency: readers (``info``, ``unlock``) take no lock, because writers replace files
+Concurrency: readers (``info``, ``unlock``) take no lock, because writers replace records
 atomically. Every read-modify-write (``save``, slot changes, ``touch_slot``, ``create``,
-``delete``) holds the account's flock and re-reads the file under it, so a slot added by the CLI
-survives a ``save`` from the daemon, and a ``save`` after a new login fails with ``FileReplaced``
-instead of writing the old data key over the new one. The key cache and the parsed-file cache are
-guarded by locks; ``TokenStore`` methods may be called from several threads at once.
+``delete``) re-reads the record inside ``backend.writing`` and writes with a version check
+(compare-and-swap), redoing its change when another writer came first; so a slot added by the
+CLI survives a ``save`` from the daemon, and a ``save`` after a new login fails with
+``FileReplaced`` instead of writing the old data key over the new one. The caches are guarded by
+locks; methods may be called from several threads at once.
 
-Argument errors raise ``TypeError``/``ValueError`` (a non-``Secret`` password, an empty password,
-a service key shorter than 32 bytes, an invalid account name); a malformed slot label raises
-``SlotError`` so that the CLI reports it like a duplicate label.
+A token refresh runs under ``refresh_lock(account)`` (one refresh per account across processes
+and machines) and calls ``reload`` under it, so it never uses a refresh token another process
+already rotated. When the backend is unreachable, ``unlock`` falls back to the last envelope it
+read (logins with a cached access token go on); writes and the refresh lock raise
+``StoreUnavailable``.
 """
 
 from __future__ import annotations
@@ -25,25 +27,19 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 from proxy.secret import Secret
 from proxy.store import slots as slot_module
-from proxy.store.atomic import (
-    StatKey,
-    atomic_write,
-    ensure_state_dir,
-    file_lock,
-    read_regular,
-    remove_stale_temps,
-    unlink_durably,
-)
+from proxy.store.backend import REPLACE, Backend, FileBackend, RecordMissing, Version, VersionConflict
 from proxy.store.errors import (
     CorruptTokenFile,
     DerivationNeeded,
     FileReplaced,
     SlotError,
+    StoreUnavailable,
     TokenFileExists,
     TokenFileMissing,
     WrongPassword,
@@ -52,8 +48,6 @@ from proxy.store.format import (
     KEY_SIZE,
     KIND_KEYFILE,
     KIND_PASSWORD,
-    MAX_FILE_SIZE,
-    MAX_SLOTS,
     SALT_SIZE,
     Meta,
     ScryptParams,
@@ -66,24 +60,14 @@ from proxy.store.format import (
     encrypt_payload,
     make_key_id,
 )
-from proxy.store.names import (
-    LOCK_SUFFIX,
-    SUFFIX,
-    FileInfo,
-    Unlocked,
-    check_account,
-    default_scrypt_n,
-    file_stem,
-)
+from proxy.store.names import FileInfo, Unlocked, default_scrypt_n
 from proxy.store.slots import (
     PasswordKeyCache,
-    cache_key,
     check_service_key,
     new_keyfile_slot,
     new_password_slot,
     open_keyfile_slot,
     password_bytes,
-    rewrap_all,
     shared_salt,
     slot_cache_key,
     slots_fingerprint,
@@ -92,117 +76,149 @@ from proxy.store.slots import (
 
 log = logging.getLogger("proxy.store")
 
-TOUCH_INTERVAL = 3600.0
+REFRESH_LOCK_TIMEOUT = 30.0  # how long a refresh waits for another process's refresh
+CAS_ATTEMPTS = 20  # a write that keeps losing the version race gives up (temporary)
+
+Where = Path | str
+Change = Callable[[Where, TokenDocument], TokenDocument | None]
 
 
-def _same_key_id(a: str, b: str) -> bool:
+def same_key_id(a: str, b: str) -> bool:
     return hmac.compare_digest(a.encode(), b.encode())
 
 
-def _slot_label(label: str) -> str:
+def slot_label(label: str) -> str:
     try:
         return check_label(label)
     except ValueError as exc:
         raise SlotError(str(exc)) from None
 
 
-class TokenStore:
-    """Encrypted per-account token files in one state directory (see the module docstring)."""
+class StoreCore:
+    """Encrypted per-account envelopes in one backend (see the module docstring)."""
 
     def __init__(
-        self, state_dir: Path, *, scrypt_n: int | None = None, scrypt_r: int = 8, scrypt_p: int = 1
+        self, state_dir: Path | None = None, *, backend: Backend | None = None,
+        scrypt_n: int | None = None, scrypt_r: int = 8, scrypt_p: int = 1,
+        lock_timeout: float = REFRESH_LOCK_TIMEOUT,
     ) -> None:
-        self.state_dir = ensure_state_dir(Path(state_dir))
+        if backend is None:
+            if state_dir is None:
+                raise ValueError("a token store needs a state directory or a backend")
+            backend = FileBackend(state_dir)
+        self.backend = backend
+        self.state_dir = Path(state_dir) if state_dir is not None else None
         n = default_scrypt_n() if scrypt_n is None else scrypt_n
         self.scrypt = ScryptParams(n, scrypt_r, scrypt_p)
+        self.lock_timeout = lock_timeout
         self._absent_salt = os.urandom(SALT_SIZE)
         self._keys = PasswordKeyCache()
         self._lock = threading.Lock()
-        self._docs: dict[Path, tuple[StatKey, TokenDocument]] = {}
+        self._docs: dict[str, tuple[Version, TokenDocument]] = {}
         self._touched: dict[tuple[str, str, str], float] = {}
 
-    # --- paths and reading --------------------------------------------------------------
+    def close(self) -> None:
+        self.backend.close()
 
-    def path(self, account: str) -> Path:
-        return self.state_dir / (file_stem(check_account(account)) + SUFFIX)
+    # --- reading ------------------------------------------------------------------------
 
-    def _lock_path(self, path: Path) -> Path:
-        return path.with_suffix(LOCK_SUFFIX)
+    def path(self, account: str) -> Where:
+        """Where the account's envelope lives (a file, or a database row): for messages."""
+        return self.backend.where(account)
 
     def exists(self, account: str) -> bool:
-        return os.path.lexists(self.path(account))
+        try:
+            self.backend.read(account)
+        except RecordMissing:
+            return False
+        except CorruptTokenFile:
+            return True
+        return True
 
-    def _invalidate(self, path: Path) -> None:
+    def _invalidate(self, account: str) -> None:
         with self._lock:
-            self._docs.pop(path, None)
+            self._docs.pop(account, None)
 
-    def _read_path(self, path: Path) -> TokenDocument:
-        """Parse ``path``, reusing the last parse if the file is unchanged.
+    def _load_versioned(self, account: str, *, stale_ok: bool = False,
+                        ) -> tuple[Version, TokenDocument]:
+        """The account's record, reusing the last parse if it is unchanged.
 
-        Raises FileNotFoundError or ``CorruptTokenFile``.
+        ``stale_ok``: if the backend is unreachable, the last record read (for unlocking only).
         """
         with self._lock:
-            cached = self._docs.get(path)
+            cached = self._docs.get(account)
+        where = self.backend.where(account)
         try:
-            key, data = read_regular(path, MAX_FILE_SIZE, cached[0] if cached else None)
-        except FileNotFoundError:
-            self._invalidate(path)
+            version, data = self.backend.read(account, cached[0] if cached else None)
+        except RecordMissing:
+            self._invalidate(account)
+            raise TokenFileMissing(account, where) from None
+        except StoreUnavailable as exc:
+            if stale_ok and cached is not None:
+                log.warning("token store unavailable (%s); using the last record read for %r",
+                            exc.reason, account)
+                return cached
             raise
-        except OSError as exc:
-            self._invalidate(path)
-            raise CorruptTokenFile(path, f"it cannot be read ({exc.strerror})") from None
+        except CorruptTokenFile:
+            self._invalidate(account)
+            raise
         if data is None:
             assert cached is not None
-            return cached[1]
-        doc = decode(data, path)
-        with self._lock:
-            self._docs[path] = (key, doc)
-        return doc
-
-    def _load(self, account: str) -> tuple[Path, TokenDocument]:
-        path = self.path(account)
-        try:
-            doc = self._read_path(path)
-        except FileNotFoundError:
-            raise TokenFileMissing(account, path) from None
+            return cached
+        doc = decode(data, where)
         if doc.account != account:
-            raise CorruptTokenFile(path, f"it belongs to account {doc.account!r}, not {account!r}")
-        return path, doc
+            raise CorruptTokenFile(where, f"it belongs to account {doc.account!r}, not {account!r}")
+        with self._lock:
+            self._docs[account] = (version, doc)
+        return version, doc
+
+    def _load(self, account: str, *, stale_ok: bool = False) -> tuple[Where, TokenDocument]:
+        _, doc = self._load_versioned(account, stale_ok=stale_ok)
+        return self.backend.where(account), doc
 
     def info(self, account: str) -> FileInfo:
         path, doc = self._load(account)
         return FileInfo(account, path, doc.meta, tuple(slot.info() for slot in doc.slots))
 
-    def accounts(self) -> list[str]:
-        """Accounts with a readable file; unreadable or misnamed files are logged and skipped."""
-        found = []
-        for name in sorted(os.listdir(self.state_dir)):
-            if name.startswith(".") or not name.endswith(SUFFIX):
-                continue
-            path = self.state_dir / name
+    def _scan(self) -> Iterator[tuple[Where, TokenDocument]]:
+        """Every readable record whose place matches its account; others are logged, skipped."""
+        for where, data in self.backend.scan():
             try:
-                doc = self._read_path(path)
-                expected = self.path(doc.account)
-            except FileNotFoundError:
-                continue
+                doc = decode(data, where)
+                expected = self.backend.where(doc.account)
             except (CorruptTokenFile, ValueError) as exc:
-                log.warning("skipping token file %s: %s", path, exc)
+                log.warning("skipping token record %s: %s", where, exc)
                 continue
-            if expected != path:
-                log.warning(
-                    "skipping token file %s: it holds account %r, whose file is %s",
-                    path,
-                    doc.account,
-                    expected.name,
-                )
+            if expected != where:
+                log.warning("skipping token record %s: it holds account %r, whose place is %s",
+                            where, doc.account, expected)
                 continue
-            found.append(doc.account)
-        return sorted(found)
+            yield where, doc
+
+    def accounts(self) -> list[str]:
+        """Accounts with a readable record; unreadable or misplaced ones are logged, skipped."""
+        return sorted(doc.account for _, doc in self._scan())
+
+    def read_raw(self, account: str) -> bytes:
+        """The account's envelope as stored (checked to parse): for moving it elsewhere."""
+        _, doc = self._load(account)
+        return encode(doc)
+
+    def write_raw(self, account: str, data: bytes, *, replace: bool = False) -> None:
+        """Store an envelope from elsewhere as it is (every slot kept); it must parse."""
+        doc = decode(data, self.backend.where(account))
+        if doc.account != account:
+            raise CorruptTokenFile(self.backend.where(account), f"it holds {doc.account!r}")
+        with self.backend.writing(account):
+            try:
+                self.backend.write(account, data, REPLACE if replace else None)
+            finally:
+                self._invalidate(account)
 
     # --- unlocking ----------------------------------------------------------------------
 
-    def _opened(self, path: Path, doc: TokenDocument, data_key: bytes, label: str) -> Unlocked:
-        if not _same_key_id(make_key_id(data_key), doc.key_id):
+    def _opened(self, path: Where, doc: TokenDocument, data_key: bytes, label: str) -> Unlocked:
+        if not same_key_id(make_key_id(data_key), doc.key_id):
             raise CorruptTokenFile(path, "its key_id does not match its data key", opened=True)
         payload = decrypt_payload(doc, data_key)
         if payload is None:
@@ -232,15 +248,15 @@ class TokenStore:
         self._pay_for_absent(account, password_bytes(password), derive)
 
     def unlock(self, account: str, password: Secret, *, derive: bool = True) -> Unlocked:
-        """Open the file with a local password: cached keys first, then one scrypt run per
-        distinct slot salt (one for a file whose slots share the salt).
+        """Open the record with a local password: cached keys first, then one scrypt run per
+        distinct slot salt (one for a record whose slots share the salt).
 
         ``derive=False``: never run scrypt; raise ``DerivationNeeded`` where it would be needed.
-        A missing or unreadable file costs a derivation too before its error is raised.
+        A missing or unreadable record costs a derivation too before its error is raised.
         """
         secret = password_bytes(password)
         try:
-            path, doc = self._load(account)
+            path, doc = self._load(account, stale_ok=True)
         except (TokenFileMissing, CorruptTokenFile):
             self._pay_for_absent(account, secret, derive)
             raise
@@ -279,43 +295,9 @@ class TokenStore:
         self._keys.wrong(fingerprint, secret)
         raise WrongPassword(f"wrong password for account {account!r}")
 
-    def upgrade_slot(self, unlocked: Unlocked, password: Secret) -> bool:
-        """Move the slot ``password`` opened to the file's shared salt and this store's cost
-        (one derivation, one write); True if the file was rewritten. A file changed meanwhile
-        is left alone (the next login tries again)."""
-        self._check_unlocked(unlocked)
-        secret = password_bytes(password)
-        _, doc = self._load(unlocked.account)
-        salt = self._file_salt(doc) or os.urandom(SALT_SIZE)
-        key = cache_key(salt, self.scrypt)
-        wrapping_key = self._keys.derive(key, secret)
-
-        done: list[bool] = []
-
-        def change(path: Path, doc: TokenDocument) -> TokenDocument | None:
-            current = doc.slot(unlocked.slot_label)
-            if current is None or current.kind != KIND_PASSWORD:
-                return None
-            if (self._file_salt(doc) or salt) != salt:
-                return None
-            if current.salt == salt and current.scrypt == self.scrypt:
-                return None
-            fresh, _ = new_password_slot(current.label, secret, self.scrypt, unlocked.data_key,
-                                         unlocked.account, current.created_at, salt=salt,
-                                         wrapping_key=wrapping_key)
-            fresh = dataclasses.replace(fresh, last_used_at=current.last_used_at)
-            done.append(True)
-            return dataclasses.replace(
-                doc, slots=tuple(fresh if s is current else s for s in doc.slots))
-
-        self._rewrite(unlocked.account, change, key_id=unlocked.key_id)
-        if done:
-            self._keys.remember(key, secret, wrapping_key)
-        return bool(done)
-
     def unlock_with_service_key(self, account: str, key: bytes) -> Unlocked:
         key = check_service_key(key)
-        path, doc = self._load(account)
+        path, doc = self._load(account, stale_ok=True)
         slots = [slot for slot in doc.slots if slot.kind == KIND_KEYFILE]
         if not slots:
             raise WrongPassword(f"the token file of account {account!r} has no keyfile slot")
@@ -325,30 +307,46 @@ class TokenStore:
                 return self._opened(path, doc, data_key, slot.label)
         raise WrongPassword(f"the service key does not open the token file of account {account!r}")
 
+    # --- refreshing ---------------------------------------------------------------------
+
+    def refresh_lock(self, account: str,
+                     timeout: float | None = None) -> AbstractContextManager[None]:
+        """Hold the account's refresh lock (other threads, processes and, with PostgreSQL,
+        machines wait). Not granted within ``timeout`` (default ``lock_timeout``): raises
+        ``LockTimeout`` or ``StoreUnavailable``. Re-read with ``reload`` once it is held."""
+        return self.backend.refresh_lock(account, self.lock_timeout if timeout is None else timeout)
+
+    def reload(self, unlocked: Unlocked) -> Unlocked:
+        """The account's current record, opened with the data key ``unlocked`` holds (no
+        password needed); ``FileReplaced`` if a new login replaced the data key."""
+        self._check_unlocked(unlocked)
+        path, doc = self._load(unlocked.account)
+        if not same_key_id(doc.key_id, unlocked.key_id):
+            raise FileReplaced(unlocked.account, path)
+        return self._opened(path, doc, unlocked.data_key, unlocked.slot_label)
+
     # --- writing ------------------------------------------------------------------------
 
-    def _rewrite(
-        self,
-        account: str,
-        change: Callable[[Path, TokenDocument], TokenDocument | None],
-        *,
-        key_id: str | None,
-    ) -> TokenDocument:
-        """Under the account's lock: re-read, check the key_id, apply ``change``, write."""
-        path = self.path(account)
-        with file_lock(self._lock_path(path), path):
-            remove_stale_temps(path)
-            _, doc = self._load(account)
-            if key_id is not None and not _same_key_id(doc.key_id, key_id):
-                raise FileReplaced(account, path)
-            new = change(path, doc)
-            if new is None:
-                return doc
-            try:
-                atomic_write(path, encode(new))
-            finally:
-                self._invalidate(path)
-            return new
+    def _rewrite(self, account: str, change: Change, *, key_id: str | None) -> TokenDocument:
+        """Re-read, check the key_id, apply ``change``, write if the record is unchanged since
+        the read (else read and apply again)."""
+        where = self.backend.where(account)
+        with self.backend.writing(account):
+            for _ in range(CAS_ATTEMPTS):
+                version, doc = self._load_versioned(account)
+                if key_id is not None and not same_key_id(doc.key_id, key_id):
+                    raise FileReplaced(account, where)
+                new = change(where, doc)
+                if new is None:
+                    return doc
+                try:
+                    self.backend.write(account, encode(new), version)
+                except VersionConflict:
+                    continue
+                finally:
+                    self._invalidate(account)
+                return new
+        raise StoreUnavailable(str(where), "the record kept changing under this write")
 
     def create(
         self,
@@ -361,21 +359,39 @@ class TokenStore:
         service_key: bytes | None = None,
         replace: bool = False,
     ) -> Unlocked:
-        """Write a new file: new data key, a password slot ``label`` and/or a keyfile slot.
+        """Write a new record: new data key, a password slot ``label`` and/or a keyfile slot.
 
-        The keyfile slot is labelled ``service``. Without ``replace`` an existing file (even a
-        corrupt one) is left alone and ``TokenFileExists`` is raised.
+        The keyfile slot is labelled ``service``. Without ``replace`` an existing record (even
+        a corrupt one) is left alone and ``TokenFileExists`` is raised.
         """
-        path = self.path(account)
+        where = self.backend.where(account)
         if password is None and service_key is None:
             raise ValueError("create needs a password, a service key, or both")
         if not isinstance(payload, bytes):
             raise TypeError("the payload is bytes")
-        if not replace and os.path.lexists(path):  # fail before paying scrypt; rechecked below
-            raise TokenFileExists(account, path)
+        if not replace and self.exists(account):  # fail before paying scrypt; rechecked below
+            raise TokenFileExists(account, where)
         data_key = os.urandom(KEY_SIZE)
         key_id = make_key_id(data_key)
         now = time.time()
+        slots, remembered = self._first_slots(account, data_key, now, password, label, service_key)
+        meta = dataclasses.replace(meta, updated_at=now)
+        nonce, ciphertext = encrypt_payload(data_key, account, key_id, meta, payload)
+        doc = TokenDocument(account, key_id, meta, tuple(slots), nonce, ciphertext)
+        with self.backend.writing(account):
+            try:
+                self.backend.write(account, encode(doc), REPLACE if replace else None)
+            finally:
+                self._invalidate(account)
+        if remembered is not None:
+            slot, secret, wrapping_key = remembered
+            self._keys.remember(slot_cache_key(slot), secret, wrapping_key)
+        return Unlocked(account, payload, meta, key_id, slots[0].label, data_key)
+
+    def _first_slots(
+        self, account: str, data_key: bytes, now: float, password: Secret | None, label: str,
+        service_key: bytes | None,
+    ) -> tuple[list[SlotRecord], tuple[SlotRecord, bytes, bytes] | None]:
         slots: list[SlotRecord] = []
         remembered: tuple[SlotRecord, bytes, bytes] | None = None
         if password is not None:
@@ -383,7 +399,7 @@ class TokenStore:
             if not secret:
                 raise ValueError("a slot password must not be empty")
             slot, wrapping_key = new_password_slot(
-                _slot_label(label), secret, self.scrypt, data_key, account, now
+                slot_label(label), secret, self.scrypt, data_key, account, now
             )
             slots.append(slot)
             remembered = (slot, secret, wrapping_key)
@@ -393,27 +409,13 @@ class TokenStore:
             slots.append(
                 new_keyfile_slot("service", check_service_key(service_key), data_key, account, now)
             )
-        meta = dataclasses.replace(meta, updated_at=now)
-        nonce, ciphertext = encrypt_payload(data_key, account, key_id, meta, payload)
-        doc = TokenDocument(account, key_id, meta, tuple(slots), nonce, ciphertext)
-        with file_lock(self._lock_path(path), path):
-            remove_stale_temps(path)
-            if not replace and os.path.lexists(path):
-                raise TokenFileExists(account, path)
-            try:
-                atomic_write(path, encode(doc))
-            finally:
-                self._invalidate(path)
-        if remembered is not None:
-            slot, secret, wrapping_key = remembered
-            self._keys.remember(slot_cache_key(slot), secret, wrapping_key)
-        return Unlocked(account, payload, meta, key_id, slots[0].label, data_key)
+        return slots, remembered
 
     @staticmethod
     def _check_unlocked(unlocked: Unlocked) -> None:
         if not isinstance(unlocked, Unlocked):
             raise TypeError("expected an Unlocked from this store")
-        if not _same_key_id(make_key_id(unlocked.data_key), unlocked.key_id):
+        if not same_key_id(make_key_id(unlocked.data_key), unlocked.key_id):
             raise ValueError("Unlocked.key_id does not belong to Unlocked.data_key")
 
     def save(self, unlocked: Unlocked, payload: bytes, meta: Meta) -> Unlocked:
@@ -426,7 +428,7 @@ class TokenStore:
             unlocked.data_key, unlocked.account, unlocked.key_id, meta, payload
         )
 
-        def change(path: Path, doc: TokenDocument) -> TokenDocument:
+        def change(path: Where, doc: TokenDocument) -> TokenDocument:
             return dataclasses.replace(
                 doc, meta=meta, payload_nonce=nonce, payload_ciphertext=ciphertext
             )
@@ -435,16 +437,16 @@ class TokenStore:
         return dataclasses.replace(unlocked, payload=payload, meta=meta)
 
     def set_meta(self, unlocked: Unlocked, meta: Meta) -> Unlocked:
-        """Change the metadata only; the payload is the file's current one, not a stale copy."""
+        """Change the metadata only; the payload is the record's current one, not a stale copy."""
         self._check_unlocked(unlocked)
         meta = dataclasses.replace(meta, updated_at=time.time())
         current: list[bytes] = []
 
-        def change(path: Path, doc: TokenDocument) -> TokenDocument:
+        def change(path: Where, doc: TokenDocument) -> TokenDocument:
             payload = decrypt_payload(doc, unlocked.data_key)
             if payload is None:
                 raise CorruptTokenFile(path, "the payload or its metadata was altered")
-            current.append(payload)
+            current[:] = [payload]
             nonce, ciphertext = encrypt_payload(
                 unlocked.data_key, unlocked.account, unlocked.key_id, meta, payload
             )
@@ -455,186 +457,14 @@ class TokenStore:
         self._rewrite(unlocked.account, change, key_id=unlocked.key_id)
         return dataclasses.replace(unlocked, payload=current[0], meta=meta)
 
-    # --- slots --------------------------------------------------------------------------
-
-    def _precheck_new_slot(self, unlocked: Unlocked, label: str) -> TokenDocument:
-        """Fail before paying scrypt; the same checks run again under the lock."""
-        path, doc = self._load(unlocked.account)
-        if not _same_key_id(doc.key_id, unlocked.key_id):
-            raise FileReplaced(unlocked.account, path)
-        self._check_slot_room(path, doc, label)
-        return doc
-
-    @staticmethod
-    def _check_slot_room(path: Path, doc: TokenDocument, label: str) -> None:
-        if doc.slot(label) is not None:
-            raise SlotError(f"a slot labelled {label!r} already exists in {path}")
-        if len(doc.slots) >= MAX_SLOTS:
-            raise SlotError(f"{path} already has {MAX_SLOTS} slots; remove one first")
-
-    def add_password_slot(self, unlocked: Unlocked, label: str, password: Secret) -> None:
-        self._check_unlocked(unlocked)
-        _slot_label(label)
-        if label == "service":  # tools find the service key's slot by this label
-            raise SlotError("label 'service' is kept for the service key slot; choose another")
-        secret = password_bytes(password)
-        if not secret:
-            raise ValueError("a slot password must not be empty")
-        doc = self._precheck_new_slot(unlocked, label)
-        salt = self._file_salt(doc)
-        slot, wrapping_key = new_password_slot(
-            label, secret, self.scrypt, unlocked.data_key, unlocked.account, time.time(),
-            salt=salt,
-            wrapping_key=None if salt is None else self._keys.derive(
-                cache_key(salt, self.scrypt), secret),
-        )
-
-        def change(path: Path, doc: TokenDocument) -> TokenDocument:
-            self._check_slot_room(path, doc, label)
-            if (self._file_salt(doc) or slot.salt) != slot.salt:
-                raise SlotError(f"{path} changed meanwhile; run the command again")
-            return dataclasses.replace(doc, slots=(*doc.slots, slot))
-
-        self._rewrite(unlocked.account, change, key_id=unlocked.key_id)
-        self._keys.remember(slot_cache_key(slot), secret, wrapping_key)
-
-    def add_service_key_slot(self, unlocked: Unlocked, key: bytes, label: str = "service") -> None:
-        """Add the (single) keyfile slot; remove an existing one first to rotate the key."""
-        self._check_unlocked(unlocked)
-        _slot_label(label)
-        key = check_service_key(key)
-        slot = new_keyfile_slot(label, key, unlocked.data_key, unlocked.account, time.time())
-
-        def change(path: Path, doc: TokenDocument) -> TokenDocument:
-            self._check_slot_room(path, doc, label)
-            for other in doc.slots:
-                if other.kind == KIND_KEYFILE:
-                    raise SlotError(
-                        f"{path} already has a keyfile slot ({other.label!r}); remove it first"
-                    )
-            return dataclasses.replace(doc, slots=(*doc.slots, slot))
-
-        self._rewrite(unlocked.account, change, key_id=unlocked.key_id)
-
-    def remove_slot(self, account: str, label: str) -> None:
-        """Remove a slot by label; access to the file is the authority. Never the last slot."""
-        removed: list[SlotRecord] = []
-
-        def change(path: Path, doc: TokenDocument) -> TokenDocument:
-            slot = doc.slot(label)
-            if slot is None:
-                labels = ", ".join(repr(other.label) for other in doc.slots)
-                raise SlotError(f"no slot labelled {label!r} in {path} (slots: {labels})")
-            if len(doc.slots) == 1:
-                raise SlotError(
-                    f"{label!r} is the last slot of {path}; add another slot first, "
-                    "or delete the account's tokens (logout)"
-                )
-            removed.append(slot)
-            return dataclasses.replace(
-                doc, slots=tuple(other for other in doc.slots if other.label != label)
-            )
-
-        self._rewrite(account, change, key_id=None)
-        self._keys.forget(removed[0])
-
-    def rotate(
-        self,
-        unlocked: Unlocked,
-        password: Secret,
-        *,
-        generate: Callable[[], Secret],
-        service_key: bytes | None = None,
-    ) -> tuple[Unlocked, dict[str, Secret]]:
-        """Replace the data key: the payload is encrypted under a new one and every slot is
-        written anew, so no copy of the old file opens the new one with any old secret.
-
-        The slot ``password`` opened keeps that password; every other password slot gets a new
-        one from ``generate`` (returned by label: a slot's old wrapping key cannot be derived
-        without its password, and keeping it would let a revoked password's old file copy open
-        the new key); a keyfile slot is re-wrapped with ``service_key``, which must open it.
-        """
-        self._check_unlocked(unlocked)
-        keep = password_bytes(password)
-        path, doc = self._load(unlocked.account)
-        if not _same_key_id(doc.key_id, unlocked.key_id):
-            raise FileReplaced(unlocked.account, path)
-        kept = doc.slot(unlocked.slot_label)
-        if kept is None or kept.kind != KIND_PASSWORD:
-            raise SlotError(f"{path} changed meanwhile; run the command again")
-        try:
-            data_key, slots, issued, remembered = rewrap_all(
-                doc.slots, doc.account, kept.label, keep, self.scrypt, generate, service_key)
-        except ValueError as exc:
-            raise SlotError(f"{path}: {exc}") from None
-        key_id = make_key_id(data_key)
-        labels = [slot.label for slot in doc.slots]
-        now = time.time()
-
-        def change(path: Path, current: TokenDocument) -> TokenDocument:
-            if [slot.label for slot in current.slots] != labels:
-                raise SlotError(f"the slots of {path} changed meanwhile; run the command again")
-            payload = decrypt_payload(current, unlocked.data_key)
-            if payload is None:
-                raise CorruptTokenFile(path, "the payload or its metadata was altered")
-            meta = dataclasses.replace(current.meta, updated_at=now)
-            nonce, ciphertext = encrypt_payload(data_key, doc.account, key_id, meta, payload)
-            return TokenDocument(doc.account, key_id, meta, tuple(slots), nonce, ciphertext)
-
-        new = self._rewrite(unlocked.account, change, key_id=unlocked.key_id)
-        for slot in doc.slots:
-            self._keys.forget(slot)
-        for fresh, secret, wrapping_key in remembered:
-            self._keys.remember(slot_cache_key(fresh), secret, wrapping_key)
-        opened = self._opened(path, new, data_key, kept.label)
-        return opened, issued
-
-    def touch_slot(self, unlocked: Unlocked) -> None:
-        """Record that ``unlocked.slot_label`` was used; writes at most once an hour per slot.
-
-        A slot removed meanwhile is ignored; a replaced file raises ``FileReplaced``.
-        """
-        now = time.time()
-        seen = (unlocked.account, unlocked.key_id, unlocked.slot_label)
-        with self._lock:
-            last = self._touched.get(seen)
-            if last is not None and 0 <= now - last < TOUCH_INTERVAL:
-                return
-            self._touched[seen] = now
-        path, doc = self._load(unlocked.account)
-        if not _same_key_id(doc.key_id, unlocked.key_id):
-            raise FileReplaced(unlocked.account, path)
-        slot = doc.slot(unlocked.slot_label)
-        if slot is None or self._recent(slot, now):
-            return
-
-        def change(path: Path, doc: TokenDocument) -> TokenDocument | None:
-            current = doc.slot(unlocked.slot_label)
-            if current is None or self._recent(current, now):
-                return None
-            touched = dataclasses.replace(current, last_used_at=now)
-            return dataclasses.replace(
-                doc, slots=tuple(touched if s is current else s for s in doc.slots)
-            )
-
-        self._rewrite(unlocked.account, change, key_id=unlocked.key_id)
-
-    @staticmethod
-    def _recent(slot: SlotRecord, now: float) -> bool:
-        last = slot.last_used_at
-        return last is not None and 0 <= now - last < TOUCH_INTERVAL
-
     def delete(self, account: str) -> bool:
-        """Remove the account's token file; True if there was one. The lock file stays."""
-        path = self.path(account)
+        """Remove the account's record; True if there was one. A file's lock files stay."""
         try:
             _, doc = self._load(account)
         except (TokenFileMissing, CorruptTokenFile):
             doc = None
-        with file_lock(self._lock_path(path), path):
-            remove_stale_temps(path)
-            existed = unlink_durably(path)
-        self._invalidate(path)
+        existed = self.backend.delete(account)
+        self._invalidate(account)
         if doc is not None:
             for slot in doc.slots:
                 self._keys.forget(slot)

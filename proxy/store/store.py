@@ -1,0 +1,257 @@
+"""``TokenStore``: one encrypted envelope per account (a file, or a PostgreSQL row), unlocked
+by a password or a service key, with key slots added, removed and rotated here.
+
+Reading, unlocking, writing and the refresh lock are in ``proxy.store.core`` (its docstring has
+the concurrency rules); the format is ``proxy.store.format``; backends are
+``proxy.store.backend`` (files) and ``proxy.store.pg`` (PostgreSQL); slots and the derived-key
+cache are ``proxy.store.slots``; names and the values handed out are ``proxy.store.names``.
+
+Argument errors raise ``TypeError``/``ValueError`` (a non-``Secret`` password, an empty password,
+a service key shorter than 32 bytes, an invalid account name); a malformed slot label raises
+``SlotError`` so that the CLI reports it like a duplicate label.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Callable
+
+from proxy.secret import Secret
+from proxy.store.core import StoreCore, Where, same_key_id, slot_label
+from proxy.store.errors import CorruptTokenFile, FileReplaced, SlotError
+from proxy.store.format import (
+    KIND_KEYFILE,
+    KIND_PASSWORD,
+    MAX_SLOTS,
+    SALT_SIZE,
+    SlotRecord,
+    TokenDocument,
+    decrypt_payload,
+    encrypt_payload,
+    make_key_id,
+)
+from proxy.store.names import FileInfo, Unlocked
+from proxy.store.slots import (
+    cache_key,
+    check_service_key,
+    new_keyfile_slot,
+    new_password_slot,
+    password_bytes,
+    rewrap_all,
+    slot_cache_key,
+)
+
+TOUCH_INTERVAL = 3600.0
+
+__all__ = ["FileInfo", "TokenStore", "Unlocked"]
+
+
+class TokenStore(StoreCore):
+    """Encrypted per-account envelopes with key slots (see the module docstring)."""
+
+    def upgrade_slot(self, unlocked: Unlocked, password: Secret) -> bool:
+        """Move the slot ``password`` opened to the file's shared salt and this store's cost
+        (one derivation, one write); True if the file was rewritten. A file changed meanwhile
+        is left alone (the next login tries again)."""
+        self._check_unlocked(unlocked)
+        secret = password_bytes(password)
+        _, doc = self._load(unlocked.account)
+        salt = self._file_salt(doc) or os.urandom(SALT_SIZE)
+        key = cache_key(salt, self.scrypt)
+        wrapping_key = self._keys.derive(key, secret)
+
+        done: list[bool] = []
+
+        def change(path: Where, doc: TokenDocument) -> TokenDocument | None:
+            current = doc.slot(unlocked.slot_label)
+            if current is None or current.kind != KIND_PASSWORD:
+                return None
+            if (self._file_salt(doc) or salt) != salt:
+                return None
+            if current.salt == salt and current.scrypt == self.scrypt:
+                return None
+            fresh, _ = new_password_slot(current.label, secret, self.scrypt, unlocked.data_key,
+                                         unlocked.account, current.created_at, salt=salt,
+                                         wrapping_key=wrapping_key)
+            fresh = dataclasses.replace(fresh, last_used_at=current.last_used_at)
+            done.append(True)
+            return dataclasses.replace(
+                doc, slots=tuple(fresh if s is current else s for s in doc.slots))
+
+        self._rewrite(unlocked.account, change, key_id=unlocked.key_id)
+        if done:
+            self._keys.remember(key, secret, wrapping_key)
+        return bool(done)
+
+
+    # --- slots --------------------------------------------------------------------------
+
+    def _precheck_new_slot(self, unlocked: Unlocked, label: str) -> TokenDocument:
+        """Fail before paying scrypt; the same checks run again under the lock."""
+        path, doc = self._load(unlocked.account)
+        if not same_key_id(doc.key_id, unlocked.key_id):
+            raise FileReplaced(unlocked.account, path)
+        self._check_slot_room(path, doc, label)
+        return doc
+
+    @staticmethod
+    def _check_slot_room(path: Where, doc: TokenDocument, label: str) -> None:
+        if doc.slot(label) is not None:
+            raise SlotError(f"a slot labelled {label!r} already exists in {path}")
+        if len(doc.slots) >= MAX_SLOTS:
+            raise SlotError(f"{path} already has {MAX_SLOTS} slots; remove one first")
+
+    def add_password_slot(self, unlocked: Unlocked, label: str, password: Secret) -> None:
+        self._check_unlocked(unlocked)
+        slot_label(label)
+        if label == "service":  # tools find the service key's slot by this label
+            raise SlotError("label 'service' is kept for the service key slot; choose another")
+        secret = password_bytes(password)
+        if not secret:
+            raise ValueError("a slot password must not be empty")
+        doc = self._precheck_new_slot(unlocked, label)
+        salt = self._file_salt(doc)
+        slot, wrapping_key = new_password_slot(
+            label, secret, self.scrypt, unlocked.data_key, unlocked.account, time.time(),
+            salt=salt,
+            wrapping_key=None if salt is None else self._keys.derive(
+                cache_key(salt, self.scrypt), secret),
+        )
+
+        def change(path: Where, doc: TokenDocument) -> TokenDocument:
+            self._check_slot_room(path, doc, label)
+            if (self._file_salt(doc) or slot.salt) != slot.salt:
+                raise SlotError(f"{path} changed meanwhile; run the command again")
+            return dataclasses.replace(doc, slots=(*doc.slots, slot))
+
+        self._rewrite(unlocked.account, change, key_id=unlocked.key_id)
+        self._keys.remember(slot_cache_key(slot), secret, wrapping_key)
+
+    def add_service_key_slot(self, unlocked: Unlocked, key: bytes, label: str = "service") -> None:
+        """Add the (single) keyfile slot; remove an existing one first to rotate the key."""
+        self._check_unlocked(unlocked)
+        slot_label(label)
+        key = check_service_key(key)
+        slot = new_keyfile_slot(label, key, unlocked.data_key, unlocked.account, time.time())
+
+        def change(path: Where, doc: TokenDocument) -> TokenDocument:
+            self._check_slot_room(path, doc, label)
+            for other in doc.slots:
+                if other.kind == KIND_KEYFILE:
+                    raise SlotError(
+                        f"{path} already has a keyfile slot ({other.label!r}); remove it first"
+                    )
+            return dataclasses.replace(doc, slots=(*doc.slots, slot))
+
+        self._rewrite(unlocked.account, change, key_id=unlocked.key_id)
+
+    def remove_slot(self, account: str, label: str) -> None:
+        """Remove a slot by label; access to the file is the authority. Never the last slot."""
+        removed: list[SlotRecord] = []
+
+        def change(path: Where, doc: TokenDocument) -> TokenDocument:
+            slot = doc.slot(label)
+            if slot is None:
+                labels = ", ".join(repr(other.label) for other in doc.slots)
+                raise SlotError(f"no slot labelled {label!r} in {path} (slots: {labels})")
+            if len(doc.slots) == 1:
+                raise SlotError(
+                    f"{label!r} is the last slot of {path}; add another slot first, "
+                    "or delete the account's tokens (logout)"
+                )
+            removed.append(slot)
+            return dataclasses.replace(
+                doc, slots=tuple(other for other in doc.slots if other.label != label)
+            )
+
+        self._rewrite(account, change, key_id=None)
+        self._keys.forget(removed[0])
+
+    def rotate(
+        self,
+        unlocked: Unlocked,
+        password: Secret,
+        *,
+        generate: Callable[[], Secret],
+        service_key: bytes | None = None,
+    ) -> tuple[Unlocked, dict[str, Secret]]:
+        """Replace the data key: the payload is encrypted under a new one and every slot is
+        written anew, so no copy of the old file opens the new one with any old secret.
+
+        The slot ``password`` opened keeps that password; every other password slot gets a new
+        one from ``generate`` (returned by label: a slot's old wrapping key cannot be derived
+        without its password, and keeping it would let a revoked password's old file copy open
+        the new key); a keyfile slot is re-wrapped with ``service_key``, which must open it.
+        """
+        self._check_unlocked(unlocked)
+        keep = password_bytes(password)
+        path, doc = self._load(unlocked.account)
+        if not same_key_id(doc.key_id, unlocked.key_id):
+            raise FileReplaced(unlocked.account, path)
+        kept = doc.slot(unlocked.slot_label)
+        if kept is None or kept.kind != KIND_PASSWORD:
+            raise SlotError(f"{path} changed meanwhile; run the command again")
+        try:
+            data_key, slots, issued, remembered = rewrap_all(
+                doc.slots, doc.account, kept.label, keep, self.scrypt, generate, service_key)
+        except ValueError as exc:
+            raise SlotError(f"{path}: {exc}") from None
+        key_id = make_key_id(data_key)
+        labels = [slot.label for slot in doc.slots]
+        now = time.time()
+
+        def change(path: Where, current: TokenDocument) -> TokenDocument:
+            if [slot.label for slot in current.slots] != labels:
+                raise SlotError(f"the slots of {path} changed meanwhile; run the command again")
+            payload = decrypt_payload(current, unlocked.data_key)
+            if payload is None:
+                raise CorruptTokenFile(path, "the payload or its metadata was altered")
+            meta = dataclasses.replace(current.meta, updated_at=now)
+            nonce, ciphertext = encrypt_payload(data_key, doc.account, key_id, meta, payload)
+            return TokenDocument(doc.account, key_id, meta, tuple(slots), nonce, ciphertext)
+
+        new = self._rewrite(unlocked.account, change, key_id=unlocked.key_id)
+        for slot in doc.slots:
+            self._keys.forget(slot)
+        for fresh, secret, wrapping_key in remembered:
+            self._keys.remember(slot_cache_key(fresh), secret, wrapping_key)
+        opened = self._opened(path, new, data_key, kept.label)
+        return opened, issued
+
+    def touch_slot(self, unlocked: Unlocked) -> None:
+        """Record that ``unlocked.slot_label`` was used; writes at most once an hour per slot.
+
+        A slot removed meanwhile is ignored; a replaced file raises ``FileReplaced``.
+        """
+        now = time.time()
+        seen = (unlocked.account, unlocked.key_id, unlocked.slot_label)
+        with self._lock:
+            last = self._touched.get(seen)
+            if last is not None and 0 <= now - last < TOUCH_INTERVAL:
+                return
+            self._touched[seen] = now
+        path, doc = self._load(unlocked.account)
+        if not same_key_id(doc.key_id, unlocked.key_id):
+            raise FileReplaced(unlocked.account, path)
+        slot = doc.slot(unlocked.slot_label)
+        if slot is None or self._recent(slot, now):
+            return
+
+        def change(path: Where, doc: TokenDocument) -> TokenDocument | None:
+            current = doc.slot(unlocked.slot_label)
+            if current is None or self._recent(current, now):
+                return None
+            touched = dataclasses.replace(current, last_used_at=now)
+            return dataclasses.replace(
+                doc, slots=tuple(touched if s is current else s for s in doc.slots)
+            )
+
+        self._rewrite(unlocked.account, change, key_id=unlocked.key_id)
+
+    @staticmethod
+    def _recent(slot: SlotRecord, now: float) -> bool:
+        last = slot.last_used_at
+        return last is not None and 0 <= now - last < TOUCH_INTERVAL
+
