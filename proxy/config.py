@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from proxy import systemd, tlspolicy
+from proxy.store.settings import StoreSettings, read_store
 
 Protocol = Literal["imap", "pop", "smtp"]
 PROTOCOLS: tuple[Protocol, ...] = ("imap", "pop", "smtp")
@@ -232,6 +233,7 @@ class Config:
     log_level: str = "info"
     shutdown_grace: float = 30.0
     relays: tuple[RelayRule, ...] = ()
+    store: StoreSettings = StoreSettings()
 
     def relay_rules(self, listener: str) -> tuple[RelayRule, ...]:
         """The ``[[relay]]`` rules of one listener, in file order (the first match decides)."""
@@ -708,8 +710,9 @@ def parse(data: dict[str, Any], file: Path) -> Config:
             preauth_total=lt.number("preauth_total", limits.preauth_total, 0.1, 86_400),
         )
         lt.done()
+    store = read_store(top.table("store"))
     top.done()
-    return Config(path=file, state_dir=state_dir, listeners=tuple(listeners), upstreams=upstreams,
+    return Config(path=file, state_dir=state_dir, store=store, listeners=tuple(listeners), upstreams=upstreams,
                   providers=providers, accounts=accounts, metrics=metrics, limits=limits, log_level=log_level,
                   shutdown_grace=shutdown_grace, relays=tuple(relays))
 

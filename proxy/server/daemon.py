@@ -115,7 +115,7 @@ class Daemon:
     def __init__(self, config: Config, *, token_store: store.TokenStore | None = None) -> None:
         self.config = config
         try:
-            self.store = token_store or store.TokenStore(config.state_dir)
+            self.store = token_store or store.open_store(config)
         except store.StoreError as exc:
             raise StartupError(str(exc)) from None
         except OSError as exc:
