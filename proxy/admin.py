@@ -25,7 +25,7 @@ MIN_PASSWORD = 8
 
 def open_store(config: Config) -> store.TokenStore:
     try:
-        return store.TokenStore(config.state_dir)
+        return store.open_store(config)
     except store.StoreError as exc:
         raise CommandError(str(exc)) from None
     except OSError as exc:

@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 from proxy import runtime as runtime_mod
 from proxy import systemd, tlspolicy
+from proxy.store.settings import StoreSettings, read_store
 
 Protocol = Literal["imap", "pop", "smtp"]
 PROTOCOLS: tuple[Protocol, ...] = ("imap", "pop", "smtp")
@@ -234,6 +235,7 @@ class Config:
     shutdown_grace: float = 30.0
     relays: tuple[RelayRule, ...] = ()
     runtime: runtime_mod.Runtime = runtime_mod.Runtime()  # workers, event_loop
+    store: StoreSettings = StoreSettings()
 
     def relay_rules(self, listener: str) -> tuple[RelayRule, ...]:
         """The ``[[relay]]`` rules of one listener, in file order (the first match decides)."""
@@ -711,8 +713,9 @@ def parse(data: dict[str, Any], file: Path) -> Config:
             preauth_total=lt.number("preauth_total", limits.preauth_total, 0.1, 86_400),
         )
         lt.done()
+    store = read_store(top.table("store"))
     top.done()
-    return Config(path=file, state_dir=state_dir, listeners=tuple(listeners), upstreams=upstreams,
+    return Config(path=file, state_dir=state_dir, store=store, listeners=tuple(listeners), upstreams=upstreams,
                   providers=providers, accounts=accounts, metrics=metrics, limits=limits, log_level=log_level,
                   shutdown_grace=shutdown_grace, relays=tuple(relays), runtime=runtime)
 

@@ -53,8 +53,9 @@ REGISTRY = CollectorRegistry(auto_describe=True)
 
 LOGIN_RESULTS = ("ok", "bad_password", "unknown_account", "authorisation_needed",
                  "provider_unavailable", "upstream_rejected", "upstream_unavailable", "throttled",
-                 "config_error")
-REFRESH_RESULTS = ("ok", "authorisation_needed", "provider_unavailable", "config_error")
+                 "config_error", "store_unavailable")
+REFRESH_RESULTS = ("ok", "authorisation_needed", "provider_unavailable", "config_error",
+                   "store_unavailable")
 DIRECTIONS = ("client_to_upstream", "upstream_to_client")
 SMTP_MESSAGE_RESULTS = ("accepted", "deferred", "rejected")
 SMTP_RECIPIENT_RESULTS = ("accepted", "rejected")

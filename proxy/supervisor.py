@@ -6,8 +6,10 @@ sockets as fds 3… with ``LISTEN_FDS``/``LISTEN_FDNAMES``, the form socket acti
 a worker is the ordinary daemon (``proxy.server.daemon.run``). The kernel spreads new
 connections over the workers accepting on a socket.
 
-- **Crash**: a worker that exits while the supervisor is not stopping is started again at once,
-  then after 1, 2, 4 … 30 s if it keeps dying within ``STABLE_SECONDS`` of its start.
+- **Crash**: a worker that exits while the supervisor is not stopping is started again at once
+  on the same sockets (connections queued on them wait for it), then after 1, 2, 4 … 30 s if
+  it keeps dying within ``STABLE_SECONDS`` of its start (its own sockets are closed meanwhile,
+  so the other workers take every new connection).
 - **systemd**: each worker sends its ``sd_notify`` datagrams to a private socket of the
   supervisor; ``READY=1`` goes to systemd once every worker is ready, ``RELOADING=1`` …
   ``READY=1`` around a reload, ``STOPPING=1`` on SIGTERM. With ``WatchdogSec=`` the workers
@@ -68,6 +70,9 @@ class Worker:
     reloaded: int = 0  # the reload generation this worker has confirmed with READY=1
     last_ping: float = 0.0
     failures: int = 0  # deaths in a row within STABLE_SECONDS of the start
+    # Its own SO_REUSEPORT sockets (or the shared ones), kept for the next worker in this slot
+    # when it starts at once, so connections queued on them wait for it instead of failing.
+    sockets: list[socket.socket] | None = None
     exited: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -170,11 +175,10 @@ class Supervisor:
         n = len(self.sockets)
         fds = []
         try:
-            for sock in self.sockets:
-                own = sock.for_worker()
+            if worker.sockets is None:
+                worker.sockets = [sock.for_worker() for sock in self.sockets]
+            for own in worker.sockets:
                 fds.append(fcntl.fcntl(own.fileno(), fcntl.F_DUPFD_CLOEXEC, 3 + n))
-                if own is not sock.shared:
-                    own.close()
             actions = [(os.POSIX_SPAWN_DUP2, fd, 3 + i) for i, fd in enumerate(fds)]
             worker.pid = os.posix_spawn(sys.executable, argv, self._environment(worker),
                                         file_actions=actions)
@@ -211,7 +215,9 @@ class Supervisor:
             return
         lived = time.monotonic() - worker.started
         worker.failures = worker.failures + 1 if lived < STABLE_SECONDS else 0
-        delay = min(MAX_BACKOFF, 2.0 ** (worker.failures - 1)) if worker.failures else 0.0
+        delay = min(MAX_BACKOFF, 2.0 ** (worker.failures - 2)) if worker.failures > 1 else 0.0
+        if delay:  # crashing at start: its sockets leave the group until it runs again
+            self._close_sockets(worker)
         logs.event(log, logging.ERROR, "worker_exited", worker=worker.slot, pid=worker.pid,
                    exit=code if code >= 0 else None,
                    signal=signal.Signals(-code).name if code < 0 else None,
@@ -220,9 +226,17 @@ class Supervisor:
 
     async def _restart(self, worker: Worker, delay: float) -> None:
         await asyncio.sleep(delay)
-        if not self.stopping:
-            self.restarts += 1
-            self.spawn(worker)
+        while not self.stopping:
+            try:
+                self.spawn(worker)
+            except OSError as exc:  # out of descriptors or processes, say: try again later
+                self._close_sockets(worker)
+                logs.event(log, logging.ERROR, "worker_start_failed", worker=worker.slot,
+                           reason=exc.strerror or str(exc), retry_in=MAX_BACKOFF)
+                await asyncio.sleep(MAX_BACKOFF)
+            else:
+                self.restarts += 1
+                return
 
     def notified(self, worker: Worker) -> None:
         while True:
@@ -316,6 +330,13 @@ class Supervisor:
                 self.signal_all(signal.SIGKILL)
                 await asyncio.wait(pending, timeout=10)
 
+    def _close_sockets(self, worker: Worker) -> None:
+        shared = {id(sock.shared) for sock in self.sockets}
+        for own in worker.sockets or ():
+            if id(own) not in shared:
+                own.close()
+        worker.sockets = None
+
     def close(self) -> None:
         loop = asyncio.get_running_loop()
         for task in self._tasks:
@@ -326,6 +347,7 @@ class Supervisor:
             if worker.pidfd >= 0:
                 loop.remove_reader(worker.pidfd)
                 os.close(worker.pidfd)
+            self._close_sockets(worker)
         for sock in self.sockets:
             sock.close()
         shutil.rmtree(self.private, ignore_errors=True)

@@ -41,6 +41,7 @@ class _SupervisorCollector(Collector):
     def __init__(self, sup: Supervisor) -> None:
         self.sup = sup
         self.accounts = metrics.AccountCollector()
+        self.store: store.TokenStore | None = None  # opened at the first scrape
 
     def collect(self) -> Iterator[Metric]:
         sup = self.sup
@@ -55,7 +56,13 @@ class _SupervisorCollector(Collector):
         config = sup.config
         self.accounts.configure(per_account_labels=config.metrics.per_account_labels,
                                 accounts=config.accounts)
-        token_store = store.TokenStore(config.state_dir)
+        try:
+            if self.store is None:
+                self.store = store.open_store(config)
+        except (store.StoreError, OSError):
+            yield from self.accounts.collect()
+            return
+        token_store = self.store
         for name in config.accounts:
             try:
                 meta = token_store.info(name).meta

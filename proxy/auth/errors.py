@@ -100,6 +100,17 @@ class ProviderUnavailable(TokenError):
         return "The Microsoft identity platform cannot be reached right now; try again later."
 
 
+class StoreUnavailable(TokenError):
+    """The shared token store (database) cannot be reached, or another process's refresh of
+    this account did not finish in time: temporary, nothing was lost."""
+
+    failure, result = Failure.UNAVAILABLE, "store_unavailable"
+
+    @property
+    def user_text(self) -> str:
+        return "The proxy's token store is unavailable right now; try again in a minute."
+
+
 class AuthConfigError(TokenError):
     failure, result = Failure.CONTACT_ADMIN, "config_error"
 

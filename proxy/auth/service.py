@@ -39,12 +39,14 @@ from proxy.auth.errors import (
     AuthorisationNeeded,
     NoUsableTokenFile,
     ProviderUnavailable,
+    StoreUnavailable,
     Throttled,
     TokenError,
     UnknownAccount,
     WrongPassword,
 )
 from proxy.auth.gate import GATE, UnlockGate
+from proxy.auth.storemap import NeedsDerivation, cached_token, checked, store_errors
 from proxy.config import Account, Config, Protocol
 from proxy.secret import Secret
 
@@ -52,17 +54,6 @@ log = logging.getLogger("proxy.auth")
 
 Scopes = tuple[str, ...]
 KDF_WORKERS = 2  # concurrent key derivations per daemon (each scrypt takes 128 MiB)
-
-
-class _NeedsDerivation(Exception):
-    """Internal: the password cannot be checked without a key derivation."""
-
-
-def _checked(unlock: Callable[[bool], store.Unlocked | None], derive: bool) -> store.Unlocked:
-    unlocked = unlock(derive)
-    if unlocked is None:
-        raise _NeedsDerivation
-    return unlocked
 
 
 @dataclass(frozen=True)
@@ -92,6 +83,7 @@ class _AccountState:
     tokens: dict[Scopes, _Token] = field(default_factory=dict)
     flights: dict[Scopes, asyncio.Task[_Token]] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)  # MSAL cache + file writes
+    unsaved: bool = False  # the cache holds a refresh the store has not got (a failed save)
 
 
 class TokenService:
@@ -144,8 +136,8 @@ class TokenService:
         try:
             if task is None:
                 try:
-                    return await asyncio.to_thread(_checked, unlock, False)
-                except _NeedsDerivation:
+                    return await asyncio.to_thread(checked, unlock, False)
+                except NeedsDerivation:
                     pass
                 task = self._unlocks.get(key)
             if task is None:
@@ -175,7 +167,7 @@ class TokenService:
 
     async def _derive(self, unlock: Callable[[bool], store.Unlocked | None]) -> store.Unlocked:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._kdf, _checked, unlock, True)
+        return await loop.run_in_executor(self._kdf, checked, unlock, True)
 
     async def service_token(self, name: str, protocol: Protocol, *,
                             rejected: str | None = None) -> str:
@@ -212,9 +204,9 @@ class TokenService:
     def _unlock(self, account: Account, password: Secret, derive: bool) -> store.Unlocked | None:
         """None: a key derivation is needed (``derive`` False)."""
         try:
-            with _store_errors(account):
+            with store_errors(account):
                 unlocked = self.store.unlock(account.name, password, derive=derive)
-        except _NeedsDerivation:
+        except NeedsDerivation:
             return None
         if unlocked.stale_slot and derive:
             self._upgrade(unlocked, password)
@@ -242,7 +234,7 @@ class TokenService:
 
     def _unlock_service(self, account: Account) -> store.Unlocked:
         assert account.service_key_file is not None
-        with _store_errors(account):
+        with store_errors(account):
             key = store.read_key_file(account.service_key_file)
             unlocked = self.store.unlock_with_service_key(account.name, key)
         self._touch(unlocked)
@@ -284,13 +276,20 @@ class TokenService:
         if (current is not None and current.key_id == unlocked.key_id
                 and unlocked.meta.updated_at < current.meta.updated_at):
             return state  # read before our own latest save finished: nothing newer to learn
+        if state.unsaved and current is not None and current.key_id == unlocked.key_id:
+            return state  # ours is newer than the store's until it is saved
         if current is None or current.key_id != unlocked.key_id or current.payload != unlocked.payload:
-            cache = msal.SerializableTokenCache()
-            if unlocked.payload:
-                cache.deserialize(unlocked.payload.decode("utf-8"))
-            state.cache, state.app, state.tokens = cache, None, {}
+            self._use(state, unlocked)
         state.unlocked = unlocked
         return state
+
+    @staticmethod
+    def _use(state: _AccountState, unlocked: store.Unlocked) -> None:
+        """Load ``unlocked``'s MSAL cache into ``state`` (tokens handed out so far are dropped)."""
+        cache = msal.SerializableTokenCache()
+        if unlocked.payload:
+            cache.deserialize(unlocked.payload.decode("utf-8"))
+        state.cache, state.app, state.tokens = cache, None, {}
 
     def _flight(self, state: _AccountState, scopes: Scopes, *, force: bool) -> asyncio.Future[_Token]:
         task = state.flights.get(scopes)
@@ -330,37 +329,74 @@ class TokenService:
         return token
 
     def _acquire(self, state: _AccountState, scopes: Scopes, force: bool) -> tuple[_Token, bool]:
-        """One MSAL call (worker thread). Returns the token and whether the platform was asked."""
-        account = state.account
+        """One MSAL call (worker thread). Returns the token and whether the platform was asked.
+
+        A token still in the cache is taken without the store's lock (a login during a database
+        outage goes on); anything that may ask the platform runs under the account's refresh
+        lock, after re-reading the store: another process or machine may have refreshed (then
+        its token is used and its rotated refresh token is the one we hold)."""
         with state.lock:
             assert state.cache is not None
-            if state.app is None:
-                state.app = msal_client.build_app(self.config, account, state.cache)
-            app = state.app
-            users = None
-            if account.flow != "client_credentials":
-                users = app.get_accounts(username=account.mailbox) or app.get_accounts()
-                if not users:  # nothing the identity platform refused: the file stays as it is
-                    raise AuthorisationNeeded(account.name, "no signed-in user in the token file")
+            if not force and cached_token(state.cache, scopes):
+                return self._call(state, scopes, force=False)
             try:
-                if users is None:
-                    if force:
-                        for at in state.cache.search(msal.TokenCache.CredentialType.ACCESS_TOKEN,
-                                                     target=list(scopes)):
-                            state.cache.remove_at(at)
-                    result = msal_client.call(account.name, lambda: app.acquire_token_for_client(
-                        list(scopes)))
-                else:
-                    user = users[0]
-                    result = msal_client.call(
-                        account.name, lambda: app.acquire_token_silent_with_error(
-                            list(scopes), account=user, force_refresh=force))
-                checked = msal_client.check_result(account.name, result)
-            except AuthorisationNeeded as exc:
-                self._mark_needs_reauth(state, exc)
-                raise
-            if state.cache.has_state_changed:
-                self._persist(state)
+                with self.store.refresh_lock(state.account.name):
+                    if self._reread(state):
+                        force = False  # another process refreshed: its token is a new one
+                    return self._call(state, scopes, force)
+            except (store.LockTimeout, store.StoreUnavailable) as exc:
+                raise StoreUnavailable(state.account.name, str(exc)) from None
+
+    def _reread(self, state: _AccountState) -> bool:
+        """Under the refresh lock: adopt the store's record if another process changed it; True
+        if its payload differs from ours. An unsaved refresh of ours is saved first instead."""
+        assert state.unlocked is not None
+        if state.unsaved:
+            self._persist(state)
+            if state.unsaved:
+                raise store.StoreUnavailable(state.account.name, "the last refresh is not saved yet")
+            return False
+        try:
+            with store_errors(state.account):
+                fresh = self.store.reload(state.unlocked)
+        except store.FileReplaced:
+            return False  # a new login: the next unlock adopts it; _persist will not overwrite it
+        changed = fresh.payload != state.unlocked.payload
+        if changed:
+            self._use(state, fresh)
+        state.unlocked = fresh
+        return changed
+
+    def _call(self, state: _AccountState, scopes: Scopes, force: bool) -> tuple[_Token, bool]:
+        account = state.account
+        assert state.cache is not None
+        if state.app is None:
+            state.app = msal_client.build_app(self.config, account, state.cache)
+        app = state.app
+        users = None
+        if account.flow != "client_credentials":
+            users = app.get_accounts(username=account.mailbox) or app.get_accounts()
+            if not users:  # nothing the identity platform refused: the file stays as it is
+                raise AuthorisationNeeded(account.name, "no signed-in user in the token file")
+        try:
+            if users is None:
+                if force:
+                    for at in state.cache.search(msal.TokenCache.CredentialType.ACCESS_TOKEN,
+                                                 target=list(scopes)):
+                        state.cache.remove_at(at)
+                result = msal_client.call(account.name, lambda: app.acquire_token_for_client(
+                    list(scopes)))
+            else:
+                user = users[0]
+                result = msal_client.call(
+                    account.name, lambda: app.acquire_token_silent_with_error(
+                        list(scopes), account=user, force_refresh=force))
+            checked = msal_client.check_result(account.name, result)
+        except AuthorisationNeeded as exc:
+            self._mark_needs_reauth(state, exc)
+            raise
+        if state.cache.has_state_changed:
+            self._persist(state)
         lifetime = max(1.0, checked.expires_at - time.time())
         return _Token(checked.access_token, checked.expires_at, lifetime), not checked.from_cache
 
@@ -376,13 +412,17 @@ class TokenService:
         payload = state.cache.serialize().encode("utf-8")
         try:
             state.unlocked = self.store.save(state.unlocked, payload, self._meta(state))
+            state.unsaved = False
+            state.cache.has_state_changed = False
         except store.FileReplaced:
             logs.event(log, logging.WARNING, "token_file_replaced", account=state.account.name,
                        action="keeping the new file; this refresh stays in memory")
         except (store.StoreError, OSError) as exc:
+            state.unsaved = True  # saved under the refresh lock before the next refresh
             metrics.TOKEN_FILE_WRITE_ERRORS.inc()
             logs.event(log, logging.ERROR, "token_file_write_failed", account=state.account.name,
-                       reason=str(exc), action="serving from memory; fix the state directory")
+                       reason=str(exc), action="serving from memory; saved again before the "
+                                               "next refresh")
 
     def _mark_needs_reauth(self, state: _AccountState, exc: AuthorisationNeeded) -> None:
         if state.unlocked is None or state.cache is None:
@@ -411,36 +451,6 @@ class TokenService:
         task.add_done_callback(self._background.discard)
 
 
-class _store_errors:
-    """Map the token store's errors for an account to token errors (context manager)."""
-
-    def __init__(self, account: Account) -> None:
-        self.account = account
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
-                 tb: object) -> None:
-        if exc is None:
-            return
-        name = self.account.name
-        if isinstance(exc, store.DerivationNeeded):
-            raise _NeedsDerivation from None
-        if isinstance(exc, store.WrongPassword):
-            raise WrongPassword(name, "wrong local password") from None
-        if isinstance(exc, store.TokenFileMissing):
-            raise NoUsableTokenFile(name, "no token file: the account was never authorised; "
-                                          f"run: xoauth2-proxy login {name}") from None
-        if isinstance(exc, store.CorruptTokenFile) and not exc.opened:
-            raise NoUsableTokenFile(name, f"the token file is damaged ({exc}); "
-                                          f"run: xoauth2-proxy login {name}") from None
-        if isinstance(exc, store.CorruptTokenFile):
-            raise AuthorisationNeeded(name, f"the token file is damaged ({exc})",  # path: log only
-                                      public="the token file is damaged") from None
-        if isinstance(exc, store.StoreError | OSError):
-            raise AuthConfigError(name, f"token file unusable: {exc}") from None
-
-
 __all__ = ["TokenService", "TokenError", "WrongPassword", "UnknownAccount", "AuthorisationNeeded",
-           "ProviderUnavailable", "AuthConfigError", "NoUsableTokenFile", "Throttled"]
+           "ProviderUnavailable", "AuthConfigError", "NoUsableTokenFile", "Throttled",
+           "StoreUnavailable"]

@@ -40,7 +40,7 @@ from proxy.auth.errors import (
 from proxy.migrate import peer_config, plan, toml_out
 from proxy.migrate.peer_config import PeerAccount, WrongPeerPassword
 from proxy.secret import Secret
-from proxy.store.store import SUFFIX, file_stem
+from proxy.store.names import SUFFIX, file_stem
 
 DEFAULT_STATE_DIR = Path("/var/lib/xoauth2-proxy")
 _PASSWORD_LINE = re.compile(r"(?P<account>[^\s#][^\s]*)[ \t](?P<password>.*)")

@@ -117,7 +117,7 @@ class Daemon:
         self.config = config
         self.metrics_endpoint = metrics_endpoint  # False in a worker: the supervisor serves it
         try:
-            self.store = token_store or store.TokenStore(config.state_dir)
+            self.store = token_store or store.open_store(config)
         except store.StoreError as exc:
             raise StartupError(str(exc)) from None
         except OSError as exc:

@@ -1,4 +1,4 @@
-"""Encrypted per-account token files with key slots (see ``format`` for the file format).
+"""Encrypted per-account token envelopes with key slots (``format``), in files or PostgreSQL.
 
 The public API is re-exported here; everything else in the package is internal.
 """
@@ -9,8 +9,10 @@ from proxy.store.errors import (
     FileReplaced,
     InsecureStateDir,
     KeyFileError,
+    LockTimeout,
     SlotError,
     StoreError,
+    StoreUnavailable,
     StoreWriteError,
     TokenFileExists,
     TokenFileMissing,
@@ -18,6 +20,7 @@ from proxy.store.errors import (
 )
 from proxy.store.format import Meta, SlotInfo
 from proxy.store.keyfile import generate_key_file, read_key_file
+from proxy.store.settings import StoreSettings, open_store
 from proxy.store.store import FileInfo, TokenStore, Unlocked
 
 __all__ = [
@@ -27,10 +30,13 @@ __all__ = [
     "FileReplaced",
     "InsecureStateDir",
     "KeyFileError",
+    "LockTimeout",
     "Meta",
     "SlotError",
     "SlotInfo",
     "StoreError",
+    "StoreSettings",
+    "StoreUnavailable",
     "StoreWriteError",
     "TokenFileExists",
     "TokenFileMissing",
@@ -38,5 +44,6 @@ __all__ = [
     "Unlocked",
     "WrongPassword",
     "generate_key_file",
+    "open_store",
     "read_key_file",
 ]

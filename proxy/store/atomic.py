@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from proxy.store.errors import InsecureStateDir, StoreWriteError
+from proxy.store.errors import InsecureStateDir, LockTimeout, StoreWriteError
 
 log = logging.getLogger("proxy.store")
 
@@ -137,7 +137,7 @@ def file_lock(lock_path: Path, target: Path, timeout: float = LOCK_TIMEOUT) -> I
                 break
             except BlockingIOError:
                 if time.monotonic() >= deadline:
-                    raise StoreWriteError(
+                    raise LockTimeout(
                         target, f"timed out after {timeout:g}s waiting for lock {lock_path}"
                     ) from None
                 time.sleep(delay)

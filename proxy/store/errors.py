@@ -12,6 +12,11 @@ Callers pick their reply by class, never by parsing messages:
 - ``SlotError``         -> duplicate label, unknown label, or removing the last slot.
 - ``KeyFileError``      -> a service key file is missing, too short or otherwise unusable.
 - ``DerivationNeeded``  -> ``unlock(derive=False)`` would need a key derivation.
+- ``StoreUnavailable``  -> the database cannot be reached (or a lock not taken) in time:
+                           temporary, nothing was changed; ``LockTimeout`` is one of them.
+
+``path`` is where the record lives: a file's path, or for the PostgreSQL backend the database
+and the account (a ``str``).
 """
 
 from __future__ import annotations
@@ -33,33 +38,43 @@ class InsecureStateDir(StoreError):
         super().__init__(f"state directory {path} {problem}; fix it with: {fix}")
 
 
-class TokenFileMissing(StoreError):
+Where = Path | str
+
+
+class _AccountRecordError(StoreError):
+    """An error about one account's record; subclasses word it with ``_text``."""
+
+    def __init__(self, account: str, path: Where) -> None:
+        self.account = account
+        self.path = path
+        super().__init__(self._text(account, path))
+
+    @staticmethod
+    def _text(account: str, path: Where) -> str:
+        raise NotImplementedError
+
+
+class TokenFileMissing(_AccountRecordError):
     """No token file exists for the account."""
 
-    def __init__(self, account: str, path: Path) -> None:
-        self.account = account
-        self.path = path
-        super().__init__(
-            f"no token file for account {account!r} ({path}); run: xoauth2-proxy login {account}"
-        )
+    @staticmethod
+    def _text(account: str, path: Where) -> str:
+        return f"no token file for account {account!r} ({path}); run: xoauth2-proxy login {account}"
 
 
-class TokenFileExists(StoreError):
+class TokenFileExists(_AccountRecordError):
     """``create(..., replace=False)`` refused because a token file is already there."""
 
-    def __init__(self, account: str, path: Path) -> None:
-        self.account = account
-        self.path = path
-        super().__init__(
-            f"a token file for account {account!r} already exists ({path}); "
-            "replacing it (a new login) must be asked for explicitly"
-        )
+    @staticmethod
+    def _text(account: str, path: Where) -> str:
+        return (f"a token file for account {account!r} already exists ({path}); "
+                "replacing it (a new login) must be asked for explicitly")
 
 
 class CorruptTokenFile(StoreError):
     """The file is truncated, damaged, of another version, another account, or not ours."""
 
-    def __init__(self, path: Path, reason: str, *, opened: bool = False) -> None:
+    def __init__(self, path: Where, reason: str, *, opened: bool = False) -> None:
         self.path = path
         self.reason = reason
         self.opened = opened  # found after a secret opened a slot (not before trying one)
@@ -73,22 +88,34 @@ class WrongPassword(StoreError):
 class StoreWriteError(StoreError):
     """Writing failed (full disk, I/O error, lock timeout); the previous file is intact."""
 
-    def __init__(self, path: Path, reason: str) -> None:
+    def __init__(self, path: Where, reason: str) -> None:
         self.path = path
         self.reason = reason
         super().__init__(f"could not write {path}: {reason}; the previous file is unchanged")
 
 
-class FileReplaced(StoreError):
+class LockTimeout(StoreWriteError):
+    """A per-account lock was not granted in time (another process holds it)."""
+
+
+class StoreUnavailable(StoreError):
+    """The store cannot be reached now (database down, lock not granted in time): temporary.
+
+    Nothing was written; retrying later is safe."""
+
+    def __init__(self, where: str, reason: str) -> None:
+        self.where = where
+        self.reason = reason
+        super().__init__(f"token store {where} is unavailable: {reason}")
+
+
+class FileReplaced(_AccountRecordError):
     """The file on disk now holds another data key: a new login happened since unlock."""
 
-    def __init__(self, account: str, path: Path) -> None:
-        self.account = account
-        self.path = path
-        super().__init__(
-            f"token file {path} for account {account!r} was replaced by a new login; "
-            "unlock it again"
-        )
+    @staticmethod
+    def _text(account: str, path: Where) -> str:
+        return (f"token file {path} for account {account!r} was replaced by a new login; "
+                "unlock it again")
 
 
 class SlotError(StoreError):

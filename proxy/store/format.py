@@ -465,7 +465,7 @@ def _header_reason(line: bytes) -> str | None:
     return None
 
 
-def decode(data: bytes, path: Path) -> TokenDocument:
+def decode(data: bytes, path: Path | str) -> TokenDocument:
     """Parse a token file; any defect raises ``CorruptTokenFile(path, reason)``."""
     try:
         return _decode(data)

@@ -49,7 +49,7 @@ class FileInfo:
     """What can be known about an account's file without a secret (display data only)."""
 
     account: str
-    path: Path
+    path: Path | str  # a file, or a database row (PostgreSQL backend)
     meta: Meta
     slots: tuple[SlotInfo, ...]
 

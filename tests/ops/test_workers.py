@@ -211,12 +211,16 @@ async def _storm_login(port: int, n: int) -> list[bytes]:
 
 
 async def test_storm_over_two_workers_makes_one_token_request(
-        tmp_path: Path, demo_upstream_factory: Any, notify: NotifySocket,
+        tmp_path: Path, demo_upstream: DemoUpstream, notify: NotifySocket,
         processes: list[ProxyProcess]) -> None:
     """An expired access token and 200 concurrent logins spread over both workers: one token
     request at the fake Entra (the token file's lock and re-read across processes)."""
-    upstream = demo_upstream_factory(access_token_lifetime=3)
-    proc, port, _ = await start(tmp_path, upstream, notify, processes)
+    upstream = demo_upstream
+    upstream.configure(access_token_lifetime=3)  # the authorised token: 3 s
+    try:
+        proc, port, _ = await start(tmp_path, upstream, notify, processes)
+    finally:
+        upstream.configure(access_token_lifetime=3600)  # the refreshed one: an hour
     issued = time.monotonic()
     await asyncio.sleep(max(0.0, issued + 4 - time.monotonic()))  # the 3 s token runs out
     upstream.reset_stats()
