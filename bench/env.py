@@ -133,7 +133,10 @@ class World:
         ca = upstream.ca_file
         up = {"imap": (upstream.ports["imaps"], "implicit"), "pop": (upstream.ports["pop3s"], "implicit"),
               "smtp": (upstream.ports["submission"], "starttls")}
-        lines = [f"state_dir = {_toml_value(str(workdir / 'state'))}",
+        # One process on asyncio: the figures before these settings existed; the uvloop figure
+        # switches the loop through bench/proxy_run.py, bench/workers.py sets both itself.
+        lines = ["workers = 1", 'event_loop = "asyncio"',
+                 f"state_dir = {_toml_value(str(workdir / 'state'))}",
                  f"log_level = {_toml_value(log_level)}", "shutdown_grace = 2", "",
                  "[providers.demo]", f"authority = {_toml_value(upstream.entra_url)}",
                  'tenant = "demo-tenant"', f"client_id = {_toml_value(CLIENT_ID)}",
@@ -179,9 +182,11 @@ class World:
         return self.upstream.issue_token(user, SCOPES[protocol])
 
     def start_proxy(self, *, uvloop: bool = False, ssl_buffer: int | None = None,
-                    wrapper: list[str] | None = None, timeout: float = 30.0) -> ProxyProcess:
+                    wrapper: list[str] | None = None, timeout: float = 30.0,
+                    config_path: Path | None = None, port: int | None = None) -> ProxyProcess:
+        """``config_path``/``port``: another config (e.g. other workers) and its IMAP port."""
         proc = ProxyProcess.start(self, uvloop=uvloop, ssl_buffer=ssl_buffer, wrapper=wrapper,
-                                  timeout=timeout)
+                                  timeout=timeout, config_path=config_path, port=port)
         self.procs.append(proc)
         return proc
 
@@ -212,7 +217,8 @@ class ProxyProcess:
 
     @classmethod
     def start(cls, world: World, *, uvloop: bool = False, ssl_buffer: int | None = None,
-              wrapper: list[str] | None = None, timeout: float = 30.0) -> ProxyProcess:
+              wrapper: list[str] | None = None, timeout: float = 30.0,
+              config_path: Path | None = None, port: int | None = None) -> ProxyProcess:
         notify_path = world.workdir / f"notify-{os.getpid()}-{time.monotonic_ns()}.sock"
         notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         notify.bind(str(notify_path))
@@ -226,7 +232,8 @@ class ProxyProcess:
             env["BENCH_UVLOOP"] = "1" if uvloop else "0"
             if ssl_buffer:
                 env["BENCH_SSL_BUFFER"] = str(ssl_buffer)
-        command = [*(wrapper or []), sys.executable, *module, "-c", str(world.config_path), "run"]
+        command = [*(wrapper or []), sys.executable, *module, "-c",
+                   str(config_path or world.config_path), "run"]
         log_path = world.workdir / f"proxy-{len(world.procs)}.log"
         log = open(log_path, "wb")  # noqa: SIM115 - owned by the child
         started = time.perf_counter()
@@ -236,7 +243,7 @@ class ProxyProcess:
         log.close()
         ready_at = accept_at = None
         messages: list[str] = []
-        port = world.ports["imap"]
+        port = port or world.ports["imap"]
         deadline = started + timeout
         notify.setblocking(False)
         try:

@@ -1,8 +1,8 @@
 """How the daemon runs: which event loop, and how many worker processes (top-level keys).
 
-- ``event_loop = "asyncio" | "uvloop"``: the loop every daemon process runs on. uvloop is a
-  dependency on Linux; the measured difference is in bench/RESULTS.md ("Event loops and
-  workers").
+- ``event_loop = "asyncio" | "uvloop"``: the loop every daemon process runs on (asyncio by
+  default; uvloop is a dependency on Linux). The measured difference is in bench/RESULTS.md
+  ("Event loops and workers").
 - ``workers = N``: 1 is a single process, as before; N > 1 starts a small supervisor
   (``proxy.supervisor``) that holds the listening sockets and runs N ``xoauth2-proxy run``
   workers accepting on them. The default is the number of CPUs this process may use, at most
@@ -45,7 +45,10 @@ def default_workers() -> int:
 
 
 def default_event_loop() -> EventLoop:
-    return "uvloop" if uvloop_available() else "asyncio"
+    """asyncio: uvloop saved about a tenth of the relay's CPU per GB but not clearly any
+    throughput, and costs ~10 KiB more per idle TLS session (proxy.server.tlsbuffer trims
+    asyncio's TLS buffers, not uvloop's); bench/RESULTS.md, "Event loops and workers"."""
+    return "asyncio"
 
 
 @dataclass(frozen=True)
@@ -82,13 +85,13 @@ def read(top: _Reader) -> Runtime:
     return Runtime(workers=workers, event_loop=event_loop)
 
 
-def loop_factory(event_loop: EventLoop) -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """A new-loop function for ``asyncio.Runner`` (None: asyncio's own)."""
+def loop_factory(event_loop: EventLoop) -> Callable[[], asyncio.AbstractEventLoop]:
+    """A new-loop function for ``asyncio.Runner``: the configured loop, whatever the policy."""
     if event_loop == "uvloop":
         import uvloop
 
         return uvloop.new_event_loop
-    return None
+    return asyncio.SelectorEventLoop
 
 
 def run_on(event_loop: EventLoop, main: Coroutine[Any, Any, int]) -> int:

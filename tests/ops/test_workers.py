@@ -33,6 +33,12 @@ def notify() -> Iterator[NotifySocket]:
 
 
 @pytest.fixture
+def event_loop_name(request: pytest.FixtureRequest) -> str:
+    """The workers' ``event_loop``: the suite's ``--event-loop`` (CI runs both)."""
+    return str(request.config.getoption("--event-loop"))
+
+
+@pytest.fixture
 def processes() -> Iterator[list[ProxyProcess]]:
     started: list[ProxyProcess] = []
     yield started
@@ -89,20 +95,23 @@ def alive(pid: int) -> bool:
 
 
 async def start(tmp_path: Path, upstream: DemoUpstream, notify: NotifySocket,
-                processes: list[ProxyProcess], **extra: Any) -> tuple[ProxyProcess, int, int]:
+                processes: list[ProxyProcess], event_loop: str
+                ) -> tuple[ProxyProcess, int, int]:
     authorise(make_config(tmp_path, upstream, protocols=("imap",)), upstream)
-    proc = ProxyProcess(write_config(tmp_path, upstream, **extra), tmp_path / "proxy.log",
-                        notify=notify)
+    proc = ProxyProcess(write_config(tmp_path, upstream, event_loop=event_loop),
+                        tmp_path / "proxy.log", notify=notify)
     processes.append(proc)
     ready = await asyncio.to_thread(notify.expect, "READY", proc=proc.proc, timeout=60)
     assert ready["STATUS"] == "ready: 2 of 2 workers accepting"
+    assert proc.text().count(f"event=ready listeners=1 systemd=true event_loop={event_loop}") == 2
     return proc, proc.port("listening", " listener=imap "), proc.port("metrics_listening")
 
 
 async def test_two_workers_one_scrape_reload_crash_and_stop(
         tmp_path: Path, demo_upstream: DemoUpstream, notify: NotifySocket,
-        processes: list[ProxyProcess]) -> None:
-    proc, port, metrics_port = await start(tmp_path, demo_upstream, notify, processes)
+        processes: list[ProxyProcess], event_loop_name: str) -> None:
+    proc, port, metrics_port = await start(tmp_path, demo_upstream, notify, processes,
+                                           event_loop_name)
     pids = workers(proc)
     assert sorted(pids) == [1, 2] and all(alive(pid) for pid in pids.values())
     assert "activated=true" in proc.text()  # the workers took the supervisor's socket
@@ -212,13 +221,13 @@ async def _storm_login(port: int, n: int) -> list[bytes]:
 
 async def test_storm_over_two_workers_makes_one_token_request(
         tmp_path: Path, demo_upstream: DemoUpstream, notify: NotifySocket,
-        processes: list[ProxyProcess]) -> None:
+        processes: list[ProxyProcess], event_loop_name: str) -> None:
     """An expired access token and 200 concurrent logins spread over both workers: one token
     request at the fake Entra (the token file's lock and re-read across processes)."""
     upstream = demo_upstream
     upstream.configure(access_token_lifetime=3)  # the authorised token: 3 s
     try:
-        proc, port, _ = await start(tmp_path, upstream, notify, processes)
+        proc, port, _ = await start(tmp_path, upstream, notify, processes, event_loop_name)
     finally:
         upstream.configure(access_token_lifetime=3600)  # the refreshed one: an hour
     issued = time.monotonic()
