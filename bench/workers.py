@@ -147,9 +147,11 @@ asyncio.run(main())
 
 
 def idle(world: env.World, sessions: int, *, clients_n: int = 2, parallel: int = 32,
-         event_loop: str = "asyncio", say: Callable[[str], None] = print) -> dict[str, Any]:
-    """``sessions`` idle IMAP sessions on a 2-worker proxy from ``clients_n`` processes."""
-    proc, ports = start(world, f"2 workers idle {event_loop}", 2, event_loop)
+         event_loop: str = "asyncio", workers: int = 2,
+         say: Callable[[str], None] = print) -> dict[str, Any]:
+    """``sessions`` idle IMAP sessions on a ``workers``-worker proxy from ``clients_n``
+    processes."""
+    proc, ports = start(world, f"{workers} workers idle {event_loop}", workers, event_loop)
     kids: list[subprocess.Popen[str]] = []
     try:
         target = clients.Target("xoauth2-proxy", "127.0.0.1", ports, env.IDLE,
@@ -181,8 +183,8 @@ def idle(world: env.World, sessions: int, *, clients_n: int = 2, parallel: int =
                "first_error": next((o["first_error"] for o in opened if o["first_error"]), ""),
                "rss_per_session_kib": (rss - baseline) / max(1, still) / 1024,
                "rss_mib": rss / harness.MIB, "ramp_s": ramp_s, "fds_by_process": fds,
-               "client_processes": clients_n, "event_loop": event_loop}
-        say(f"  2 workers: {still} open of {sessions}, {out['errors']} errors, "
+               "client_processes": clients_n, "event_loop": event_loop, "workers": workers}
+        say(f"  {workers} workers: {still} open of {sessions}, {out['errors']} errors, "
             f"{out['rss_per_session_kib']:.1f} KiB/session, descriptors {fds}, "
             f"ramp {ramp_s:.0f} s {out['first_error']}")
         return out
@@ -226,7 +228,7 @@ def rows(data: dict[str, Any]) -> list[tuple[str, str]]:
                         f"{_s(r['cpu_s_per_gb'], 2)}"))
     i = data.get("idle")
     if i:
-        out.append((f"idle IMAP sessions, 2 workers ({i.get('event_loop')}), "
+        out.append((f"idle IMAP sessions, {i.get('workers')} worker(s) ({i.get('event_loop')}), "
                     f"{i['client_processes']} client processes",
                     f"{i['still_open']:,} open of {i['sessions']:,}, {i['errors']} errors; "
                     f"{i['rss_per_session_kib']:.1f} KiB/session; descriptors per process "
@@ -247,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sessions", type=int, default=19_000)
     p.add_argument("--only", choices=("throughput", "idle"))
     p.add_argument("--idle-loop", choices=("asyncio", "uvloop"), default="asyncio")
+    p.add_argument("--idle-workers", type=int, default=2)
     args = p.parse_args(argv)
     harness.raise_nofile()
     messages = 20 if args.quick else 200
@@ -265,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
                                 messages=messages))
         if args.only in (None, "idle"):
             data["idle"] = idle(world, 200 if args.quick else args.sessions,
-                                event_loop=args.idle_loop)
+                                event_loop=args.idle_loop, workers=args.idle_workers)
     finally:
         world.close()
     data["loadavg_after"] = os.getloadavg()

@@ -35,6 +35,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from prometheus_client import (
     CollectorRegistry,
@@ -48,6 +49,9 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from proxy import __version__
+
+if TYPE_CHECKING:
+    from proxy.store import TokenStore
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -169,6 +173,22 @@ class AccountCollector(Collector):
                 state.access_expires_at = access
             if refresh is not None:
                 state.refresh_expires_at = refresh
+
+    def seed(self, token_store: TokenStore, accounts: Iterable[str]) -> None:
+        """Token facts from the store's clear metadata (no password needed): an account needing
+        authorisation shows before any client tries it (blocking: a worker thread)."""
+        from proxy import store
+
+        for name in accounts:
+            try:
+                meta = token_store.info(name).meta
+            except (store.TokenFileMissing, store.CorruptTokenFile):
+                self.set_needs_reauth(name, True)
+                continue
+            except (store.StoreError, OSError, ValueError):
+                continue
+            self.set_needs_reauth(name, bool(meta.needs_reauth))
+            self.set_expiry(name, access=meta.access_token_expires_at)
 
     def describe(self) -> list[Metric]:
         return []  # families depend on the label mode; nothing to check at registration

@@ -62,17 +62,7 @@ class _SupervisorCollector(Collector):
         except (store.StoreError, OSError):
             yield from self.accounts.collect()
             return
-        token_store = self.store
-        for name in config.accounts:
-            try:
-                meta = token_store.info(name).meta
-            except (store.TokenFileMissing, store.CorruptTokenFile):
-                self.accounts.set_needs_reauth(name, True)
-                continue
-            except (store.StoreError, OSError, ValueError):
-                continue
-            self.accounts.set_needs_reauth(name, bool(meta.needs_reauth))
-            self.accounts.set_expiry(name, access=meta.access_token_expires_at)
+        self.accounts.seed(self.store, config.accounts)
         yield from self.accounts.collect()
 
 

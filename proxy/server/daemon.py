@@ -303,16 +303,7 @@ class Daemon:
     def _seed_account_metrics(self) -> None:
         """Token facts from the token files' clear metadata (no password needed), so that an
         account needing authorisation shows before any client tries it (worker thread)."""
-        for name in self.config.accounts:
-            try:
-                meta = self.store.info(name).meta
-            except (store.TokenFileMissing, store.CorruptTokenFile):
-                metrics.ACCOUNTS.set_needs_reauth(name, True)
-                continue
-            except (store.StoreError, OSError, ValueError):
-                continue
-            metrics.ACCOUNTS.set_needs_reauth(name, bool(meta.needs_reauth))
-            metrics.ACCOUNTS.set_expiry(name, access=meta.access_token_expires_at)
+        metrics.ACCOUNTS.seed(self.store, self.config.accounts)
 
 
 def _warn_old_tls(li: Listener) -> None:

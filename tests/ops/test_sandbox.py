@@ -27,7 +27,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -131,14 +131,6 @@ def test_the_units_proc_view_is_in_force(unit_sandbox: Sandbox, python: str) -> 
     result = probe(unit_sandbox.only(proc=True), python)
     assert "hidepid=invisible" in result["proc_mount"].split(","), result
     assert result["proc_stat"] == 0, "the unit hides /proc/stat: no process_* metrics"
-
-
-@pytest.fixture
-def processes() -> Iterator[list[ProxyProcess]]:
-    started: list[ProxyProcess] = []
-    yield started
-    for proc in started:
-        proc.stop()
 
 
 @pytest.mark.parametrize("restrictions", ["w^x by prctl(PR_SET_MDWE)", "the unit's seccomp filters",

@@ -12,7 +12,6 @@ import re
 import signal
 import socket
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,24 +25,9 @@ pytestmark = pytest.mark.skipif(not hasattr(os, "pidfd_open"), reason="Linux onl
 
 
 @pytest.fixture
-def notify() -> Iterator[NotifySocket]:
-    sock = NotifySocket()
-    yield sock
-    sock.close()
-
-
-@pytest.fixture
 def event_loop_name(request: pytest.FixtureRequest) -> str:
     """The workers' ``event_loop``: the suite's ``--event-loop`` (CI runs both)."""
     return str(request.config.getoption("--event-loop"))
-
-
-@pytest.fixture
-def processes() -> Iterator[list[ProxyProcess]]:
-    started: list[ProxyProcess] = []
-    yield started
-    for proc in started:
-        proc.stop()
 
 
 def write_config(tmp_path: Path, upstream: DemoUpstream, **extra: Any) -> Path:
