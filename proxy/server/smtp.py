@@ -57,7 +57,7 @@ from proxy.server.limits import PreauthLimiter, Throttle, is_loopback
 from proxy.server.listener import ListenerBase
 from proxy.server.logins import LoginAttempt, unreachable, upstream_refusal
 from proxy.server.session import source_refused
-from proxy.server.smtp_protocol import BareLineEndingRefused, ProxySMTP, quiet_aiosmtpd
+from proxy.server.smtp_protocol import BareLineEndingRefused, ProxySMTP, quiet_aiosmtpd, writable
 from proxy.server.smtp_relay import RelayHandler, RelayRefused, count, seed_metrics
 from proxy.server.smtp_upstream import (
     DATA_END_TIMEOUT,
@@ -199,8 +199,8 @@ class ConnectionHandler(RelayHandler):
         try:
             await self._gone
         except asyncio.CancelledError:
-            transport = self.server.transport
-            if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
+            transport = writable(self.server.transport)
+            if transport is not None:
                 transport.write(b"421 4.3.2 Proxy shutting down; try again later\r\n")
                 transport.close()
             raise

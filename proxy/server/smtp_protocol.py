@@ -17,7 +17,7 @@ import logging
 import re
 from base64 import b64decode, b64encode
 from collections.abc import AsyncGenerator, Callable
-from typing import TYPE_CHECKING, Any, AnyStr, TypeVar
+from typing import TYPE_CHECKING, Any, AnyStr, TypeVar, cast
 
 from aiosmtpd.smtp import ALLOWED_BEFORE_STARTTLS, BOGUS_LIMIT, MISSING, SMTP, TLSSetupException
 
@@ -41,6 +41,14 @@ from proxy.protocol.smtp_syntax import (
 if TYPE_CHECKING:
     from proxy.server.smtp import ConnectionHandler
 
+
+
+def writable(transport: asyncio.BaseTransport | None) -> asyncio.WriteTransport | None:
+    """``transport`` to write to, on any event loop (uvloop's transports are not asyncio's
+    classes, so no isinstance check), or None when it is gone or closing."""
+    if transport is None or transport.is_closing():
+        return None
+    return cast(asyncio.WriteTransport, transport)
 
 class _QuietFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
@@ -101,9 +109,10 @@ class ProxySMTP(SMTP):
         refusal = self.event_handler.admit(transport) if first else None
         if refusal is not None:
             self._refused = True  # a source not allowed, or too many: say so, never greet
-            assert isinstance(transport, asyncio.WriteTransport)
-            transport.write(refusal)
-            transport.close()
+            writer = writable(transport)
+            if writer is not None:
+                writer.write(refusal)
+                writer.close()
             return
         super().connection_made(transport)  # called again after STARTTLS, with the TLS transport
         task = self._handler_coroutine
@@ -163,15 +172,14 @@ class ProxySMTP(SMTP):
         self._timeout_cb()
 
     def _timeout_cb(self) -> None:
-        transport = self.transport
-        if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
+        transport = writable(self.transport)
+        if transport is not None:
             transport.write(b"421 4.4.2 Idle too long; closing the connection\r\n")
         super()._timeout_cb()
 
     def _too_long(self) -> None:
-        transport = self.transport
-        if (self._before_login() and isinstance(transport, asyncio.WriteTransport)
-                and not transport.is_closing()):
+        transport = writable(self.transport)
+        if self._before_login() and transport is not None:
             transport.write(b"421 4.4.2 Too long without logging in; closing the connection\r\n")
             transport.close()
 
