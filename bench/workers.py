@@ -236,10 +236,13 @@ def rows(data: dict[str, Any]) -> list[tuple[str, str]]:
     return out
 
 
-def _s(series: Series, digits: int) -> str:
-    if not series.values:
+def _s(series: Series | dict[str, Any], digits: int) -> str:
+    """median [min–max] of a Series, or of its JSON form (``report.jsonable``)."""
+    if isinstance(series, Series):
+        series = {"median": series.median, "min": series.min, "max": series.max}
+    if series.get("median") is None:
         return "–"
-    return (f"{series.median:.{digits}f} [{series.min:.{digits}f}–{series.max:.{digits}f}]")
+    return f"{series['median']:.{digits}f} [{series['min']:.{digits}f}–{series['max']:.{digits}f}]"
 
 
 def main(argv: list[str] | None = None) -> int:
