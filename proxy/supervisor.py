@@ -70,6 +70,7 @@ class Worker:
     reloaded: int = 0  # the reload generation this worker has confirmed with READY=1
     last_ping: float = 0.0
     failures: int = 0  # deaths in a row within STABLE_SECONDS of the start
+    aborted: bool = False  # the watchdog sent SIGABRT
     # Its own SO_REUSEPORT sockets (or the shared ones), kept for the next worker in this slot
     # when it starts at once, so connections queued on them wait for it instead of failing.
     sockets: list[socket.socket] | None = None
@@ -187,13 +188,16 @@ class Supervisor:
                 os.close(fd)
         worker.pidfd = os.pidfd_open(worker.pid)
         worker.started = worker.last_ping = time.monotonic()
-        worker.ready, worker.reloaded = False, self.generation
+        worker.ready, worker.reloaded, worker.aborted = False, self.generation, False
         worker.exited.clear()
         asyncio.get_running_loop().add_reader(worker.pidfd, self._reap, worker)
         logs.event(log, logging.INFO, "worker_started", worker=worker.slot, pid=worker.pid)
 
     def _reap(self, worker: Worker) -> None:
-        pid, status = os.waitpid(worker.pid, os.WNOHANG)
+        try:
+            pid, status = os.waitpid(worker.pid, os.WNOHANG)
+        except ChildProcessError:  # reaped elsewhere: gone, status unknown
+            pid, status = worker.pid, 1 << 8
         if pid == 0:
             return
         asyncio.get_running_loop().remove_reader(worker.pidfd)
@@ -222,6 +226,7 @@ class Supervisor:
                    exit=code if code >= 0 else None,
                    signal=signal.Signals(-code).name if code < 0 else None,
                    restart_in=round(delay, 1))
+        self.notifier.status(self.status())
         self.background(self._restart(worker, delay), f"restart worker {worker.slot}")
 
     async def _restart(self, worker: Worker, delay: float) -> None:
@@ -248,10 +253,12 @@ class Supervisor:
             if "WATCHDOG=1" in lines:
                 worker.last_ping = time.monotonic()
             if "READY=1" in lines:
-                worker.ready = True
+                worker.ready, worker.last_ping = True, time.monotonic()
                 worker.reloaded = self.generation
                 if all(w.ready for w in self.workers):
                     self.all_ready.set()
+                if self.all_ready.is_set():
+                    self.notifier.status(self.status())
             if "STOPPING=1" in lines:
                 worker.ready = False
 
@@ -302,18 +309,22 @@ class Supervisor:
             self.notifier.ready(self.status())
 
     async def watchdog(self, interval: float) -> None:
-        """Ping systemd from this loop; kill a worker whose own pings stopped."""
+        """Ping systemd from this loop; kill a ready worker whose own pings stopped (one that
+        is starting has not begun to ping)."""
         timeout = self.watchdog_usec / 1_000_000
         while True:
             self.notifier.watchdog()
             now = time.monotonic()
             for worker in self.workers:
-                if worker.pidfd >= 0 and now - worker.last_ping > timeout:
+                if worker.pidfd >= 0 and worker.ready and now - worker.last_ping > timeout:
+                    # SIGABRT (as systemd does), SIGKILL if it is still there a timeout later
+                    sig = signal.SIGKILL if worker.aborted else signal.SIGABRT
                     logs.event(log, logging.ERROR, "worker_watchdog", worker=worker.slot,
-                               pid=worker.pid, silent_for=round(now - worker.last_ping, 1))
-                    worker.last_ping = now  # one SIGABRT per timeout
+                               pid=worker.pid, silent_for=round(now - worker.last_ping, 1),
+                               signal=sig.name)
+                    worker.last_ping, worker.aborted = now, True
                     with contextlib.suppress(ProcessLookupError):
-                        signal.pidfd_send_signal(worker.pidfd, signal.SIGABRT)
+                        signal.pidfd_send_signal(worker.pidfd, sig)
             await asyncio.sleep(interval)
 
     async def stop(self) -> None:

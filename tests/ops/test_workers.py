@@ -222,3 +222,28 @@ async def test_storm_over_two_workers_makes_one_token_request(
     assert len(logins_by_worker(proc)) == 2  # both workers served logins
     stats = upstream.stats()
     assert stats["grant_types"].get("refresh_token", 0) == 1, stats
+
+
+async def test_watchdog_for_the_whole(tmp_path: Path, demo_upstream: DemoUpstream,
+                                      notify: NotifySocket, processes: list[ProxyProcess],
+                                      event_loop_name: str) -> None:
+    """With WATCHDOG_USEC the supervisor pings systemd, and a worker whose loop stops pinging
+    (SIGSTOP here) is aborted, killed and replaced."""
+    authorise(make_config(tmp_path, demo_upstream, protocols=("imap",)), demo_upstream)
+    proc = ProxyProcess(write_config(tmp_path, demo_upstream, event_loop=event_loop_name),
+                        tmp_path / "proxy.log", notify=notify, env={"WATCHDOG_USEC": "2000000"})
+    processes.append(proc)
+    await asyncio.to_thread(notify.expect, "READY", proc=proc.proc, timeout=60)
+    for _ in range(2):
+        await asyncio.to_thread(notify.expect, "WATCHDOG", timeout=5, proc=proc.proc)
+    stuck = workers(proc)[2]
+    os.kill(stuck, signal.SIGSTOP)
+    await poll(lambda: workers(proc)[2] != stuck, timeout=30)
+    text = proc.text()
+    assert re.search(rf"event=worker_watchdog worker=2 pid={stuck} ", text), text
+    # A stopped process keeps SIGABRT pending: SIGKILL follows a timeout later.
+    assert re.search(rf"event=worker_watchdog worker=2 pid={stuck} .*signal=SIGKILL", text), text
+    assert re.search(rf"event=worker_exited worker=2 pid={stuck} signal=SIGKILL", text), text
+    port = proc.port("listening", " listener=imap ")
+    for _ in range(3):
+        await asyncio.to_thread(login, port)
