@@ -68,7 +68,7 @@ def start(world: env.World, label: str, workers: int, event_loop: str
     slug = label.replace(" ", "").replace(",", "-")
     path = world.workdir / f"proxy-{slug}.toml"
     path.write_text(f"workers = {workers}\nevent_loop = \"{event_loop}\"\n{text}")
-    proc = world.start_proxy(config_path=path, port=ports["imap"])
+    proc = world.start_proxy(config=(path, ports))
     return proc, ports
 
 
