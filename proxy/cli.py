@@ -77,6 +77,16 @@ def _admin(name: str) -> Callable[[argparse.Namespace], int]:
     return run
 
 
+def _store(name: str) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        from proxy.store import commands
+        try:
+            return int(getattr(commands, f"cmd_{name}")(_load(args), args))
+        except commands.Failed as exc:
+            raise CommandError(str(exc)) from None
+    return run
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     import asyncio
 
@@ -235,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     peer.add_argument("-c", "--config", metavar="FILE", default=argparse.SUPPRESS,
                       help="configuration file (TOML) to write when --output is not given")
     peer.set_defaults(func=cmd_import_emailproxy)
+    from proxy.store import commands as store_commands
+    store_commands.register(sub, add, _store)
     check = add("check-config", cmd_check_config, "validate a config file and summarise it")
     check.add_argument("file", nargs="?", help="config file (default: --config)")
     add("version", cmd_version, "print the version and where the shipped example files are")
