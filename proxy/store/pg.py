@@ -178,28 +178,31 @@ class PostgresBackend:
     def writing(self, account: str) -> contextlib.AbstractContextManager[None]:
         return contextlib.nullcontext()  # the version check in ``write`` is the guard
 
-    def write(self, account: str, data: bytes, expected: Version | None) -> None:
+    def write(self, account: str, data: bytes, expected: Version | None) -> Version:
         check_account(account)
         with self._conn() as conn:
             if expected is None:
-                cur = conn.execute(
+                row = conn.execute(
                     "INSERT INTO xoauth2_proxy_tokens (account, envelope) VALUES (%s, %s) "
-                    "ON CONFLICT (account) DO NOTHING", (account, data))
-                if cur.rowcount != 1:
+                    "ON CONFLICT (account) DO NOTHING RETURNING version", (account, data)
+                ).fetchone()
+                if row is None:
                     raise TokenFileExists(account, self.where(account))
             elif expected == REPLACE:
-                conn.execute(
+                row = conn.execute(
                     "INSERT INTO xoauth2_proxy_tokens (account, envelope) VALUES (%s, %s) "
                     "ON CONFLICT (account) DO UPDATE SET envelope = excluded.envelope, "
-                    "version = xoauth2_proxy_tokens.version + 1, updated_at = now()",
-                    (account, data))
+                    "version = xoauth2_proxy_tokens.version + 1, updated_at = now() "
+                    "RETURNING version", (account, data)).fetchone()
             else:
-                cur = conn.execute(
+                row = conn.execute(
                     "UPDATE xoauth2_proxy_tokens SET envelope = %s, version = version + 1, "
-                    "updated_at = now() WHERE account = %s AND version = %s",
-                    (data, account, expected))
-                if cur.rowcount != 1:
+                    "updated_at = now() WHERE account = %s AND version = %s RETURNING version",
+                    (data, account, expected)).fetchone()
+                if row is None:
                     raise VersionConflict(account)
+        assert row is not None
+        return int(row[0])
 
     def scan(self) -> Iterator[tuple[str, bytes]]:
         with self._conn() as conn:

@@ -153,7 +153,9 @@ def open_store(config: Config, *, check_schema: bool = True) -> TokenStore:
     settings = config.store
     if settings.backend == "file":
         return TokenStore(config.state_dir, lock_timeout=settings.lock_timeout)
+    from proxy.store.atomic import ensure_state_dir
     from proxy.store.pg import PostgresBackend
 
+    ensure_state_dir(config.state_dir)  # other state (capabilities) still lives there
     return TokenStore(backend=PostgresBackend(settings, check_schema=check_schema),
                       lock_timeout=settings.lock_timeout)

@@ -128,7 +128,6 @@ class Postgres:
             os.chown(path, user.pw_uid, user.pw_gid)
 
     def _initdb(self) -> None:
-        os.chmod(self.root, 0o755)
         tls = make_tls_files(self.root / "tls")
         (self.root / "client-password").write_text(PASSWORD + "\n")
         pwfile = self.root / "pwfile"
@@ -194,6 +193,18 @@ class Postgres:
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(timeout=10)
+
+    def clear(self) -> None:
+        """Remove every token record (the schema stays)."""
+        with psycopg.connect(**self.settings().connect_args(5), autocommit=True) as conn:
+            conn.execute("DELETE FROM xoauth2_proxy_tokens")
+
+    def advisory_locks(self) -> int:
+        """Advisory locks granted right now (a refresh in progress holds one)."""
+        with psycopg.connect(**self.settings().connect_args(5), autocommit=True) as conn:
+            row = conn.execute("SELECT count(*) FROM pg_locks "
+                               "WHERE locktype = 'advisory' AND granted").fetchone()
+        return int(row[0]) if row else 0
 
     def stop(self) -> None:
         self._halt()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
@@ -23,26 +22,14 @@ from proxy.store.pg import PostgresBackend, SchemaError
 from proxy.store.settings import StoreSettings, dsn_problem
 from tests.store.storetools import ACCOUNT, FAST_N, META, PASSWORD, PAYLOAD
 
-from .postgres import Postgres, require_postgres
+from .postgres import Postgres
 
 pytestmark = pytest.mark.realserver
 
 
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[Postgres]:
-    server = Postgres.start(require_postgres())
-    try:
-        PostgresBackend(server.settings(), check_schema=False).init_schema()
-        yield server
-    finally:
-        server.stop()
-
-
 @pytest.fixture
-def settings(postgres: Postgres) -> Iterator[StoreSettings]:
-    with psycopg.connect(**postgres.settings().connect_args(5), autocommit=True) as conn:
-        conn.execute("DELETE FROM xoauth2_proxy_tokens")
-    yield postgres.settings(lock_timeout=5.0)
+def settings(pg_store: Postgres) -> StoreSettings:
+    return pg_store.settings(lock_timeout=5.0)
 
 
 def open_db(settings: StoreSettings) -> TokenStore:
