@@ -71,7 +71,11 @@ class PostgresBackend:
         self._lock = threading.Lock()
         self._down_until = 0.0
         if check_schema:
-            self.check_schema()
+            try:
+                self.check_schema()
+            except StoreUnavailable as exc:  # start anyway: logins answer "temporary" meanwhile
+                log.warning("token store %s unreachable at start (%s); schema not checked",
+                            self._label, exc.reason)
 
     # --- connections ----------------------------------------------------------------------
 
