@@ -52,6 +52,7 @@ QUICK: dict[str, Any] = {
 }
 
 DIRECT, PROXY, PEER = "direct", "xoauth2-proxy", "email-oauth2-proxy"
+BASELINE = "baseline"  # --baseline DIR: the proxy package of another source tree, same run
 RELAY = "byte relay"  # the direct client through bench.byte_relay: one bare Python hop
 
 
@@ -64,6 +65,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-peer", action="store_true", help="skip email-oauth2-proxy")
     p.add_argument("--max-sessions", type=int, help="top step of the idle-session ramp")
     p.add_argument("--workdir", type=Path, help="keep the run's files here (default: a temp dir)")
+    p.add_argument("--baseline", type=Path, metavar="DIR",
+                   help="also measure the proxy of another source tree (a checkout whose "
+                        "proxy/ package to run: before/after a change, in the same run) in "
+                        "the throughput and login figures")
     p.add_argument("--update-results", action="store_true",
                    help="also rewrite bench/RESULTS.md from this run")
     return p.parse_args(argv)
@@ -79,6 +84,7 @@ class Bench:
         self.results: dict[str, Any] = {"figures": {}, "errors": {}}
         self.started = time.monotonic()
         self.peer: peer.Peer | None = None
+        self.baseline: tuple[env.ProxyProcess, dict[str, int]] | None = None
         self.peer_missing = "--no-peer" if args.no_peer else ""
 
     def say(self, text: str) -> None:
@@ -115,6 +121,19 @@ class Bench:
         if self.peer is not None:
             out[PEER] = clients.Target(PEER, "127.0.0.1", self.peer.ports, user,
                                        password=peer.PASSWORD)
+        return out
+
+    def with_baseline(self, targets: dict[str, clients.Target],
+                      user: str) -> dict[str, clients.Target]:
+        """``targets`` and, with --baseline, the baseline tree's proxy right after ours."""
+        if self.baseline is None:
+            return targets
+        out = {}
+        for name, target in targets.items():
+            out[name] = target
+            if name == PROXY:
+                out[BASELINE] = clients.Target(BASELINE, "127.0.0.1", self.baseline[1], user,
+                                               password=env.PASSWORD)
         return out
 
     _tokens: dict[tuple[str, str], str] = {}
@@ -173,6 +192,12 @@ class Bench:
         self.figure("startup", lambda: {**startup.measure(w, max(1, sizes["runs"]), self.say),
                                         **startup.imports(max(1, sizes["runs"]))})
         self.proxy = w.start_proxy()
+        if self.args.baseline:
+            config = w.second_config("proxy-baseline.toml")
+            source = self.args.baseline.resolve()
+            self.baseline = (w.start_proxy(source=source, config=config), config[1])
+            self.results["meta"]["baseline"] = {"source": str(source), "commit": _commit(source)}
+            self.say(f"baseline: the proxy package of {source} ({_commit(source)})")
         self.results["meta"]["proxy_ready_signal"] = (
             "READY=1" if self.proxy.ready_at is not None else "listener accept")
         if not self.args.no_peer:
@@ -204,7 +229,7 @@ class Bench:
                     start_peer, max(1, sizes["runs"]))
             finally:
                 self.peer = peer.restart(p, w)
-        self._warm()
+        self._warm((DIRECT, PROXY, PEER, BASELINE))
         self.figure("throughput", self._throughput)
         self.figure("isolation", self._isolation)
         self.figure("burst", self._burst)
@@ -217,7 +242,7 @@ class Bench:
     def _warm(self, names: tuple[str, ...] = (DIRECT, PROXY, PEER)) -> None:
         """One login per contestant and account: scrypt, the peer's PBKDF2 config, tokens."""
         for user in (env.BIG, env.IDLE):
-            for name, target in self.targets(user).items():
+            for name, target in self.with_baseline(self.targets(user), user).items():
                 if name not in names:
                     continue
                 async def once(t: clients.Target = target) -> None:
@@ -234,7 +259,7 @@ class Bench:
         return out
 
     def _throughput(self) -> dict[str, Any]:
-        targets = list(self.targets(env.BIG).values())
+        targets = list(self.with_baseline(self.targets(env.BIG), env.BIG).values())
         up = self.world.upstream
         relay = subprocess.Popen(
             [sys.executable, "-m", "bench.byte_relay", str(up.ports["imaps"]),
@@ -245,10 +270,13 @@ class Bench:
             imap, pop, smtp = (int(p) for p in relay.stdout.readline().split())
             direct = targets[0]
             assert direct.name == DIRECT
+            cpu_of = {PROXY: self.proxy.cpu}
+            if self.baseline is not None:
+                cpu_of[BASELINE] = self.baseline[0].cpu
             targets.append(dataclasses.replace(direct, name=RELAY,
                                                ports={"imap": imap, "pop": pop, "smtp": smtp}))
             return throughput.measure(targets, runs=self.sizes["throughput_runs"],
-                                      sizes=self.sizes, proxy_cpu=self.proxy.cpu,
+                                      sizes=self.sizes, cpu_of=cpu_of,
                                       missing=self._missing(), say=self.say)
         finally:
             relay.kill()
@@ -283,7 +311,7 @@ class Bench:
 
     def _login(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
-        for name, target in self.targets(env.IDLE).items():
+        for name, target in self.with_baseline(self.targets(env.IDLE), env.IDLE).items():
             n = self.sizes["peer_login_samples" if name == PEER else "login_samples"]
             per_run = [asyncio.run(logins.latency(target, n)) for _ in range(self.sizes["runs"])]
             out[name] = {k: Series("ms", [r[k] for r in per_run])
@@ -447,6 +475,16 @@ class Bench:
 
 
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+
+
+def _commit(tree: Path) -> str:
+    """The commit checked out in ``tree`` (and whether its work tree differs), or ``?``."""
+    try:
+        head = subprocess.run(["git", "-C", str(tree), "describe", "--always", "--dirty"],
+                              capture_output=True, text=True, timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+    return head.stdout.strip() or "?"
 
 
 def update_results(path: Path, md: str) -> None:

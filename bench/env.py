@@ -116,7 +116,7 @@ class World:
             ports = {"imap": harness.free_port(), "pop": harness.free_port()}
             if smtp_missing is None:
                 ports["smtp"] = harness.free_port()
-            path = cls._write_config(workdir, upstream, ports, log_level)
+            path = cls._write_config(workdir, upstream, ports, log_level, "proxy.toml")
             world = cls(workdir, upstream, path, ports, smtp_missing, messages, message_size,
                         log_level)
             world._authorise()
@@ -129,7 +129,7 @@ class World:
 
     @staticmethod
     def _write_config(workdir: Path, upstream: DemoUpstream, ports: dict[str, int],
-                      log_level: str) -> Path:
+                      log_level: str, filename: str) -> Path:
         ca = upstream.ca_file
         up = {"imap": (upstream.ports["imaps"], "implicit"), "pop": (upstream.ports["pop3s"], "implicit"),
               "smtp": (upstream.ports["submission"], "starttls")}
@@ -148,9 +148,16 @@ class World:
                       f'listen = "127.0.0.1:{port}"', f'upstream = "{proto}"', ""]
         for name in ACCOUNTS:
             lines += [f'[accounts."{name}"]', 'provider = "demo"', 'flow = "device_code"', ""]
-        path = workdir / "proxy.toml"
+        path = workdir / filename
         path.write_text("\n".join(lines))
         return path
+
+    def second_config(self, filename: str) -> tuple[Path, dict[str, int]]:
+        """The same accounts, token files and upstreams on other listener ports: a second
+        proxy (another source tree, see ``start_proxy(source=...)``) beside the first."""
+        ports = {proto: harness.free_port() for proto in self.ports}
+        return self._write_config(self.workdir, self.upstream, ports, self.log_level,
+                                  filename), ports
 
     def config(self) -> config_mod.Config:
         return config_mod.load(self.config_path)
@@ -179,9 +186,13 @@ class World:
         return self.upstream.issue_token(user, SCOPES[protocol])
 
     def start_proxy(self, *, uvloop: bool = False, ssl_buffer: int | None = None,
-                    wrapper: list[str] | None = None, timeout: float = 30.0) -> ProxyProcess:
+                    wrapper: list[str] | None = None, timeout: float = 30.0,
+                    source: Path | None = None,
+                    config: tuple[Path, dict[str, int]] | None = None) -> ProxyProcess:
+        """The proxy as a child process; ``source`` runs another source tree's ``proxy``
+        package (a baseline to compare with), ``config`` another config and its ports."""
         proc = ProxyProcess.start(self, uvloop=uvloop, ssl_buffer=ssl_buffer, wrapper=wrapper,
-                                  timeout=timeout)
+                                  timeout=timeout, source=source, config=config)
         self.procs.append(proc)
         return proc
 
@@ -212,13 +223,18 @@ class ProxyProcess:
 
     @classmethod
     def start(cls, world: World, *, uvloop: bool = False, ssl_buffer: int | None = None,
-              wrapper: list[str] | None = None, timeout: float = 30.0) -> ProxyProcess:
+              wrapper: list[str] | None = None, timeout: float = 30.0,
+              source: Path | None = None,
+              config: tuple[Path, dict[str, int]] | None = None) -> ProxyProcess:
+        config_path, ports = config or (world.config_path, world.ports)
         notify_path = world.workdir / f"notify-{os.getpid()}-{time.monotonic_ns()}.sock"
         notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         notify.bind(str(notify_path))
         env = dict(os.environ)
         env["NOTIFY_SOCKET"] = str(notify_path)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH")) if p)
+        # ``source`` first for the proxy package; this tree stays on the path for bench.proxy_run.
+        env["PYTHONPATH"] = os.pathsep.join(
+            str(p) for p in (source, PROJECT_ROOT, env.get("PYTHONPATH")) if p)
         env.pop("PYTHONASYNCIODEBUG", None)
         module = ["-m", "proxy"]
         if uvloop or ssl_buffer:  # the experiments: see bench/proxy_run.py
@@ -226,7 +242,7 @@ class ProxyProcess:
             env["BENCH_UVLOOP"] = "1" if uvloop else "0"
             if ssl_buffer:
                 env["BENCH_SSL_BUFFER"] = str(ssl_buffer)
-        command = [*(wrapper or []), sys.executable, *module, "-c", str(world.config_path), "run"]
+        command = [*(wrapper or []), sys.executable, *module, "-c", str(config_path), "run"]
         log_path = world.workdir / f"proxy-{len(world.procs)}.log"
         log = open(log_path, "wb")  # noqa: SIM115 - owned by the child
         started = time.perf_counter()
@@ -236,7 +252,7 @@ class ProxyProcess:
         log.close()
         ready_at = accept_at = None
         messages: list[str] = []
-        port = world.ports["imap"]
+        port = ports["imap"]
         deadline = started + timeout
         notify.setblocking(False)
         try:

@@ -9,6 +9,7 @@ from typing import Any
 from bench.harness import Series
 
 DIRECT, PROXY, PEER = "direct", "xoauth2-proxy", "email-oauth2-proxy"
+BASELINE = "baseline"
 RELAY = "byte relay"
 
 
@@ -100,10 +101,21 @@ def rows(data: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
                     " / ".join(_paired((tp.get(p) or {}).get(RELAY),
                                        (tp.get(p) or {}).get(DIRECT)).strip(" ()") or "–"
                                for p in ("imap", "pop", "smtp")), "", "the floor for any proxy"))
-    cpu = tp.get("proxy_cpu_s_per_gb") or {}
+    cpu_of = tp.get("cpu_s_per_gb") or {PROXY: tp.get("proxy_cpu_s_per_gb") or {}}
+    cpu = cpu_of.get(PROXY) or {}
     if cpu:
         out.append(("proxy CPU per GB relayed (IMAP / POP / SMTP), s", "",
                     " / ".join(_series(cpu.get(p), 2) for p in ("imap", "pop", "smtp")), "", ""))
+    if any((tp.get(p) or {}).get(BASELINE) for p in ("imap", "pop", "smtp")):
+        source = _get(data, "meta", "baseline", "commit") or ""
+        out.append((f"baseline ({source}): IMAP / POP / SMTP, × direct", "",
+                    " / ".join(_paired((tp.get(p) or {}).get(BASELINE),
+                                       (tp.get(p) or {}).get(DIRECT)).strip(" ()") or "–"
+                               for p in ("imap", "pop", "smtp")), "", "same run as the rows above"))
+        base_cpu = cpu_of.get(BASELINE) or {}
+        out.append((f"baseline ({source}): CPU per GB relayed (IMAP / POP / SMTP), s", "",
+                    " / ".join(_series(base_cpu.get(p), 2) for p in ("imap", "pop", "smtp")),
+                    "", ""))
     conc = f.get("concurrency") or {}
     for name in (PROXY, PEER):
         c = conc.get(name)
@@ -170,6 +182,8 @@ def rows(data: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
                 return text
             out.append((label, l_text(d), l_text(lg.get(PROXY)), l_text(lg.get(PEER)) or peer_na,
                         "added p50 ≤ 2 ms"))
+            if lg.get(BASELINE):
+                out.append((f"baseline: {label}", "", l_text(lg.get(BASELINE)), "", ""))
     st = f.get("startup") or {}
     if st:
         out.append(("first LOGIN of a password (scrypt) minus warm LOGIN, ms", "",

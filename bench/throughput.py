@@ -31,14 +31,15 @@ def _run(protocol: str, target: clients.Target, sizes: dict[str, Any],
 
 
 def measure(targets: list[clients.Target], *, runs: int, sizes: dict[str, Any],
-            proxy_cpu: Callable[[], float] | None, missing: dict[str, dict[str, str]],
+            cpu_of: dict[str, Callable[[], float]], missing: dict[str, dict[str, str]],
             say: Callable[[str], None]) -> dict[str, Any]:
-    """{protocol: {contestant: Series}, "proxy_cpu_s_per_gb": {protocol: Series}}."""
+    """{protocol: {contestant: Series}, "cpu_s_per_gb": {contestant: {protocol: Series}}}
+    for the contestants in ``cpu_of`` (CPU seconds of their process)."""
     smtp_messages = [env.message(i, sizes["smtp_size"]) for i in range(sizes["smtp_messages"])]
-    out: dict[str, Any] = {"proxy_cpu_s_per_gb": {}}
+    out: dict[str, Any] = {"cpu_s_per_gb": {name: {} for name in cpu_of}}
     for protocol in ("imap", "pop", "smtp"):
         series: dict[str, Series] = {}
-        cpu = Series("s/GB")
+        cpu = {name: Series("s/GB") for name in cpu_of}
         for target in targets:
             reason = missing.get(target.name, {}).get(protocol)
             series[target.name] = harness.na(reason, "MB/s") if reason else Series("MB/s")
@@ -46,7 +47,8 @@ def measure(targets: list[clients.Target], *, runs: int, sizes: dict[str, Any],
             for target in targets:
                 if not series[target.name].values and series[target.name].note:
                     continue
-                before = proxy_cpu() if proxy_cpu and target.name == "xoauth2-proxy" else None
+                proc_cpu = cpu_of.get(target.name)
+                before = proc_cpu() if proc_cpu else None
                 try:
                     nbytes, seconds = _run(protocol, target, sizes, smtp_messages)
                 except Exception as exc:  # one contestant failing must not end the bench
@@ -54,10 +56,11 @@ def measure(targets: list[clients.Target], *, runs: int, sizes: dict[str, Any],
                     say(f"  {protocol} {target.name}: {series[target.name].note}")
                     continue
                 series[target.name].add(nbytes / seconds / 1e6)
-                if before is not None and proxy_cpu is not None:
-                    cpu.add((proxy_cpu() - before) / (nbytes / 1e9))
+                if before is not None and proc_cpu is not None:
+                    cpu[target.name].add((proc_cpu() - before) / (nbytes / 1e9))
                 say(f"  {protocol} run {run + 1}/{runs} {target.name}: "
                     f"{nbytes / seconds / 1e6:.0f} MB/s")
         out[protocol] = series
-        out["proxy_cpu_s_per_gb"][protocol] = cpu
+        for name, series_cpu in cpu.items():
+            out["cpu_s_per_gb"][name][protocol] = series_cpu
     return out

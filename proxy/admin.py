@@ -16,7 +16,7 @@ from pathlib import Path
 from proxy import store
 from proxy.auth import flows
 from proxy.auth.errors import TokenError
-from proxy.cli import CommandError
+from proxy.commands import CommandError
 from proxy.config import Account, Config
 from proxy.secret import Secret
 

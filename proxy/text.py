@@ -9,7 +9,10 @@ address) recognisable by replacing them with ``?``.
 from __future__ import annotations
 
 import ipaddress
-import ssl
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # only for a type: the sans-I/O machines use this module, and ssl imports socket
+    import ssl
 
 REPLY_TEXT_LIMIT = 400
 

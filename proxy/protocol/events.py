@@ -122,6 +122,13 @@ class UpstreamBroken:
     text: str
 
 
+ClientCommand = SendToClient | StartClientTLS | Authenticate | StartRelay | CloseConnection
+"""What a client-side machine (``ImapClientSide``, ``PopClientSide``) returns."""
+
+UpstreamCommand = SendToServer | StartServerTLS | UpstreamLoggedIn | UpstreamRejected | UpstreamBroken
+"""What an upstream machine (``ImapUpstreamSide``, ``PopUpstreamSide``) returns."""
+
+
 class Failure(enum.Enum):
     """Why the proxy refused a login; each protocol maps it to its own reply form.
 

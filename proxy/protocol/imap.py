@@ -21,19 +21,18 @@ re-exported here.
 from __future__ import annotations
 
 import enum
-import functools
-import re
 from collections.abc import Callable
 
 from proxy.protocol.events import (
     Authenticate,
+    ClientCommand,
     CloseConnection,
     Failure,
-    ProtocolMisuse,
     SendToClient,
     StartClientTLS,
     StartRelay,
 )
+from proxy.protocol.imap_capabilities import announced
 from proxy.protocol.imap_syntax import (
     CRLF,
     ImapSyntaxError,
@@ -41,16 +40,16 @@ from proxy.protocol.imap_syntax import (
     LiteralMarker,
     Reader,
     literal_at_end,
-    one_line,
     take_line,
 )
 from proxy.protocol.imap_upstream import ImapUpstreamSide
-from proxy.protocol.sasl import SaslError, decode_plain
+from proxy.protocol.machine import Rules
+from proxy.protocol.sasl import SaslError, decode_plain, utf8
 from proxy.secret import Secret
+from proxy.text import one_line
 
 __all__ = ["ImapClientSide", "ImapUpstreamSide"]
 
-Command = SendToClient | StartClientTLS | Authenticate | StartRelay | CloseConnection
 
 _FAILURE_CODES = {
     Failure.BAD_CREDENTIALS: "AUTHENTICATIONFAILED",
@@ -66,12 +65,6 @@ _TOO_MUCH_PIPELINED = "too much data sent while the login is checked"
 # Commands that take no arguments and may carry no literal.
 _NO_ARGS = frozenset({"CAPABILITY", "NOOP", "LOGOUT", "STARTTLS"})
 
-# Before login these are the proxy's to announce, not the upstream's (AUTH=… as well).
-_PROXY_DECIDES = frozenset({"IMAP4REV1", "STARTTLS", "LOGINDISABLED", "SASL-IR", "ID",
-                            "LITERAL+", "LITERAL-"})
-_CAPABILITY_ATOM = re.compile(r'[!#$&\'+-Z^-z|}~]+')  # ATOM-CHAR, less "["
-_UPSTREAM_CAPS_MAX = 2000  # characters of the upstream's list taken into ours
-
 
 class _State(enum.Enum):
     NEW = "new"  # greeting() not called yet
@@ -84,35 +77,25 @@ class _State(enum.Enum):
     CLOSED = "closed"  # CloseConnection emitted: input is ignored
 
 
-# Rule 1: every legal state change, in one place (``_goto`` enforces it).
-_TRANSITIONS: frozenset[tuple[_State, _State]] = frozenset(
-    {
-        (_State.NEW, _State.COMMAND),
-        (_State.COMMAND, _State.LITERAL),
-        (_State.COMMAND, _State.SASL),
-        (_State.COMMAND, _State.AUTHENTICATING),
-        (_State.COMMAND, _State.TLS),
-        (_State.COMMAND, _State.CLOSED),
-        (_State.LITERAL, _State.COMMAND),
-        (_State.LITERAL, _State.CLOSED),
-        (_State.SASL, _State.COMMAND),
-        (_State.SASL, _State.AUTHENTICATING),
-        (_State.SASL, _State.CLOSED),
-        (_State.AUTHENTICATING, _State.COMMAND),
-        (_State.AUTHENTICATING, _State.RELAY),
-        (_State.AUTHENTICATING, _State.CLOSED),
-        (_State.TLS, _State.COMMAND),
-        (_State.TLS, _State.CLOSED),
-    }
+# Rule 1: every legal state change, in one place; and which driver calls are legal in which
+# state (anything else is ProtocolMisuse).
+_RULES: Rules[_State] = Rules(
+    moves={
+        _State.NEW: {_State.COMMAND},
+        _State.COMMAND: {_State.LITERAL, _State.SASL, _State.AUTHENTICATING, _State.TLS,
+                         _State.CLOSED},
+        _State.LITERAL: {_State.COMMAND, _State.CLOSED},
+        _State.SASL: {_State.COMMAND, _State.AUTHENTICATING, _State.CLOSED},
+        _State.AUTHENTICATING: {_State.COMMAND, _State.RELAY, _State.CLOSED},
+        _State.TLS: {_State.COMMAND, _State.CLOSED},
+    },
+    calls={
+        "greeting": {_State.NEW},
+        "receive": set(_State) - {_State.NEW, _State.RELAY},
+        "tls_started": {_State.TLS},
+        "verdict": {_State.AUTHENTICATING, _State.CLOSED},
+    },
 )
-
-# Which driver calls are legal in which state; anything else is ProtocolMisuse.
-_CALLS: dict[str, frozenset[_State]] = {
-    "greeting": frozenset({_State.NEW}),
-    "receive": frozenset(set(_State) - {_State.NEW, _State.RELAY}),
-    "tls_started": frozenset({_State.TLS}),
-    "verdict": frozenset({_State.AUTHENTICATING, _State.CLOSED}),
-}
 
 
 class ImapClientSide:
@@ -145,7 +128,7 @@ class ImapClientSide:
         self._max_line = max_line
         self._max_literal = max_literal
         self._pending_cap = max_line + max_literal  # bytes pipelined behind a login
-        self._greeting_text = one_line(greeting) or "ready"
+        self._greeting_text = one_line(greeting, 300) or "ready"
         self._upstream_caps = upstream_capabilities
         self._state = _State.NEW
         self._buf = bytearray()
@@ -162,15 +145,15 @@ class ImapClientSide:
     @property
     def capabilities(self) -> str:
         """The capability list the machine announces now (changes after STARTTLS)."""
-        return _announced(self._upstream_caps, self._starttls and not self._tls_active,
+        return announced(self._upstream_caps, self._starttls and not self._tls_active,
                           self._plaintext_refused)
 
-    def greeting(self) -> list[Command]:
+    def greeting(self) -> list[ClientCommand]:
         self._check("greeting")
         self._goto(_State.COMMAND)
         return [self._untagged(f"OK [CAPABILITY {self.capabilities}] {self._greeting_text}")]
 
-    def receive(self, data: bytes) -> list[Command]:
+    def receive(self, data: bytes) -> list[ClientCommand]:
         """Bytes from the client; ``b""`` means the client closed its side."""
         self._check("receive")
         if self._state is _State.CLOSED:
@@ -186,7 +169,7 @@ class ImapClientSide:
             return []
         return self._run()
 
-    def tls_started(self) -> list[Command]:
+    def tls_started(self) -> list[ClientCommand]:
         """The driver finished the TLS handshake asked for by ``StartClientTLS``."""
         self._check("tls_started")
         self._tls_active = True
@@ -194,7 +177,7 @@ class ImapClientSide:
         self._goto(_State.COMMAND)
         return []
 
-    def login_succeeded(self, capabilities: str | None, server_bytes: bytes = b"") -> list[Command]:
+    def login_succeeded(self, capabilities: str | None, server_bytes: bytes = b"") -> list[ClientCommand]:
         """The upstream accepted the login: answer the client and start relaying.
 
         The tagged OK goes first and ``server_bytes`` (the upstream's bytes after its own
@@ -205,7 +188,7 @@ class ImapClientSide:
             return []
         caps = one_line(capabilities or "", 4000)
         code = f"[CAPABILITY {caps}] " if caps and "]" not in caps else ""
-        out: list[Command] = [self._tagged(self._login_tag, f"OK {code}Logged in")]
+        out: list[ClientCommand] = [self._tagged(self._login_tag, f"OK {code}Logged in")]
         if server_bytes:
             out.append(SendToClient(server_bytes))
         out.append(StartRelay(client_bytes=bytes(self._buf)))
@@ -213,25 +196,23 @@ class ImapClientSide:
         self._goto(_State.RELAY)
         return out
 
-    def login_failed(self, failure: Failure, text: str) -> list[Command]:
+    def login_failed(self, failure: Failure, text: str) -> list[ClientCommand]:
         """The login was refused: tagged NO with a response code; the client may retry."""
         self._check("verdict")
         if self._state is _State.CLOSED:
             return []
         code = _FAILURE_CODES[failure]
-        out: list[Command] = [self._tagged(self._login_tag, f"NO [{code}] {_reply_text(text)}")]
+        out: list[ClientCommand] = [self._tagged(self._login_tag, f"NO [{code}] {_reply_text(text)}")]
         self._goto(_State.COMMAND)
         return out + self._run()
 
     # --- machinery ------------------------------------------------------------------------
 
     def _check(self, call: str) -> None:
-        if self._state not in _CALLS[call]:
-            raise ProtocolMisuse(f"{call} is not allowed in state {self._state.value}")
+        _RULES.call(call, self._state)
 
     def _goto(self, state: _State) -> None:
-        assert (self._state, state) in _TRANSITIONS, (self._state, state)
-        self._state = state
+        self._state = _RULES.move(self._state, state)
 
     @property
     def _plaintext_refused(self) -> bool:
@@ -245,14 +226,14 @@ class ImapClientSide:
         self._literal_size = 0
         self._sasl_tag = b""
 
-    def _run(self) -> list[Command]:
+    def _run(self) -> list[ClientCommand]:
         """Process buffered input until the machine needs more or stops reading."""
-        steps: dict[_State, Callable[[], list[Command] | None]] = {
+        steps: dict[_State, Callable[[], list[ClientCommand] | None]] = {
             _State.COMMAND: self._state_command,
             _State.LITERAL: self._state_literal,
             _State.SASL: self._state_sasl,
         }
-        out: list[Command] = []
+        out: list[ClientCommand] = []
         while (step := steps.get(self._state)) is not None:
             cmds = step()
             if cmds is None:
@@ -260,7 +241,7 @@ class ImapClientSide:
             out += cmds
         return out
 
-    def _state_command(self) -> list[Command] | None:
+    def _state_command(self) -> list[ClientCommand] | None:
         try:
             line = take_line(self._buf, self._max_line - self._line_bytes)
         except LineTooLong:
@@ -275,7 +256,7 @@ class ImapClientSide:
         self._lines.append(line[: marker.start])
         return self._announce(marker)
 
-    def _state_literal(self) -> list[Command] | None:
+    def _state_literal(self) -> list[ClientCommand] | None:
         if len(self._buf) < self._literal_size:
             return None
         self._literals.append(bytes(self._buf[: self._literal_size]))
@@ -284,7 +265,7 @@ class ImapClientSide:
         self._goto(_State.COMMAND)
         return []
 
-    def _state_sasl(self) -> list[Command] | None:
+    def _state_sasl(self) -> list[ClientCommand] | None:
         try:
             line = take_line(self._buf, self._max_line)
         except LineTooLong:
@@ -298,7 +279,7 @@ class ImapClientSide:
             return [self._tagged(tag, "BAD Authentication cancelled")]
         return self._plain(tag, line)
 
-    def _announce(self, marker: LiteralMarker) -> list[Command]:
+    def _announce(self, marker: LiteralMarker) -> list[ClientCommand]:
         """A literal was announced at the end of a command line."""
         budget = self._max_literal - self._literal_bytes
         head = self._head()
@@ -308,9 +289,9 @@ class ImapClientSide:
                 return [self._reply(head, "NO [TOOBIG] Literal too large")]
             # LITERAL+ (RFC 7888 §4): the bytes come anyway. Draining an arbitrary amount
             # before login buys nothing, so refuse and close.
-            refused: list[Command] = [self._reply(head, "BAD [TOOBIG] Literal too large")]
+            refused: list[ClientCommand] = [self._reply(head, "BAD [TOOBIG] Literal too large")]
             return refused + self._close("literal too large", bye="Literal too large")
-        out: list[Command] = []
+        out: list[ClientCommand] = []
         if marker.synchronising:
             refusal = self._refuse_literal(head)
             if refusal is not None:
@@ -347,7 +328,7 @@ class ImapClientSide:
             return self._tagged(tag, f"BAD {name} takes no literal")
         return self._not_logged_in(tag)
 
-    def _dispatch(self) -> list[Command]:
+    def _dispatch(self) -> list[ClientCommand]:
         """A whole command (lines and literals) has been read: answer it."""
         reader = Reader(self._lines, self._literals)
         self._reset_command()
@@ -355,7 +336,7 @@ class ImapClientSide:
             tag = reader.tag()
         except ImapSyntaxError:
             return [self._untagged("BAD Missing or invalid tag")]
-        handlers: dict[str, Callable[[bytes, Reader], list[Command]]] = {
+        handlers: dict[str, Callable[[bytes, Reader], list[ClientCommand]]] = {
             "CAPABILITY": self._cmd_capability,
             "NOOP": self._cmd_noop,
             "LOGOUT": self._cmd_logout,
@@ -379,23 +360,23 @@ class ImapClientSide:
 
     # --- commands -------------------------------------------------------------------------
 
-    def _cmd_capability(self, tag: bytes, reader: Reader) -> list[Command]:
+    def _cmd_capability(self, tag: bytes, reader: Reader) -> list[ClientCommand]:
         reader.end()
         return [
             self._untagged(f"CAPABILITY {self.capabilities}"),
             self._tagged(tag, "OK CAPABILITY completed"),
         ]
 
-    def _cmd_noop(self, tag: bytes, reader: Reader) -> list[Command]:
+    def _cmd_noop(self, tag: bytes, reader: Reader) -> list[ClientCommand]:
         reader.end()
         return [self._tagged(tag, "OK NOOP completed")]
 
-    def _cmd_logout(self, tag: bytes, reader: Reader) -> list[Command]:
+    def _cmd_logout(self, tag: bytes, reader: Reader) -> list[ClientCommand]:
         reader.end()
         out = [self._untagged("BYE Logging out"), self._tagged(tag, "OK LOGOUT completed")]
         return out + self._close("client logged out")
 
-    def _cmd_id(self, tag: bytes, reader: Reader) -> list[Command]:
+    def _cmd_id(self, tag: bytes, reader: Reader) -> list[ClientCommand]:
         reader.space()
         reader.id_params()
         reader.end()
@@ -404,7 +385,7 @@ class ImapClientSide:
             self._tagged(tag, "OK ID completed"),
         ]
 
-    def _cmd_starttls(self, tag: bytes, reader: Reader) -> list[Command]:
+    def _cmd_starttls(self, tag: bytes, reader: Reader) -> list[ClientCommand]:
         reader.end()
         if self._tls_active:
             return [self._tagged(tag, "BAD TLS is already active")]
@@ -416,7 +397,7 @@ class ImapClientSide:
         self._goto(_State.TLS)
         return [self._tagged(tag, "OK Begin TLS negotiation now"), StartClientTLS()]
 
-    def _cmd_login(self, tag: bytes, reader: Reader) -> list[Command]:
+    def _cmd_login(self, tag: bytes, reader: Reader) -> list[ClientCommand]:
         reader.space()
         user = reader.astring()
         reader.space()
@@ -425,14 +406,14 @@ class ImapClientSide:
         if self._plaintext_refused:
             return [self._privacy_required(tag)]
         try:
-            name, secret = _utf8(user, "user name"), _utf8(password, "password")
+            name, secret = utf8(user, "user name"), utf8(password, "password")
         except SaslError as exc:
             return [self._tagged(tag, f"BAD LOGIN: {exc}")]
         if not name or not secret:
             return [self._tagged(tag, "BAD LOGIN: empty user name or password")]
         return self._authenticate(tag, Authenticate(name, Secret(secret), "LOGIN"))
 
-    def _cmd_authenticate(self, tag: bytes, reader: Reader) -> list[Command]:
+    def _cmd_authenticate(self, tag: bytes, reader: Reader) -> list[ClientCommand]:
         reader.space()
         mechanism = reader.atom().decode("ascii", "replace").upper()
         initial: bytes | None = None
@@ -451,7 +432,7 @@ class ImapClientSide:
         self._goto(_State.SASL)
         return [SendToClient(b"+ " + CRLF)]
 
-    def _plain(self, tag: bytes, response: bytes) -> list[Command]:
+    def _plain(self, tag: bytes, response: bytes) -> list[ClientCommand]:
         try:
             user, password = decode_plain(response)
         except SaslError as exc:
@@ -460,7 +441,7 @@ class ImapClientSide:
             return [self._tagged(tag, f"BAD AUTHENTICATE: {exc}")]
         return self._authenticate(tag, Authenticate(user, password, "PLAIN"))
 
-    def _authenticate(self, tag: bytes, event: Authenticate) -> list[Command]:
+    def _authenticate(self, tag: bytes, event: Authenticate) -> list[ClientCommand]:
         if not event.username.isprintable():  # keeps log lines and upstream SASL intact
             reason = "the user name has control characters"
             if self._state is _State.SASL:
@@ -493,63 +474,21 @@ class ImapClientSide:
     def _untagged(text: str) -> SendToClient:
         return SendToClient(b"* " + text.encode("utf-8") + CRLF)
 
-    def _close(self, reason: str, *, bye: str | None = None) -> list[Command]:
-        out: list[Command] = [self._untagged(f"BYE {bye}")] if bye else []
+    def _close(self, reason: str, *, bye: str | None = None) -> list[ClientCommand]:
+        out: list[ClientCommand] = [self._untagged(f"BYE {bye}")] if bye else []
         self._buf.clear()
         self._reset_command()
         self._goto(_State.CLOSED)
         return out + [CloseConnection(reason)]
 
-    def _close_toobig(self, reason: str) -> list[Command]:
+    def _close_toobig(self, reason: str) -> list[ClientCommand]:
         """RFC 9051 §7.1.5: BYE before closing; TOOBIG (RFC 4469/7889) says why."""
         return self._close(reason, bye=f"[TOOBIG] {reason[0].upper()}{reason[1:]}")
 
 
-@functools.lru_cache(maxsize=64)
-def _announced(upstream: str | None, starttls: bool, plaintext_refused: bool) -> str:
-    """The pre-login list: the proxy's own capabilities, then the upstream's post-login ones.
-
-    Memoised: sessions pass the same upstream string until it changes, so a greeting costs a
-    dictionary look-up, not a merge.
-    """
-    caps = ["IMAP4rev1"]
-    if starttls:
-        caps.append("STARTTLS")
-    # RFC 3501 §6.2.3 / RFC 2595 §6: with LOGINDISABLED no plaintext mechanism is offered.
-    caps += ["LOGINDISABLED" if plaintext_refused else "AUTH=PLAIN", "SASL-IR"]
-    if upstream is None:
-        return " ".join([*caps, "LITERAL+", "ID"])
-    offered = upstream.split()
-    names = {cap.upper() for cap in offered}
-    # The parser here takes any non-synchronising literal, but after login the client's
-    # literals go to the upstream: promise only what it keeps (RFC 7888).
-    literal = "LITERAL+" if "LITERAL+" in names else "LITERAL-" if "LITERAL-" in names else None
-    caps += [literal, "ID"] if literal else ["ID"]
-    seen = {cap.upper() for cap in caps}
-    room = _UPSTREAM_CAPS_MAX
-    for cap in offered:
-        name = cap.upper()
-        if (name in seen or name in _PROXY_DECIDES or name.startswith("AUTH=")
-                or not _CAPABILITY_ATOM.fullmatch(cap) or len(cap) >= room):
-            continue
-        seen.add(name)
-        caps.append(cap)
-        room -= len(cap) + 1
-    return " ".join(caps)
-
-
-def _utf8(data: bytes, what: str) -> str:
-    if b"\0" in data:
-        raise SaslError(f"the {what} contains NUL")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise SaslError(f"the {what} is not valid UTF-8") from None
-
-
 def _reply_text(text: str) -> str:
     """One line of reply text; a leading ``[CODE]`` is dropped (the proxy picks the code)."""
-    line = one_line(text)
+    line = one_line(text, 300)
     if line.startswith("[") and "]" in line:
         line = line[line.index("]") + 1 :].strip()
     return line or "Login failed"

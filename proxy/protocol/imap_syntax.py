@@ -108,7 +108,8 @@ class Reader:
     """
 
     def __init__(self, lines: list[bytes], literals: list[bytes]) -> None:
-        assert len(lines) == len(literals) + 1
+        if len(lines) != len(literals) + 1:
+            raise ValueError("a command has one line segment more than it has literals")
         self._lines = lines
         self._literals = literals
         self._seg = 0
@@ -229,9 +230,3 @@ class Reader:
             self.space()
             self.nstring()
         self._pos += 1
-
-
-def one_line(text: str, limit: int = 300) -> str:
-    """Text fit for one reply line: control characters become spaces, length capped."""
-    cleaned = "".join(c if c.isprintable() else " " for c in text)
-    return " ".join(cleaned.split())[:limit]

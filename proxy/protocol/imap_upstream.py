@@ -19,20 +19,20 @@ import enum
 import re
 
 from proxy.protocol.events import (
-    ProtocolMisuse,
     ReplyKind,
     SendToServer,
     StartServerTLS,
     UpstreamBroken,
+    UpstreamCommand,
     UpstreamLoggedIn,
     UpstreamRejected,
 )
 from proxy.protocol.imap_syntax import CRLF, LineTooLong, take_line
 from proxy.protocol.login_reply import imap_reply
+from proxy.protocol.machine import Rules
 from proxy.protocol.sasl import xoauth2_b64, xoauth2_error
 from proxy.secret import Secret
-
-Command = SendToServer | StartServerTLS | UpstreamLoggedIn | UpstreamRejected | UpstreamBroken
+from proxy.text import one_line
 
 _LITERAL_AT_END = re.compile(rb"\{(\d{1,19})\+?\}\Z")
 _CAPABILITY_CODE = re.compile(r"\A\[CAPABILITY ([^\]]*)\]", re.IGNORECASE)
@@ -51,26 +51,23 @@ class _State(enum.Enum):
     FAILED = "failed"  # UpstreamRejected/UpstreamBroken emitted: input is ignored
 
 
-# Rule 1: every legal state change, in one place (``_goto`` enforces it).
-_TRANSITIONS: frozenset[tuple[_State, _State]] = frozenset(
-    {
-        (_State.GREETING, _State.STARTTLS),
-        (_State.GREETING, _State.CAPABILITY),
-        (_State.GREETING, _State.AUTH_CONTINUE),
-        (_State.GREETING, _State.AUTH_RESULT),
-        (_State.STARTTLS, _State.TLS),
-        (_State.TLS, _State.CAPABILITY),
-        (_State.CAPABILITY, _State.AUTH_CONTINUE),
-        (_State.CAPABILITY, _State.AUTH_RESULT),
-        (_State.AUTH_CONTINUE, _State.AUTH_RESULT),
-        (_State.AUTH_RESULT, _State.AUTH_ERROR),
-        (_State.AUTH_RESULT, _State.LOGGED_IN),
-        (_State.AUTH_ERROR, _State.LOGGED_IN),
-        (_State.AUTH_RESULT, _State.CAPS_AFTER_LOGIN),
-        (_State.AUTH_ERROR, _State.CAPS_AFTER_LOGIN),
-        (_State.CAPS_AFTER_LOGIN, _State.LOGGED_IN),
-    }
-    | {(s, _State.FAILED) for s in _State if s not in (_State.LOGGED_IN, _State.FAILED)}
+# Rule 1: every legal state change, in one place; any state that reads input may also fail.
+_S = _State
+_RULES: Rules[_State] = Rules(
+    moves={
+        _S.GREETING: {_S.STARTTLS, _S.CAPABILITY, _S.AUTH_CONTINUE, _S.AUTH_RESULT, _S.FAILED},
+        _S.STARTTLS: {_S.TLS, _S.FAILED},
+        _S.TLS: {_S.CAPABILITY, _S.FAILED},
+        _S.CAPABILITY: {_S.AUTH_CONTINUE, _S.AUTH_RESULT, _S.FAILED},
+        _S.AUTH_CONTINUE: {_S.AUTH_RESULT, _S.FAILED},
+        _S.AUTH_RESULT: {_S.AUTH_ERROR, _S.LOGGED_IN, _S.CAPS_AFTER_LOGIN, _S.FAILED},
+        _S.AUTH_ERROR: {_S.LOGGED_IN, _S.CAPS_AFTER_LOGIN, _S.FAILED},
+        _S.CAPS_AFTER_LOGIN: {_S.LOGGED_IN, _S.FAILED},
+    },
+    calls={
+        "receive": set(_State) - {_S.LOGGED_IN},  # after login the driver relays bytes
+        "tls_started": {_S.TLS},
+    },
 )
 
 
@@ -106,10 +103,9 @@ class ImapUpstreamSide:
         the CAPABILITY after login is answered)."""
         return len(self._buf) + len(self._kept)
 
-    def receive(self, data: bytes) -> list[Command]:
+    def receive(self, data: bytes) -> list[UpstreamCommand]:
         """Bytes from the server; ``b""`` means the server closed the connection."""
-        if self._state is _State.LOGGED_IN:
-            raise ProtocolMisuse("receive after UpstreamLoggedIn: relay the bytes instead")
+        _RULES.call("receive", self._state)
         if self._state is _State.FAILED:
             return []
         if not data:
@@ -117,7 +113,7 @@ class ImapUpstreamSide:
         if self._state is _State.TLS:
             return []  # plaintext after the STARTTLS OK is never trusted
         self._buf += data
-        out: list[Command] = []
+        out: list[UpstreamCommand] = []
         while self._state not in (_State.TLS, _State.LOGGED_IN, _State.FAILED):
             if self._skip:
                 taken = min(self._skip, len(self._buf))
@@ -140,10 +136,9 @@ class ImapUpstreamSide:
                 return out + self._too_much()
         return out
 
-    def tls_started(self) -> list[Command]:
+    def tls_started(self) -> list[UpstreamCommand]:
         """The driver finished the TLS handshake asked for by ``StartServerTLS``."""
-        if self._state is not _State.TLS:
-            raise ProtocolMisuse(f"tls_started is not allowed in state {self._state.value}")
+        _RULES.call("tls_started", self._state)
         self._buf.clear()
         self._caps = None  # capabilities seen before TLS are not to be trusted
         return self._send_command(b"CAPABILITY", _State.CAPABILITY)
@@ -151,25 +146,24 @@ class ImapUpstreamSide:
     # --- machinery ------------------------------------------------------------------------
 
     def _goto(self, state: _State) -> None:
-        assert (self._state, state) in _TRANSITIONS, (self._state, state)
-        self._state = state
+        self._state = _RULES.move(self._state, state)
 
-    def _send_command(self, command: bytes, state: _State) -> list[Command]:
+    def _send_command(self, command: bytes, state: _State) -> list[UpstreamCommand]:
         self._tag_number += 1
         self._tag = b"x%d" % self._tag_number
         self._goto(state)
         return [SendToServer(self._tag + b" " + command + CRLF)]
 
-    def _broken(self, text: str) -> list[Command]:
+    def _broken(self, text: str) -> list[UpstreamCommand]:
         self._goto(_State.FAILED)
         self._buf.clear()
         self._kept.clear()
         return [UpstreamBroken(text)]
 
-    def _too_much(self) -> list[Command]:
+    def _too_much(self) -> list[UpstreamCommand]:
         return self._broken("the server sent too much after the login")
 
-    def _line(self, line: bytes) -> list[Command]:
+    def _line(self, line: bytes) -> list[UpstreamCommand]:
         if self._state is _State.CAPS_AFTER_LOGIN:
             return self._after_login(line)
         if self._state is not _State.GREETING and (self._continued or line.startswith(b"* ")):
@@ -188,7 +182,7 @@ class ImapUpstreamSide:
             return self._broken(f"unexpected reply from the server: {_excerpt(text)}")
         return self._tagged(status, resp_text)
 
-    def _untagged(self, line: bytes) -> list[Command]:
+    def _untagged(self, line: bytes) -> list[UpstreamCommand]:
         continued, self._continued = self._continued, False
         literal = _LITERAL_AT_END.search(line)
         if literal:
@@ -214,7 +208,7 @@ class ImapUpstreamSide:
         if match:
             self._caps = match.group(1).split()
 
-    def _greeting(self, text: str) -> list[Command]:
+    def _greeting(self, text: str) -> list[UpstreamCommand]:
         word, _, rest = text[2:].partition(" ") if text.startswith("* ") else ("", "", "")
         word = word.upper()
         if word == "PREAUTH":
@@ -227,11 +221,11 @@ class ImapUpstreamSide:
             return self._send_command(b"STARTTLS", _State.STARTTLS)
         self._codes(rest)
         if self._caps is not None and _has(self._caps, "AUTH=XOAUTH2"):
-            return self._authenticate()
+            return self._authenticate(self._caps)
         # No capabilities in the greeting, or a short list: ask before giving up.
         return self._send_command(b"CAPABILITY", _State.CAPABILITY)
 
-    def _continuation(self, data: bytes) -> list[Command]:
+    def _continuation(self, data: bytes) -> list[UpstreamCommand]:
         if self._state is _State.AUTH_CONTINUE:
             self._goto(_State.AUTH_RESULT)
             return [SendToServer(self._response + CRLF)]
@@ -242,7 +236,7 @@ class ImapUpstreamSide:
             return [SendToServer(CRLF)]
         return self._broken("unexpected continuation request from the server")
 
-    def _tagged(self, status: str, resp_text: str) -> list[Command]:
+    def _tagged(self, status: str, resp_text: str) -> list[UpstreamCommand]:
         state = self._state
         if state is _State.STARTTLS:
             if status != "OK":
@@ -259,7 +253,7 @@ class ImapUpstreamSide:
             if not _has(self._caps, "AUTH=XOAUTH2"):
                 offered = _excerpt(" ".join(self._caps))
                 return self._broken(f"the server does not offer AUTH=XOAUTH2 (it offers {offered})")
-            return self._authenticate()
+            return self._authenticate(self._caps)
         if state is _State.AUTH_CONTINUE and status == "OK":
             return self._broken("the server accepted AUTHENTICATE without a response")
         # AUTH_CONTINUE, AUTH_RESULT or AUTH_ERROR: the verdict.
@@ -277,7 +271,7 @@ class ImapUpstreamSide:
         self._buf.clear()
         return [UpstreamRejected(text or "the server rejected the login", reply.kind, reply.code)]
 
-    def _after_login(self, line: bytes) -> list[Command]:
+    def _after_login(self, line: bytes) -> list[UpstreamCommand]:
         """A line while our CAPABILITY after login is answered: its untagged CAPABILITY and
         tagged reply are ours, anything else the server sent is kept for the client."""
         continued, self._continued = self._continued, False
@@ -299,16 +293,15 @@ class ImapUpstreamSide:
         # NO/BAD to CAPABILITY: still logged in, the list stays unknown.
         return self._logged_in(match.group(1) if match else self._caps_after_login)
 
-    def _logged_in(self, capabilities: str | None) -> list[Command]:
+    def _logged_in(self, capabilities: str | None) -> list[UpstreamCommand]:
         server_bytes = bytes(self._kept + self._buf)
         self._buf.clear()
         self._kept.clear()
         self._goto(_State.LOGGED_IN)
         return [UpstreamLoggedIn(capabilities, server_bytes)]
 
-    def _authenticate(self) -> list[Command]:
-        assert self._caps is not None
-        if _has(self._caps, "SASL-IR"):
+    def _authenticate(self, caps: list[str]) -> list[UpstreamCommand]:
+        if _has(caps, "SASL-IR"):
             return self._send_command(b"AUTHENTICATE XOAUTH2 " + self._response, _State.AUTH_RESULT)
         return self._send_command(b"AUTHENTICATE XOAUTH2", _State.AUTH_CONTINUE)
 
@@ -318,5 +311,4 @@ def _has(caps: list[str], name: str) -> bool:
 
 
 def _excerpt(text: str, limit: int = 200) -> str:
-    cleaned = "".join(c if c.isprintable() else " " for c in text)
-    return " ".join(cleaned.split())[:limit] or "(no text)"
+    return one_line(text, limit) or "(no text)"

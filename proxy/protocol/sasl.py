@@ -10,6 +10,7 @@ import binascii
 import json
 
 from proxy.secret import Secret
+from proxy.text import decode_utf8, one_line
 
 
 class SaslError(ValueError):
@@ -36,11 +37,14 @@ def b64encode(data: bytes | str) -> bytes:
     return base64.b64encode(data)
 
 
-def _utf8(data: bytes, what: str) -> str:
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise SaslError(f"the {what} is not valid UTF-8") from None
+def utf8(data: bytes, what: str) -> str:
+    """``data`` as text; ``SaslError`` naming ``what`` when it is not UTF-8 or holds NUL."""
+    if b"\0" in data:
+        raise SaslError(f"the {what} contains NUL")
+    text = decode_utf8(data)
+    if text is None:
+        raise SaslError(f"the {what} is not valid UTF-8")
+    return text
 
 
 def decode_plain(response: bytes) -> tuple[str, Secret]:
@@ -58,10 +62,10 @@ def decode_plain(response: bytes) -> tuple[str, Secret]:
         raise SaslError("PLAIN response has an empty user name")
     if not password:
         raise SaslError("PLAIN response has an empty password")
-    user = _utf8(authcid, "user name")
-    if authzid and _utf8(authzid, "authorisation identity") != user:
+    user = utf8(authcid, "user name")
+    if authzid and utf8(authzid, "authorisation identity") != user:
         raise SaslError("acting for another user (authzid) is not supported")
-    return user, Secret(_utf8(password, "password"))
+    return user, Secret(utf8(password, "password"))
 
 
 def xoauth2_response(user: str, token: str) -> bytes:
@@ -77,12 +81,6 @@ def xoauth2_b64(user: str, token: str) -> bytes:
     return b64encode(xoauth2_response(user, token))
 
 
-def _printable(value: object, limit: int = 200) -> str:
-    """One line of server-supplied text: control characters become spaces, length capped."""
-    text = "".join(c if c.isprintable() else " " for c in str(value))
-    return " ".join(text.split())[:limit]
-
-
 def xoauth2_error(challenge: bytes) -> str:
     """Describe an RFC 7628 error challenge (base64 JSON) sent by a server after a rejection.
 
@@ -94,7 +92,7 @@ def xoauth2_error(challenge: bytes) -> str:
         return "the server rejected the token"
     if not isinstance(doc, dict):
         return "the server rejected the token"
-    status = _printable(doc.get("status", "?"), 40) or "?"
-    scope = _printable(doc.get("scope") or "")
+    status = one_line(str(doc.get("status", "?")), 40) or "?"
+    scope = one_line(str(doc.get("scope") or ""), 200)
     text = f"the server rejected the token (status {status}"
     return text + (f", scope {scope})" if scope else ")")

@@ -11,7 +11,6 @@ unless ``--force``; the source is left as it was.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from proxy.store.errors import StoreError, TokenFileExists
@@ -20,28 +19,6 @@ from proxy.store.settings import StoreSettings, dsn_problem
 if TYPE_CHECKING:
     from proxy.config import Config
     from proxy.store.store import TokenStore
-
-Add = Callable[..., argparse.ArgumentParser]
-Run = Callable[[str], Callable[[argparse.Namespace], int]]
-
-
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], add: Add,
-             runner: Run) -> None:
-    """Add ``store init`` and ``store migrate`` to the CLI (``runner(name)`` loads the config
-    and calls ``cmd_<name>(config, args)`` of this module)."""
-    store = add("store", runner("store"), "set up the shared token store, move accounts into it",
-                "Create or migrate the PostgreSQL token store's schema ([store] in the config), "
-                "or move every account between the file store (state_dir) and a database, "
-                "keeping every local password and service key (the envelopes are copied "
-                "encrypted, as they are).")
-    store.add_argument("action", choices=("init", "migrate"))
-    where = store.add_mutually_exclusive_group()
-    where.add_argument("--to", metavar="DSN", help="migrate: from state_dir into this database")
-    where.add_argument("--from", dest="from_", metavar="DSN",
-                       help="migrate: from this database into state_dir")
-    store.add_argument("--force", action="store_true",
-                       help="migrate: replace accounts that already exist at the destination")
-
 
 class Failed(Exception):
     """A store command failed; the message is one line for the user."""

@@ -33,10 +33,10 @@ from typing import Any
 import psycopg
 from psycopg import errors as pg_errors
 
+from proxy.config.store import PasswordUnreadable, StoreSettings
 from proxy.store.backend import REPLACE, RecordMissing, Version, VersionConflict
 from proxy.store.errors import LockTimeout, StoreError, StoreUnavailable, TokenFileExists
 from proxy.store.names import check_account
-from proxy.store.settings import StoreSettings
 
 log = logging.getLogger("proxy.store")
 
@@ -84,6 +84,8 @@ class PostgresBackend:
             return psycopg.connect(**self.settings.connect_args(timeout), autocommit=True)
         except psycopg.OperationalError as exc:
             raise StoreUnavailable(self._label, _reason(exc)) from None
+        except PasswordUnreadable as exc:
+            raise StoreUnavailable(self._label, str(exc)) from None
 
     @contextlib.contextmanager
     def _conn(self) -> Iterator[psycopg.Connection[Any]]:

@@ -74,7 +74,7 @@ def _client(fdp: atheris.FuzzedDataProvider, imap: bool) -> None:
             return
         chunk = fdp.ConsumeBytes(fdp.ConsumeIntInRange(0, 4096))
         work += machine.receive(chunk)  # b"" is EOF: allowed, it closes
-        held = machine.buffered_bytes if imap else machine.buffered  # type: ignore[union-attr]
+        held = machine.buffered_bytes
         assert held <= (IMAP_CAP if imap else 64 * 1024), held
 
 

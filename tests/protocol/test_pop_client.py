@@ -503,7 +503,7 @@ def test_unterminated_long_line_is_refused_without_waiting() -> None:
         b"-ERR line too long\r\n",
         CloseConnection("client line too long"),
     ]
-    assert m.buffered == 0
+    assert m.buffered_bytes == 0
     assert m.receive(b"CAPA\r\n") == []
 
 
@@ -593,7 +593,7 @@ def test_fuzz_client(
             else:
                 assert isinstance(cmd, CloseConnection)
                 return
-            assert m.buffered <= 128
+            assert m.buffered_bytes <= 128
 
 
 @settings(max_examples=200)

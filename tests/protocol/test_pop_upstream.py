@@ -19,7 +19,7 @@ from proxy.protocol.events import (
     UpstreamLoggedIn,
     UpstreamRejected,
 )
-from proxy.protocol.pop import PopUpstreamSide, UpstreamState
+from proxy.protocol.pop_upstream import PopUpstreamSide, UpstreamState
 from proxy.protocol.sasl import SaslError
 from proxy.secret import Secret
 
@@ -341,7 +341,7 @@ def test_over_long_line_is_broken() -> None:
     assert m.receive(b"+OK " + b"x" * 61) == []
     [cmd] = m.receive(b"x")
     assert cmd == UpstreamBroken("the server sent a line over 64 octets")
-    assert m.buffered == 0
+    assert m.buffered_bytes == 0
     assert m.receive(b"+OK\r\n") == []
 
 
@@ -435,7 +435,7 @@ def test_fuzz_upstream(
                 assert isinstance(cmd, UpstreamRejected | UpstreamBroken)
                 assert "\n" not in cmd.text and "\r" not in cmd.text
                 assert m.state is UpstreamState.FAILED
-            assert m.buffered <= 65
+            assert m.buffered_bytes <= 65
     assert m.state is UpstreamState.FAILED  # the close at the end always ends the machine
 
 
