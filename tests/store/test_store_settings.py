@@ -8,28 +8,11 @@ import pytest
 
 from proxy import config
 from proxy.store import StoreSettings
-
-BASE = """
-state_dir = "state"
-[providers.p]
-tenant = "contoso.onmicrosoft.com"
-client_id = "00000000-0000-0000-0000-000000000000"
-[upstreams.imap]
-protocol = "imap"
-host = "outlook.office365.com"
-port = 993
-[[listeners]]
-protocol = "imap"
-listen = "127.0.0.1:1143"
-upstream = "imap"
-[accounts."alice@contoso.com"]
-provider = "p"
-"""
-
+from tests.test_config import MINIMAL
 
 def load(tmp_path: Path, store: str) -> config.Config:
     path = tmp_path / "config.toml"
-    path.write_text(BASE + store)
+    path.write_text(MINIMAL + store)
     return config.load(path)
 
 
