@@ -72,8 +72,10 @@ class Daemons:
 @pytest.fixture
 async def daemons(tmp_path: Path, demo_upstream: DemoUpstream,
                   pg_store: Postgres) -> AsyncIterator[Daemons]:
+    # A busy machine: the fake upstream's TLS handshakes for 1,000 logins may queue for a while.
     data = config_dict(tmp_path, demo_upstream, protocols=("imap",),
-                       limits={"max_preauth_per_source": 4096})
+                       limits={"max_preauth_per_source": 4096},
+                       upstreams={"imap": {"connect_timeout": 120}})
     data["store"] = {**pg_store.toml(), "lock_timeout": 5}
     path = tmp_path / "config.toml"
     path.write_text(to_toml(data))
