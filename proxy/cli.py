@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from proxy import __version__, account_commands
+from proxy import __version__, account_commands, store_commands
 from proxy.commands import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
@@ -128,6 +128,7 @@ COMMANDS: tuple[Command, ...] = (
             "mail client at it. Needs no internet access.", _demo_arguments),
     *account_commands.COMMANDS,
     *migrate_command.COMMANDS,
+    *store_commands.COMMANDS,
     Command("check-config", cmd_check_config, "validate a config file and summarise it",
             arguments=_check_config_arguments),
     Command("version", cmd_version, "print the version and where the shipped example files are"),

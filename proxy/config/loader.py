@@ -18,6 +18,7 @@ from proxy.config.listeners import read_listeners, read_upstreams, restrict_old_
 from proxy.config.model import Config, ConfigError
 from proxy.config.reader import Table
 from proxy.config.relays import read_relays
+from proxy.config.store import read_store
 from proxy.runtime import read as read_runtime
 
 DEFAULT_STATE_DIR = Path("/var/lib/xoauth2-proxy")
@@ -37,7 +38,8 @@ def parse(data: dict[str, Any], file: Path) -> Config:
     config = Config(path=file, state_dir=state_dir, listeners=restrict_old_tls(listeners, relays),
                     upstreams=upstreams, providers=providers, accounts=accounts,
                     metrics=read_metrics(top), limits=read_limits(top), log_level=log_level,
-                    shutdown_grace=shutdown_grace, relays=relays, runtime=read_runtime(top))
+                    shutdown_grace=shutdown_grace, relays=relays, runtime=read_runtime(top),
+                    store=read_store(top))
     top.done()
     return config
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Literal
 
 from proxy import systemd, tlspolicy
+from proxy.config.store import StoreSettings
 from proxy.runtime import Runtime
 
 Protocol = Literal["imap", "pop", "smtp"]
@@ -225,6 +226,7 @@ class Config:
     shutdown_grace: float = 30.0
     relays: tuple[RelayRule, ...] = ()
     runtime: Runtime = Runtime()  # workers, event_loop (proxy.runtime)
+    store: StoreSettings = StoreSettings()
 
     def relay_rules(self, listener: str) -> tuple[RelayRule, ...]:
         """The ``[[relay]]`` rules of one listener, in file order (the first match decides)."""

@@ -13,8 +13,8 @@ Routes (any tenant path segment is accepted; tokens always carry :data:`TENANT_I
     /_test/...                                  test administration, see :mod:`proxy.demo.admin`
 
 Grant logic lives in :mod:`proxy.demo.tokens`; this module only speaks HTTP, counts
-requests and applies ``knobs.token_endpoint_mode`` ("503", "hang", "garbage") and
-``knobs.introspection_mode`` ("503", "hang").
+requests and applies ``knobs.token_endpoint_mode`` ("503", "hang", "garbage"),
+``knobs.token_endpoint_delay`` and ``knobs.introspection_mode`` ("503", "hang").
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import html
 import json
 import uuid
 from collections import Counter
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlencode
 
 from twisted.web import resource, server
@@ -334,7 +334,32 @@ class Entra(resource.Resource):
 
     # -- token -----------------------------------------------------------------------------
 
+    def _delayed(self, request: server.Request) -> bool:
+        """Hold a token request for ``knobs.token_endpoint_delay`` seconds, then serve it,
+        unless its client went away meanwhile (then it was never read)."""
+        delay = self.knobs.token_endpoint_delay
+        if delay <= 0 or getattr(request, "_xoauth2_delayed", False):
+            return False
+        from twisted.internet import reactor
+
+        request._xoauth2_delayed = True  # type: ignore[attr-defined]
+        gone: list[bool] = []
+        request.notifyFinish().addErrback(lambda _: gone.append(True))
+
+        def serve() -> None:
+            if gone:
+                return
+            body = self.render(request)
+            if isinstance(body, bytes):
+                request.write(body)
+                request.finish()
+
+        cast(Any, reactor).callLater(delay, serve)
+        return True
+
     def _token(self, request: server.Request) -> bytes | int:
+        if self._delayed(request):
+            return server.NOT_DONE_YET
         grant_type = arg(request, "grant_type")
         self.stats.token_requests += 1
         self.stats.grant_types[GRANT_NAMES.get(grant_type, grant_type or "(none)")] += 1

@@ -21,6 +21,9 @@ class Knobs:
     refresh_token_lifetime: int = 90 * 86400  # seconds
     strict_rotation: bool = False  # a used refresh token stops working (Entra keeps it valid)
     token_endpoint_mode: TokenEndpointMode = "ok"  # "503", "hang" (never answers), "garbage"
+    # Seconds a token request waits before it is read (a slow network on the way in); one whose
+    # client went away meanwhile is dropped unread, as a request lost in transit would be.
+    token_endpoint_delay: float = 0.0
     device_code_interval: int = 1  # seconds between device-code polls asked of the client
     auto_approve_user: str | None = None  # device codes are approved at once as this user
     client_secret: str = "demo-client-secret"  # the confidential client's secret

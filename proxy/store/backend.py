@@ -8,7 +8,8 @@ only. A backend offers:
 - ``read(account, known)``: ``(version, bytes)``, or ``(version, None)`` when the record is
   still at version ``known`` (a cheap re-check); ``RecordMissing`` if there is none.
 - ``write(account, data, expected)``: replace the record if it is still at version ``expected``
-  (``None``: create it; ``REPLACE``: whatever is there). A record changed meanwhile raises
+  (``None``: create it; ``REPLACE``: whatever is there); returns the new version. A record
+  changed meanwhile raises
   ``VersionConflict`` and is left alone: the caller re-reads and applies its change again. The
   write is all or nothing.
 - ``writing(account)``: a context for one read-modify-write cycle (the file backend's flock;
@@ -70,7 +71,7 @@ class Backend(Protocol):
     def read(self, account: str, known: Version | None = None) -> tuple[Version, bytes | None]:
         ...
 
-    def write(self, account: str, data: bytes, expected: Version | None) -> None: ...
+    def write(self, account: str, data: bytes, expected: Version | None) -> Version: ...
 
     def writing(self, account: str) -> contextlib.AbstractContextManager[None]: ...
 
@@ -112,12 +113,16 @@ class FileBackend:
             remove_stale_temps(path)
             yield
 
-    def write(self, account: str, data: bytes, expected: Version | None) -> None:
-        """Call inside ``writing(account)``: the flock makes the version check hold."""
+    def write(self, account: str, data: bytes, expected: Version | None) -> Version:
+        """Call inside ``writing(account)``: the flock makes the version check hold (no other
+        writer), and keeps the file as written until the version is taken."""
         path = self.where(account)
         if expected is None and os.path.lexists(path):
             raise TokenFileExists(account, path)
         atomic_write(path, data)
+        st = os.stat(path, follow_symlinks=False)
+        key: StatKey = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        return key
 
     def refresh_lock(self, account: str, timeout: float) -> contextlib.AbstractContextManager[None]:
         path = self.where(account)

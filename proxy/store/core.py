@@ -139,6 +139,13 @@ class StoreCore:
         with self._lock:
             self._docs.pop(account, None)
 
+    def _remember(self, account: str, version: Version, doc: TokenDocument) -> None:
+        """The record as just written: the next read re-checks only its version, and during
+        an outage unlocking goes on from it. A failed write keeps the previous one (still a
+        record that was valid, and the version check sees any change)."""
+        with self._lock:
+            self._docs[account] = (version, doc)
+
     def _load_versioned(self, account: str, *, stale_ok: bool = False,
                         ) -> tuple[Version, TokenDocument]:
         """The account's record, reusing the last parse if it is unchanged.
@@ -168,8 +175,7 @@ class StoreCore:
         doc = decode(data, where)
         if doc.account != account:
             raise CorruptTokenFile(where, f"it belongs to account {doc.account!r}, not {account!r}")
-        with self._lock:
-            self._docs[account] = (version, doc)
+        self._remember(account, version, doc)
         return version, doc
 
     def _load(self, account: str, *, stale_ok: bool = False) -> tuple[Where, TokenDocument]:
@@ -210,10 +216,8 @@ class StoreCore:
         if doc.account != account:
             raise CorruptTokenFile(self.backend.where(account), f"it holds {doc.account!r}")
         with self.backend.writing(account):
-            try:
-                self.backend.write(account, data, REPLACE if replace else None)
-            finally:
-                self._invalidate(account)
+            self.backend.write(account, data, REPLACE if replace else None)
+        self._invalidate(account)
 
     # --- unlocking ----------------------------------------------------------------------
 
@@ -340,11 +344,10 @@ class StoreCore:
                 if new is None:
                     return doc
                 try:
-                    self.backend.write(account, encode(new), version)
+                    written = self.backend.write(account, encode(new), version)
                 except VersionConflict:
                     continue
-                finally:
-                    self._invalidate(account)
+                self._remember(account, written, new)
                 return new
         raise StoreUnavailable(str(where), "the record kept changing under this write")
 
@@ -379,10 +382,8 @@ class StoreCore:
         nonce, ciphertext = encrypt_payload(data_key, account, key_id, meta, payload)
         doc = TokenDocument(account, key_id, meta, tuple(slots), nonce, ciphertext)
         with self.backend.writing(account):
-            try:
-                self.backend.write(account, encode(doc), REPLACE if replace else None)
-            finally:
-                self._invalidate(account)
+            written = self.backend.write(account, encode(doc), REPLACE if replace else None)
+        self._remember(account, written, doc)
         if remembered is not None:
             slot, secret, wrapping_key = remembered
             self._keys.remember(slot_cache_key(slot), secret, wrapping_key)

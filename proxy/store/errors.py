@@ -42,33 +42,27 @@ Where = Path | str
 
 
 class _AccountRecordError(StoreError):
-    """An error about one account's record; subclasses word it with ``_text``."""
+    """An error about one account's record; subclasses word it with ``text``."""
+
+    text = "account {account!r} ({path})"
 
     def __init__(self, account: str, path: Where) -> None:
         self.account = account
         self.path = path
-        super().__init__(self._text(account, path))
-
-    @staticmethod
-    def _text(account: str, path: Where) -> str:
-        raise NotImplementedError
+        super().__init__(self.text.format(account=account, path=path))
 
 
 class TokenFileMissing(_AccountRecordError):
     """No token file exists for the account."""
 
-    @staticmethod
-    def _text(account: str, path: Where) -> str:
-        return f"no token file for account {account!r} ({path}); run: xoauth2-proxy login {account}"
+    text = "no token file for account {account!r} ({path}); run: xoauth2-proxy login {account}"
 
 
 class TokenFileExists(_AccountRecordError):
     """``create(..., replace=False)`` refused because a token file is already there."""
 
-    @staticmethod
-    def _text(account: str, path: Where) -> str:
-        return (f"a token file for account {account!r} already exists ({path}); "
-                "replacing it (a new login) must be asked for explicitly")
+    text = ("a token file for account {account!r} already exists ({path}); "
+            "replacing it (a new login) must be asked for explicitly")
 
 
 class CorruptTokenFile(StoreError):
@@ -112,10 +106,8 @@ class StoreUnavailable(StoreError):
 class FileReplaced(_AccountRecordError):
     """The file on disk now holds another data key: a new login happened since unlock."""
 
-    @staticmethod
-    def _text(account: str, path: Where) -> str:
-        return (f"token file {path} for account {account!r} was replaced by a new login; "
-                "unlock it again")
+    text = ("token file {path} for account {account!r} was replaced by a new login; "
+            "unlock it again")
 
 
 class SlotError(StoreError):

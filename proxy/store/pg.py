@@ -33,10 +33,10 @@ from typing import Any
 import psycopg
 from psycopg import errors as pg_errors
 
+from proxy.config.store import PasswordUnreadable, StoreSettings
 from proxy.store.backend import REPLACE, RecordMissing, Version, VersionConflict
 from proxy.store.errors import LockTimeout, StoreError, StoreUnavailable, TokenFileExists
 from proxy.store.names import check_account
-from proxy.store.settings import StoreSettings
 
 log = logging.getLogger("proxy.store")
 
@@ -71,7 +71,11 @@ class PostgresBackend:
         self._lock = threading.Lock()
         self._down_until = 0.0
         if check_schema:
-            self.check_schema()
+            try:
+                self.check_schema()
+            except StoreUnavailable as exc:  # start anyway: logins answer "temporary" meanwhile
+                log.warning("token store %s unreachable at start (%s); schema not checked",
+                            self._label, exc.reason)
 
     # --- connections ----------------------------------------------------------------------
 
@@ -80,6 +84,8 @@ class PostgresBackend:
             return psycopg.connect(**self.settings.connect_args(timeout), autocommit=True)
         except psycopg.OperationalError as exc:
             raise StoreUnavailable(self._label, _reason(exc)) from None
+        except PasswordUnreadable as exc:
+            raise StoreUnavailable(self._label, str(exc)) from None
 
     @contextlib.contextmanager
     def _conn(self) -> Iterator[psycopg.Connection[Any]]:
@@ -178,28 +184,31 @@ class PostgresBackend:
     def writing(self, account: str) -> contextlib.AbstractContextManager[None]:
         return contextlib.nullcontext()  # the version check in ``write`` is the guard
 
-    def write(self, account: str, data: bytes, expected: Version | None) -> None:
+    def write(self, account: str, data: bytes, expected: Version | None) -> Version:
         check_account(account)
         with self._conn() as conn:
             if expected is None:
-                cur = conn.execute(
+                row = conn.execute(
                     "INSERT INTO xoauth2_proxy_tokens (account, envelope) VALUES (%s, %s) "
-                    "ON CONFLICT (account) DO NOTHING", (account, data))
-                if cur.rowcount != 1:
+                    "ON CONFLICT (account) DO NOTHING RETURNING version", (account, data)
+                ).fetchone()
+                if row is None:
                     raise TokenFileExists(account, self.where(account))
             elif expected == REPLACE:
-                conn.execute(
+                row = conn.execute(
                     "INSERT INTO xoauth2_proxy_tokens (account, envelope) VALUES (%s, %s) "
                     "ON CONFLICT (account) DO UPDATE SET envelope = excluded.envelope, "
-                    "version = xoauth2_proxy_tokens.version + 1, updated_at = now()",
-                    (account, data))
+                    "version = xoauth2_proxy_tokens.version + 1, updated_at = now() "
+                    "RETURNING version", (account, data)).fetchone()
             else:
-                cur = conn.execute(
+                row = conn.execute(
                     "UPDATE xoauth2_proxy_tokens SET envelope = %s, version = version + 1, "
-                    "updated_at = now() WHERE account = %s AND version = %s",
-                    (data, account, expected))
-                if cur.rowcount != 1:
+                    "updated_at = now() WHERE account = %s AND version = %s RETURNING version",
+                    (data, account, expected)).fetchone()
+                if row is None:
                     raise VersionConflict(account)
+        assert row is not None
+        return int(row[0])
 
     def scan(self) -> Iterator[tuple[str, bytes]]:
         with self._conn() as conn:

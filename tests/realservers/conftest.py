@@ -20,9 +20,12 @@ from typing import Any
 
 import pytest
 
+from proxy.store.pg import PostgresBackend
+
 from . import missing_binaries
 from .dovecot import Dovecot
 from .postfix import Postfix
+from .postgres import Postgres, require_postgres
 
 REQUIRE_ENV = "XOAUTH2_PROXY_REQUIRE_REAL_SERVERS"
 KEEP_ENV = "XOAUTH2_PROXY_KEEP_SERVER_FILES"
@@ -113,3 +116,21 @@ def postfix(
         if _test_failed(request):
             print(f"\n--- Postfix log ({server.log_path}):\n{server.log_tail(80)}")
         server.stop(keep_files=_keep_files())
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[Postgres]:
+    """A private PostgreSQL with TLS and the token store's schema, for one test module."""
+    server = Postgres.start(require_postgres())
+    try:
+        PostgresBackend(server.settings(), check_schema=False).init_schema()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def pg_store(postgres: Postgres) -> Postgres:
+    """``postgres`` with no token records left by an earlier test."""
+    postgres.clear()
+    return postgres

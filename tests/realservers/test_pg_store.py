@@ -1,0 +1,177 @@
+"""The token store on a real PostgreSQL (Debian's, started by the test with TLS).
+
+Schema init, the same envelope as the file store (the database sees ciphertext only), the
+compare-and-swap save, the cross-machine refresh lock, an outage, and ``store migrate``.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from proxy import cli
+from proxy.secret import Secret
+from proxy.store import LockTimeout, StoreUnavailable, TokenStore, WrongPassword
+from proxy.store.backend import FileBackend
+from proxy.store.format import TokenDocument
+from proxy.store.pg import PostgresBackend, SchemaError
+from proxy.store.settings import StoreSettings, dsn_problem
+from tests.store.storetools import ACCOUNT, FAST_N, META, PASSWORD, PAYLOAD
+
+from .postgres import Postgres
+
+pytestmark = pytest.mark.realserver
+
+
+@pytest.fixture
+def settings(pg_store: Postgres) -> StoreSettings:
+    return pg_store.settings(lock_timeout=5.0)
+
+
+def open_db(settings: StoreSettings) -> TokenStore:
+    return TokenStore(backend=PostgresBackend(settings), scrypt_n=FAST_N)
+
+
+def raw_rows(postgres: Postgres) -> list[tuple[str, bytes, int]]:
+    with psycopg.connect(**postgres.settings().connect_args(5)) as conn:
+        rows = conn.execute("SELECT account, envelope, version FROM xoauth2_proxy_tokens").fetchall()
+    return [(a, bytes(e), int(v)) for a, e, v in rows]
+
+
+def test_schema_init_is_idempotent_and_required(postgres: Postgres, settings: StoreSettings) -> None:
+    assert PostgresBackend(settings, check_schema=False).init_schema() == (1, 1)
+    with psycopg.connect(**settings.connect_args(5), autocommit=True) as conn:
+        conn.execute("CREATE SCHEMA IF NOT EXISTS empty")
+    bare = StoreSettings(backend="postgresql", dsn=settings.dsn + "?options=-csearch_path%3Dempty",
+                         password_file=settings.password_file, ca_file=settings.ca_file)
+    with pytest.raises(SchemaError, match="schema version 0.*run: xoauth2-proxy store init"):
+        PostgresBackend(bare)
+
+
+def test_the_database_holds_the_files_envelope_and_sees_ciphertext_only(
+        postgres: Postgres, settings: StoreSettings, tmp_path: Path) -> None:
+    db = open_db(settings)
+    created = db.create(ACCOUNT, PAYLOAD, META, password=PASSWORD)
+    [(account, envelope, version)] = raw_rows(postgres)
+    assert account == ACCOUNT and version == 1
+    assert PAYLOAD not in envelope and PASSWORD.reveal().encode() not in envelope
+    assert db.unlock(ACCOUNT, PASSWORD).payload == PAYLOAD
+    files = TokenStore(tmp_path / "state", scrypt_n=FAST_N)
+    files.write_raw(ACCOUNT, db.read_raw(ACCOUNT))
+    assert files.unlock(ACCOUNT, PASSWORD).key_id == created.key_id
+    db.save(created, b"next", META)
+    assert raw_rows(postgres)[0][2] == 2
+    with pytest.raises(WrongPassword):
+        open_db(settings).unlock(ACCOUNT, Secret("not the password"))
+
+
+def test_a_save_racing_a_slot_change_keeps_both(postgres: Postgres,
+                                               settings: StoreSettings) -> None:
+    machine_a, machine_b = open_db(settings), open_db(settings)
+    unlocked = machine_a.create(ACCOUNT, PAYLOAD, META, password=PASSWORD)
+    attempts: list[int] = []
+
+    def change(where: object, doc: TokenDocument) -> TokenDocument:
+        attempts.append(len(doc.slots))
+        if len(attempts) == 1:  # another machine writes between our read and our write
+            machine_b.add_password_slot(unlocked, "printer", Secret("printer password"))
+        return doc
+
+    machine_a._rewrite(ACCOUNT, change, key_id=unlocked.key_id)
+    assert attempts == [1, 2]  # the version check failed once; the change was applied again
+    machine_a.save(unlocked, b"rotated refresh token", META)
+    fresh = open_db(settings)
+    assert fresh.unlock(ACCOUNT, Secret("printer password")).payload == b"rotated refresh token"
+    assert [s.label for s in fresh.info(ACCOUNT).slots] == ["default", "printer"]
+
+
+def test_the_refresh_lock_excludes_other_machines_until_released(settings: StoreSettings) -> None:
+    machine_a, machine_b = open_db(settings), open_db(settings)
+    machine_a.create(ACCOUNT, PAYLOAD, META, password=PASSWORD)
+    with machine_a.refresh_lock(ACCOUNT):
+        with pytest.raises(LockTimeout, match="refresh lock"):
+            with machine_b.refresh_lock(ACCOUNT, timeout=0.3):
+                pass
+        with machine_b.refresh_lock("someone@else.example", timeout=5):
+            pass  # other accounts are not held up
+    got = threading.Event()
+
+    def take() -> None:
+        with machine_b.refresh_lock(ACCOUNT, timeout=10):
+            got.set()
+
+    thread = threading.Thread(target=take)
+    with machine_a.refresh_lock(ACCOUNT):
+        thread.start()
+        assert not got.wait(0.2)
+    thread.join(15)
+    assert got.is_set()
+
+
+def test_an_outage_keeps_unlocking_from_the_last_read_and_refuses_writes(
+        postgres: Postgres, settings: StoreSettings) -> None:
+    db = open_db(settings)
+    unlocked = db.create(ACCOUNT, PAYLOAD, META, password=PASSWORD)
+    db.unlock(ACCOUNT, PASSWORD)  # read once: remembered
+    postgres.halt()
+    try:
+        assert db.unlock(ACCOUNT, PASSWORD).payload == PAYLOAD
+        with pytest.raises(StoreUnavailable):
+            db.save(unlocked, b"new", META)
+        with pytest.raises(StoreUnavailable):
+            with db.refresh_lock(ACCOUNT, timeout=0.5):
+                pass
+        with pytest.raises(StoreUnavailable):
+            db.unlock("never-read@x.example", PASSWORD)
+    finally:
+        postgres.launch()
+    assert open_db(settings).unlock(ACCOUNT, PASSWORD).payload == PAYLOAD
+
+
+def test_a_dsn_with_a_password_or_weaker_tls_is_refused() -> None:
+    assert "password_file" in (dsn_problem("postgresql://u:secret@h/db") or "")
+    assert "verify-full" in (dsn_problem("postgresql://u@h/db?sslmode=require") or "")
+    assert dsn_problem("host=db1 user=u dbname=x") is None
+
+
+def test_migrate_moves_every_account_and_slot_both_ways(
+        postgres: Postgres, settings: StoreSettings, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    state = tmp_path / "state"
+    files = TokenStore(state, scrypt_n=FAST_N)
+    unlocked = files.create(ACCOUNT, PAYLOAD, META, password=PASSWORD,
+                            service_key=b"k" * 32)
+    files.add_password_slot(unlocked, "scanner", Secret("scanner password"))
+    files.create("bob@example.test", b"bob", META, password=Secret("bob password"))
+    config = _config(tmp_path, postgres, state)
+    assert cli.main(["-c", str(config), "store", "migrate", "--to", postgres.dsn]) == 0
+    db = open_db(settings)
+    assert db.accounts() == sorted(["bob@example.test", ACCOUNT])
+    assert db.unlock(ACCOUNT, Secret("scanner password")).payload == PAYLOAD
+    assert db.unlock_with_service_key(ACCOUNT, b"k" * 32).payload == PAYLOAD
+    assert cli.main(["-c", str(config), "store", "migrate", "--to", postgres.dsn]) == 1
+    assert "--force replaces it" in capsys.readouterr().out
+    back = tmp_path / "back"
+    config2 = _config(tmp_path, postgres, back, name="back.toml")
+    assert cli.main(["-c", str(config2), "store", "migrate", "--from", postgres.dsn]) == 0
+    again = TokenStore(back, scrypt_n=FAST_N)
+    assert again.accounts() == sorted(["bob@example.test", ACCOUNT])
+    assert [s.label for s in again.info(ACCOUNT).slots] == ["default", "service", "scanner"]
+    assert isinstance(again.backend, FileBackend)
+
+
+def _config(tmp_path: Path, postgres: Postgres, state: Path, name: str = "c.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(
+        f'state_dir = "{state}"\n'
+        '[providers.demo]\nauthority = "https://login.example"\ntenant = "t"\n'
+        'client_id = "11111111-2222-3333-4444-555555555555"\n'
+        f'[store]\nbackend = "postgresql"\ndsn = "{postgres.dsn}"\n'
+        f'password_file = "{postgres.root / "client-password"}"\n'
+        f'ca_file = "{postgres.ca_file}"\n')
+    os.chmod(path, 0o600)
+    return path
