@@ -17,7 +17,7 @@ import logging
 import re
 from base64 import b64decode, b64encode
 from collections.abc import AsyncGenerator, Callable
-from typing import TYPE_CHECKING, Any, AnyStr, TypeVar, cast
+from typing import TYPE_CHECKING, Any, AnyStr, TypeVar
 
 from aiosmtpd.smtp import ALLOWED_BEFORE_STARTTLS, BOGUS_LIMIT, MISSING, SMTP, TLSSetupException
 
@@ -37,18 +37,11 @@ from proxy.protocol.smtp_syntax import (
     split_command,
     unknown_command,
 )
+from proxy.server.endpoint import writable
 
 if TYPE_CHECKING:
     from proxy.server.smtp import ConnectionHandler
 
-
-
-def writable(transport: asyncio.BaseTransport | None) -> asyncio.WriteTransport | None:
-    """``transport`` to write to, on any event loop (uvloop's transports are not asyncio's
-    classes, so no isinstance check), or None when it is gone or closing."""
-    if transport is None or transport.is_closing():
-        return None
-    return cast(asyncio.WriteTransport, transport)
 
 class _QuietFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:

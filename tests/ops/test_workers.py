@@ -87,7 +87,8 @@ async def start(tmp_path: Path, upstream: DemoUpstream, notify: NotifySocket,
     processes.append(proc)
     ready = await asyncio.to_thread(notify.expect, "READY", proc=proc.proc, timeout=60)
     assert ready["STATUS"] == "ready: 2 of 2 workers accepting"
-    assert proc.text().count(f"event=ready listeners=1 systemd=true event_loop={event_loop}") == 2
+    line = f"event=ready listeners=1 systemd=true event_loop={event_loop}"
+    await poll(lambda: proc.text().count(line) == 2)  # each logs it just after READY=1
     return proc, proc.port("listening", " listener=imap "), proc.port("metrics_listening")
 
 
