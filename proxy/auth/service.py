@@ -20,6 +20,7 @@ file cannot be written the service keeps serving from memory and says so in the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import logging
@@ -254,9 +255,10 @@ class TokenService:
     async def _token(self, account: Account, unlocked: store.Unlocked, protocol: Protocol,
                      rejected: str | None) -> str:
         state = self._adopt(account, unlocked)
-        self._set_needs_reauth(account, bool(unlocked.meta.needs_reauth))
-        if unlocked.meta.needs_reauth:
-            raise AuthorisationNeeded(account.name, unlocked.meta.needs_reauth)
+        meta = state.unlocked.meta if state.unlocked is not None else unlocked.meta  # ours if unsaved
+        self._set_needs_reauth(account, bool(meta.needs_reauth))
+        if meta.needs_reauth:
+            raise AuthorisationNeeded(account.name, meta.needs_reauth)
         scopes = self.config.scopes(account, protocol)
         now = time.time()
         token = state.tokens.get(scopes)
@@ -339,22 +341,25 @@ class TokenService:
             assert state.cache is not None
             if not force and cached_token(state.cache, scopes):
                 return self._call(state, scopes, force=False)
-            try:
-                with self.store.refresh_lock(state.account.name):
+            with contextlib.ExitStack() as held:
+                try:
+                    held.enter_context(self.store.refresh_lock(state.account.name))
+                except (store.LockTimeout, store.StoreUnavailable) as exc:
+                    raise StoreUnavailable(state.account.name, str(exc)) from None
+                except store.StoreWriteError as exc:  # no lock file (a read-only state_dir):
+                    logs.event(log, logging.WARNING, "refresh_lock_unavailable",  # as before
+                               account=state.account.name, reason=str(exc))
+                else:
                     if self._reread(state):
                         force = False  # another process refreshed: its token is a new one
-                    return self._call(state, scopes, force)
-            except (store.LockTimeout, store.StoreUnavailable) as exc:
-                raise StoreUnavailable(state.account.name, str(exc)) from None
+                return self._call(state, scopes, force)
 
     def _reread(self, state: _AccountState) -> bool:
         """Under the refresh lock: adopt the store's record if another process changed it; True
-        if its payload differs from ours. An unsaved refresh of ours is saved first instead."""
+        if its payload differs from ours. An unsaved refresh of ours is saved instead."""
         assert state.unlocked is not None
-        if state.unsaved:
-            self._persist(state)
-            if state.unsaved:
-                raise store.StoreUnavailable(state.account.name, "the last refresh is not saved yet")
+        if state.unsaved:  # ours is the newest: save it first (if the store still refuses,
+            self._persist(state)  # go on from memory, as with one process and a full disk)
             return False
         try:
             with store_errors(state.account):

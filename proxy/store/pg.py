@@ -27,8 +27,8 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg import errors as pg_errors
@@ -39,6 +39,7 @@ from proxy.store.errors import LockTimeout, StoreError, StoreUnavailable, TokenF
 from proxy.store.names import check_account
 
 log = logging.getLogger("proxy.store")
+T = TypeVar("T")
 
 SCHEMA_VERSION = 1
 LOCK_CLASS = 0x78_6F_61  # advisory lock namespace ("xoa"); the key is hashtext(account)
@@ -81,37 +82,49 @@ class PostgresBackend:
 
     def _connect(self, timeout: float) -> psycopg.Connection[Any]:
         try:
-            return psycopg.connect(**self.settings.connect_args(timeout), autocommit=True)
+            conn = psycopg.connect(**self.settings.connect_args(timeout), autocommit=True)
         except psycopg.OperationalError as exc:
             raise StoreUnavailable(self._label, _reason(exc)) from None
         except PasswordUnreadable as exc:
             raise StoreUnavailable(self._label, str(exc)) from None
+        self._down_until = 0.0  # it answers again
+        return conn
 
-    @contextlib.contextmanager
-    def _conn(self) -> Iterator[psycopg.Connection[Any]]:
-        """A connection for one short operation; any connection failure is StoreUnavailable."""
-        if time.monotonic() < self._down_until:
-            raise StoreUnavailable(self._label, "the database did not answer a moment ago")
-        with self._lock:
-            conn = self._idle.pop() if self._idle else None
-        try:
-            if conn is None:
-                conn = self._connect(self.settings.connect_timeout)
-            yield conn
-        except (psycopg.OperationalError, StoreUnavailable) as exc:
-            self._down_until = time.monotonic() + DOWN_SECONDS
-            if conn is not None:
-                conn.close()
-                conn = None
-            self._drop_idle()
-            if isinstance(exc, StoreUnavailable):
+    def _run(self, op: Callable[[psycopg.Connection[Any]], T]) -> T:
+        """Run ``op`` on a connection. A kept connection the server dropped (a restart) is
+        replaced by a new one once; a failure to connect is ``StoreUnavailable``."""
+        for attempt in (1, 2):
+            if time.monotonic() < self._down_until:
+                raise StoreUnavailable(self._label, "the database did not answer a moment ago")
+            with self._lock:
+                conn = self._idle.pop() if self._idle else None
+            kept = conn is not None
+            try:
+                if conn is None:
+                    conn = self._connect(self.settings.connect_timeout)
+                result = op(conn)
+            except StoreUnavailable:
+                self._down_until = time.monotonic() + DOWN_SECONDS
                 raise
-            raise StoreUnavailable(self._label, _reason(exc)) from None
-        except psycopg.Error as exc:
-            raise StoreError(f"token store {self._label}: {_reason(exc)}") from None
-        finally:
-            if conn is not None:
+            except psycopg.OperationalError as exc:
+                assert conn is not None
+                conn.close()
+                self._drop_idle()
+                if kept and attempt == 1:
+                    continue
+                self._down_until = time.monotonic() + DOWN_SECONDS
+                raise StoreUnavailable(self._label, _reason(exc)) from None
+            except psycopg.Error as exc:
+                assert conn is not None
                 self._give_back(conn)
+                raise StoreError(f"token store {self._label}: {_reason(exc)}") from None
+            except BaseException:
+                if conn is not None:
+                    self._give_back(conn)
+                raise
+            self._give_back(conn)
+            return result
+        raise AssertionError("unreachable")
 
     def _give_back(self, conn: psycopg.Connection[Any]) -> None:
         healthy = not conn.closed and conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
@@ -133,12 +146,13 @@ class PostgresBackend:
     # --- schema ---------------------------------------------------------------------------
 
     def schema_version(self) -> int:
-        with self._conn() as conn:
+        def op(conn: psycopg.Connection[Any]) -> int:
             exists = conn.execute("SELECT to_regclass('xoauth2_proxy_schema')").fetchone()
             if exists is None or exists[0] is None:
                 return 0
             row = conn.execute("SELECT max(version) FROM xoauth2_proxy_schema").fetchone()
             return int(row[0]) if row and row[0] is not None else 0
+        return self._run(op)
 
     def check_schema(self) -> None:
         found = self.schema_version()
@@ -149,7 +163,10 @@ class PostgresBackend:
 
     def init_schema(self) -> tuple[int, int]:
         """Create or migrate the schema (serialised by an advisory lock); (before, after)."""
-        with self._conn() as conn, conn.transaction():
+        return self._run(self._migrate)
+
+    def _migrate(self, conn: psycopg.Connection[Any]) -> tuple[int, int]:
+        with conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s, 0)", (LOCK_CLASS,))
             conn.execute("CREATE TABLE IF NOT EXISTS xoauth2_proxy_schema ("
                          "version integer PRIMARY KEY, applied_at timestamptz NOT NULL "
@@ -172,11 +189,10 @@ class PostgresBackend:
 
     def read(self, account: str, known: Version | None = None) -> tuple[Version, bytes | None]:
         check_account(account)
-        with self._conn() as conn:
-            row = conn.execute(
-                "SELECT version, CASE WHEN version = %s THEN NULL ELSE envelope END "
-                "FROM xoauth2_proxy_tokens WHERE account = %s",
-                (known if isinstance(known, int) else -1, account)).fetchone()
+        row = self._run(lambda conn: conn.execute(
+            "SELECT version, CASE WHEN version = %s THEN NULL ELSE envelope END "
+            "FROM xoauth2_proxy_tokens WHERE account = %s",
+            (known if isinstance(known, int) else -1, account)).fetchone())
         if row is None:
             raise RecordMissing(account)
         return int(row[0]), None if row[1] is None else bytes(row[1])
@@ -186,42 +202,38 @@ class PostgresBackend:
 
     def write(self, account: str, data: bytes, expected: Version | None) -> Version:
         check_account(account)
-        with self._conn() as conn:
-            if expected is None:
-                row = conn.execute(
-                    "INSERT INTO xoauth2_proxy_tokens (account, envelope) VALUES (%s, %s) "
-                    "ON CONFLICT (account) DO NOTHING RETURNING version", (account, data)
-                ).fetchone()
-                if row is None:
-                    raise TokenFileExists(account, self.where(account))
-            elif expected == REPLACE:
-                row = conn.execute(
-                    "INSERT INTO xoauth2_proxy_tokens (account, envelope) VALUES (%s, %s) "
-                    "ON CONFLICT (account) DO UPDATE SET envelope = excluded.envelope, "
-                    "version = xoauth2_proxy_tokens.version + 1, updated_at = now() "
-                    "RETURNING version", (account, data)).fetchone()
-            else:
-                row = conn.execute(
-                    "UPDATE xoauth2_proxy_tokens SET envelope = %s, version = version + 1, "
-                    "updated_at = now() WHERE account = %s AND version = %s RETURNING version",
-                    (data, account, expected)).fetchone()
-                if row is None:
-                    raise VersionConflict(account)
+        if expected is None:
+            row = self._run(lambda conn: conn.execute(
+                "INSERT INTO xoauth2_proxy_tokens (account, envelope) VALUES (%s, %s) "
+                "ON CONFLICT (account) DO NOTHING RETURNING version", (account, data)).fetchone())
+            if row is None:
+                raise TokenFileExists(account, self.where(account))
+        elif expected == REPLACE:
+            row = self._run(lambda conn: conn.execute(
+                "INSERT INTO xoauth2_proxy_tokens (account, envelope) VALUES (%s, %s) "
+                "ON CONFLICT (account) DO UPDATE SET envelope = excluded.envelope, "
+                "version = xoauth2_proxy_tokens.version + 1, updated_at = now() "
+                "RETURNING version", (account, data)).fetchone())
+        else:
+            row = self._run(lambda conn: conn.execute(
+                "UPDATE xoauth2_proxy_tokens SET envelope = %s, version = version + 1, "
+                "updated_at = now() WHERE account = %s AND version = %s RETURNING version",
+                (data, account, expected)).fetchone())
+            if row is None:  # changed meanwhile (or a retried write that had gone through)
+                raise VersionConflict(account)
         assert row is not None
         return int(row[0])
 
     def scan(self) -> Iterator[tuple[str, bytes]]:
-        with self._conn() as conn:
-            rows = conn.execute(
-                "SELECT account, envelope FROM xoauth2_proxy_tokens ORDER BY account").fetchall()
+        rows = self._run(lambda conn: conn.execute(
+            "SELECT account, envelope FROM xoauth2_proxy_tokens ORDER BY account").fetchall())
         for account, envelope in rows:
             yield self.where(account), bytes(envelope)
 
     def delete(self, account: str) -> bool:
-        with self._conn() as conn:
-            cur = conn.execute("DELETE FROM xoauth2_proxy_tokens WHERE account = %s",
-                               (check_account(account),))
-            return cur.rowcount == 1
+        check_account(account)
+        return self._run(lambda conn: conn.execute(
+            "DELETE FROM xoauth2_proxy_tokens WHERE account = %s", (account,)).rowcount == 1)
 
     # --- the refresh lock -----------------------------------------------------------------
 

@@ -6,20 +6,30 @@ compare-and-swap save, the cross-machine refresh lock, an outage, and ``store mi
 
 from __future__ import annotations
 
+import asyncio
+import io
 import os
 import threading
+import time
 from pathlib import Path
 
 import psycopg
 import pytest
 
-from proxy import cli
+from proxy import cli, config, store
+from proxy.auth import flows
+from proxy.auth.errors import AuthorisationNeeded
+from proxy.auth.service import TokenService
+from proxy.demo.process import DemoUpstream
 from proxy.secret import Secret
 from proxy.store import LockTimeout, StoreUnavailable, TokenStore, WrongPassword
+from proxy.store import pg as pg_module
 from proxy.store.backend import FileBackend
 from proxy.store.format import TokenDocument
 from proxy.store.pg import PostgresBackend, SchemaError
 from proxy.store.settings import StoreSettings, dsn_problem
+from tests.proxyenv import PASSWORD as PASSWORD_TEXT
+from tests.proxyenv import USER, config_dict
 from tests.store.storetools import ACCOUNT, FAST_N, META, PASSWORD, PAYLOAD
 
 from .postgres import Postgres
@@ -175,3 +185,56 @@ def _config(tmp_path: Path, postgres: Postgres, state: Path, name: str = "c.toml
         f'ca_file = "{postgres.ca_file}"\n')
     os.chmod(path, 0o600)
     return path
+
+
+async def test_a_refresh_that_could_not_be_saved_is_saved_before_the_next(
+        tmp_path: Path, demo_upstream: DemoUpstream, pg_store: Postgres,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The database goes away in the middle of a refresh (strict rotation: the old refresh
+    token dies with it): the login still gets its token, and the rotated refresh token, kept in
+    memory, reaches the database under the lock before the next refresh uses it."""
+    monkeypatch.setattr(pg_module, "DOWN_SECONDS", 0.0)  # every read asks the database
+    data = config_dict(tmp_path, demo_upstream, protocols=("imap",))
+    data["store"] = {**pg_store.toml(), "lock_timeout": 5}
+    cfg = config.parse(data, tmp_path / "config.toml")
+    account = cfg.account(USER)
+    assert account is not None
+    demo_upstream.configure(access_token_lifetime=1, auto_approve_user=account.mailbox)
+    token_store = store.open_store(cfg)
+    flows.login(cfg, account, token_store, Secret(PASSWORD_TEXT), out=io.StringIO())
+    demo_upstream.configure(access_token_lifetime=3600, strict_rotation=True,
+                            token_endpoint_delay=1.5)
+    service = TokenService(cfg, token_store)
+    login = asyncio.create_task(service.access_token(USER, Secret(PASSWORD_TEXT), "imap"))
+    deadline = time.monotonic() + 60
+    while not await asyncio.to_thread(pg_store.advisory_locks):
+        assert time.monotonic() < deadline and not login.done()
+        await asyncio.sleep(0.02)
+    await asyncio.to_thread(pg_store.halt)
+    try:
+        first = await login  # the refresh finished; its save did not
+    finally:
+        await asyncio.to_thread(pg_store.launch)
+    demo_upstream.configure(token_endpoint_delay=0.0)
+    # Another machine, reading the database's (stale) refresh token, is refused and marks the
+    # account as needing a login; this one still holds the live refresh token in memory.
+    elsewhere = TokenService(cfg, await _store_when_up(cfg))
+    demo_upstream.revoke(USER, access_tokens=True, refresh_tokens=False)
+    with pytest.raises(AuthorisationNeeded):
+        await elsewhere.access_token(USER, Secret(PASSWORD_TEXT), "imap")
+    second = await service.access_token(USER, Secret(PASSWORD_TEXT), "imap", rejected=first)
+    assert second != first  # saved its refresh first (clearing the mark), then refreshed
+    third = await elsewhere.access_token(USER, Secret(PASSWORD_TEXT), "imap")
+    assert third == second  # the other machine now reads the live record, mark cleared
+    await service.aclose()
+    await elsewhere.aclose()
+
+
+async def _store_when_up(cfg: config.Config) -> store.TokenStore:
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            return await asyncio.to_thread(store.open_store, cfg)
+        except store.StoreError:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.2)
