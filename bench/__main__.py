@@ -33,6 +33,7 @@ from bench import (
     report,
     startup,
     throughput,
+    workers,
 )
 from bench.harness import Series
 
@@ -43,12 +44,13 @@ FULL: dict[str, Any] = {
     "runs": 3, "throughput_runs": 5, "steps": [1000, 2500, 5000, 10000],
     "peer_steps": [100, 300, 500, 550], "burst": 1000, "login_samples": 200,
     "peer_login_samples": 30, "storm": 1000, "peer_storm": 100, "uvloop_steps": [5000],
+    "idle_sessions": 19_000,
 }
 QUICK: dict[str, Any] = {
     "messages": 20, "message_size": 1_000_000, "smtp_messages": 50, "smtp_size": 100_000,
     "runs": 1, "throughput_runs": 1, "steps": [200, 500], "peer_steps": [20],
     "burst": 50, "login_samples": 20, "peer_login_samples": 3, "storm": 100, "peer_storm": 10,
-    "uvloop_steps": [200],
+    "uvloop_steps": [200], "idle_sessions": 200,
 }
 
 DIRECT, PROXY, PEER = "direct", "xoauth2-proxy", "email-oauth2-proxy"
@@ -61,7 +63,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="one-minute smoke run (small sizes)")
     p.add_argument("--runs", type=int, help="repeat each figure this many times")
     p.add_argument("--only", help="comma-separated figures: startup,throughput,isolation,"
-                                  "burst,login,storm,concurrency,profile,uvloop")
+                                  "burst,login,storm,concurrency,profile,uvloop,workers")
     p.add_argument("--no-peer", action="store_true", help="skip email-oauth2-proxy")
     p.add_argument("--max-sessions", type=int, help="top step of the idle-session ramp")
     p.add_argument("--workdir", type=Path, help="keep the run's files here (default: a temp dir)")
@@ -238,6 +240,7 @@ class Bench:
         self.figure("concurrency", self._concurrency)
         self.figure("profile", self._profile)
         self.figure("uvloop", self._uvloop)
+        self.figure("workers", self._workers)
 
     def _warm(self, names: tuple[str, ...] = (DIRECT, PROXY, PEER)) -> None:
         """One login per contestant and account: scrypt, the peer's PBKDF2 config, tokens."""
@@ -449,6 +452,14 @@ class Bench:
                     time.sleep(2.0)
         finally:
             self.proxy = self.world.start_proxy()
+        return out
+
+    def _workers(self) -> dict[str, Any]:
+        """workers 1/2 × asyncio/uvloop throughput, and idle sessions on 2 workers."""
+        out = workers.measure(self.world, self.targets(env.BIG)[DIRECT],
+                              runs=self.sizes["throughput_runs"], messages=self.sizes["messages"],
+                              say=self.say)
+        out["idle"] = workers.idle(self.world, self.sizes["idle_sessions"], say=self.say)
         return out
 
     # --- output -------------------------------------------------------------------------------

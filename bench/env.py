@@ -133,7 +133,10 @@ class World:
         ca = upstream.ca_file
         up = {"imap": (upstream.ports["imaps"], "implicit"), "pop": (upstream.ports["pop3s"], "implicit"),
               "smtp": (upstream.ports["submission"], "starttls")}
-        lines = [f"state_dir = {_toml_value(str(workdir / 'state'))}",
+        # One process on asyncio: the figures before these settings existed; the uvloop figure
+        # switches the loop through bench/proxy_run.py, bench/workers.py sets both itself.
+        lines = ["workers = 1", 'event_loop = "asyncio"',
+                 f"state_dir = {_toml_value(str(workdir / 'state'))}",
                  f"log_level = {_toml_value(log_level)}", "shutdown_grace = 2", "",
                  "[providers.demo]", f"authority = {_toml_value(upstream.entra_url)}",
                  'tenant = "demo-tenant"', f"client_id = {_toml_value(CLIENT_ID)}",

@@ -17,10 +17,13 @@ import sys
 
 from proxy.cli import main
 
-if os.environ.get("BENCH_UVLOOP") == "1":
+if os.environ.get("BENCH_UVLOOP") == "1":  # whatever the config's event_loop says
     import uvloop
 
+    from proxy import runtime
+
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    runtime.loop_factory = lambda _: uvloop.new_event_loop  # type: ignore[assignment]
 
 if os.environ.get("BENCH_SSL_BUFFER"):
     asyncio.sslproto.SSLProtocol.max_size = int(os.environ["BENCH_SSL_BUFFER"])

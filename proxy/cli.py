@@ -69,16 +69,14 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    import asyncio
-
-    from proxy import logs
+    from proxy import logs, runtime
     from proxy.server import daemon
 
     config = load_config(args)
     logs.setup(args.log_level or config.log_level)
     warn_missing_credentials(config)
     try:
-        return asyncio.run(daemon.run(config, log_level=args.log_level))
+        return runtime.serve(config, log_level=args.log_level)
     except daemon.StartupError as exc:
         raise CommandError(f"cannot start: {exc}") from None
 

@@ -27,7 +27,10 @@ import os
 import sys
 from typing import Any
 
+from proxy.runtime import WORKER_ENV
 from proxy.secret import Secret
+
+_WORKER = os.environ.get(WORKER_ENV, "")
 
 _PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
              logging.CRITICAL: 2}
@@ -71,6 +74,8 @@ class KeyValueFormatter(logging.Formatter):
         elif self.timestamps:
             parts.append(self.formatTime(record, "%Y-%m-%dT%H:%M:%S"))
         parts.append(f"level={record.levelname.lower()}")
+        if _WORKER:  # workers = N: which worker process wrote the line
+            parts.append(f"worker={_WORKER}")
         fields: dict[str, Any] = getattr(record, "fields", None) or {}
         parts.append(f"event={_render(record.getMessage())}")
         parts.extend(f"{k}={_render(v)}" for k, v in fields.items() if v is not None)

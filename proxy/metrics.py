@@ -35,6 +35,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
 
 from prometheus_client import (
     CollectorRegistry,
@@ -48,6 +49,9 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from proxy import __version__
+
+if TYPE_CHECKING:
+    from proxy.store import TokenStore
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -69,8 +73,10 @@ def _counter(name: str, help_: str, labels: Sequence[str] = ()) -> Counter:
     return Counter(f"xoauth2_proxy_{name}", help_, labels, registry=REGISTRY)
 
 
-def _gauge(name: str, help_: str, labels: Sequence[str] = ()) -> Gauge:
-    return Gauge(f"xoauth2_proxy_{name}", help_, labels, registry=REGISTRY)
+def _gauge(name: str, help_: str, labels: Sequence[str] = (), *,
+           multiprocess_mode: Literal["all", "livemin", "livesum"] = "all") -> Gauge:
+    return Gauge(f"xoauth2_proxy_{name}", help_, labels, registry=REGISTRY,
+                 multiprocess_mode=multiprocess_mode)
 
 
 def _histogram(name: str, help_: str, labels: Sequence[str] = (), *,
@@ -78,20 +84,25 @@ def _histogram(name: str, help_: str, labels: Sequence[str] = (), *,
     return Histogram(f"xoauth2_proxy_{name}", help_, labels, registry=REGISTRY, buckets=buckets)
 
 
-LISTENERS_READY = _gauge("ready", "1 while every listener accepts connections.")
+# Gauges' multiprocess modes (workers = N, see proxy.supervisor): "livemin" where every live
+# worker must agree (ready, the last reload's outcome and time), "livesum" for counts.
+LISTENERS_READY = _gauge("ready", "1 while every listener accepts connections.",
+                         multiprocess_mode="livemin")
 RELOADS = _counter("config_reloads_total", "Configuration reloads (SIGHUP) by outcome.", ["result"])
 RELOAD_OK = _gauge(
     "config_last_reload_successful",
-    "1 if the last configuration reload succeeded (or none was tried).")
+    "1 if the last configuration reload succeeded (or none was tried).",
+    multiprocess_mode="livemin")
 RELOAD_OK.set(1)
 RELOAD_TIME = _gauge(
     "config_last_reload_success_timestamp_seconds",
-    "When the configuration was last loaded successfully (Unix time).")
+    "When the configuration was last loaded successfully (Unix time).",
+    multiprocess_mode="livemin")
 
 CONNECTIONS = _counter("connections_total", "Client connections accepted.",
                        ["protocol", "listener"])
 CONNECTIONS_ACTIVE = _gauge("connections_active", "Client connections open now.",
-                            ["protocol", "listener"])
+                            ["protocol", "listener"], multiprocess_mode="livesum")
 TLS_VERSIONS = ("1.0", "1.1", "1.2", "1.3")
 TLS_HANDSHAKES = _counter(
     "tls_handshakes_total",
@@ -181,6 +192,22 @@ class AccountCollector(Collector):
                 state.access_expires_at = access
             if refresh is not None:
                 state.refresh_expires_at = refresh
+
+    def seed(self, token_store: TokenStore, accounts: Iterable[str]) -> None:
+        """Token facts from the store's clear metadata (no password needed): an account needing
+        authorisation shows before any client tries it (blocking: a worker thread)."""
+        from proxy import store
+
+        for name in accounts:
+            try:
+                meta = token_store.info(name).meta
+            except (store.TokenFileMissing, store.CorruptTokenFile):
+                self.set_needs_reauth(name, True)
+                continue
+            except (store.StoreError, OSError, ValueError):
+                continue
+            self.set_needs_reauth(name, bool(meta.needs_reauth))
+            self.set_expiry(name, access=meta.access_token_expires_at)
 
     def describe(self) -> list[Metric]:
         return []  # families depend on the label mode; nothing to check at registration

@@ -28,6 +28,7 @@ settings.load_profile(os.environ.get("XOAUTH2_PROXY_HYPOTHESIS")
 # store's test-only environment knob (inherited by daemons the tests start). The default cost
 # itself is tested with the knob unset (tests/store/test_store_kdf.py).
 os.environ.setdefault(TEST_SCRYPT_N_ENV, str(2**15))
+EVENT_LOOP_ENV = "XOAUTH2_PROXY_TEST_EVENT_LOOP"
 
 
 def pytest_report_header() -> list[str]:
@@ -35,9 +36,22 @@ def pytest_report_header() -> list[str]:
             f"shipped files: {data_dir()}"]
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--event-loop", choices=("asyncio", "uvloop"),
+                     default=os.environ.get(EVENT_LOOP_ENV, "asyncio"),
+                     help="the event loop async tests (and the daemons they start in process) "
+                          f"run on; CI runs tests/server under both (also ${EVENT_LOOP_ENV})")
+
+
 def pytest_configure(config: pytest.Config) -> None:
     """`make test` sets XOAUTH2_PROXY_TEST_INSTALLED=1: the suite must then test the installed
     package, not a source tree that happens to be importable."""
+    if config.getoption("--event-loop") == "uvloop":
+        import asyncio
+
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     if os.environ.get("XOAUTH2_PROXY_TEST_INSTALLED") == "1":
         package = Path(proxy.__file__).resolve().parent
         if (package.parent / "setup.cfg").exists():

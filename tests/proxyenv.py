@@ -42,6 +42,7 @@ def config_dict(tmp_path: Path, upstream: DemoUpstream, *, protocols: tuple[str,
     return {
         "state_dir": str(state),
         "shutdown_grace": 2,
+        "workers": 1,  # one process; tests/ops/test_workers.py runs the supervisor
         # Fast failure replies keep tests quick; tests of throttling set their own limits.
         "limits": {"failure_delay": 0.05, "max_failure_delay": 0.2, **(limits or {})},
         "providers": {"demo": {"authority": upstream.entra_url, "tenant": "demo-tenant",

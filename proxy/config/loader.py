@@ -21,6 +21,7 @@ from proxy.config.reader import Table
 from proxy.config.relays import read_relays
 from proxy.config.store import read_store
 from proxy.notify.config import read_notify
+from proxy.runtime import read as read_runtime
 
 DEFAULT_STATE_DIR = Path("/var/lib/xoauth2-proxy")
 
@@ -41,7 +42,8 @@ def parse(data: dict[str, Any], file: Path) -> Config:
                     metrics=read_metrics(top), limits=read_limits(top), log_level=log_level,
                     shutdown_grace=shutdown_grace, relays=relays, store=read_store(top),
                     notify=read_notify(top, accounts, {li.name: li.protocol for li, _ in listeners}),
-                    admin=read_admin(top, state_dir), graph=graph)
+                    admin=read_admin(top, state_dir), graph=graph,
+                    runtime=read_runtime(top))
     top.done()
     return config
 

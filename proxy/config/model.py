@@ -17,6 +17,7 @@ from proxy.text import host_port
 if TYPE_CHECKING:  # their modules read their sections with proxy.config.reader
     from proxy.admin_web.config import AdminSettings
     from proxy.notify.config import NotifyTarget
+from proxy.runtime import Runtime
 
 Protocol = Literal["imap", "pop", "smtp"]
 PROTOCOLS: tuple[Protocol, ...] = ("imap", "pop", "smtp")
@@ -231,6 +232,7 @@ class Config:
     log_level: str = "info"
     shutdown_grace: float = 30.0
     relays: tuple[RelayRule, ...] = ()
+    runtime: Runtime = Runtime()  # workers, event_loop (proxy.runtime)
     store: StoreSettings = StoreSettings()
     notify: tuple[NotifyTarget, ...] = ()  # proxy.notify.config
     admin: AdminSettings | None = None  # proxy.admin_web.config

@@ -122,8 +122,10 @@ def _server_tls(li: Listener) -> ssl.SSLContext | None:
 
 
 class Daemon:
-    def __init__(self, config: Config, *, token_store: store.TokenStore | None = None) -> None:
+    def __init__(self, config: Config, *, token_store: store.TokenStore | None = None,
+                 metrics_endpoint: bool = True) -> None:
         self.config = config
+        self.metrics_endpoint = metrics_endpoint  # False in a worker: the supervisor serves it
         try:
             self.store = token_store or store.open_store(config)
         except store.StoreError as exc:
@@ -183,7 +185,7 @@ class Daemon:
 
     async def _start_metrics(self, sock: socket.socket | None) -> None:
         listen = self.config.metrics.listen
-        if listen is None and sock is None:
+        if (listen is None and sock is None) or not self.metrics_endpoint:
             return
         if (listen is not None and not listen.is_loopback
                 and not self.config.metrics.allow_non_loopback):
@@ -316,16 +318,7 @@ class Daemon:
     def _seed_account_metrics(self) -> None:
         """Token facts from the token files' clear metadata (no password needed), so that an
         account needing authorisation shows before any client tries it (worker thread)."""
-        for name in self.config.accounts:
-            try:
-                meta = self.store.info(name).meta
-            except (store.TokenFileMissing, store.CorruptTokenFile):
-                metrics.ACCOUNTS.set_needs_reauth(name, True)
-                continue
-            except (store.StoreError, OSError, ValueError):
-                continue
-            metrics.ACCOUNTS.set_needs_reauth(name, bool(meta.needs_reauth))
-            metrics.ACCOUNTS.set_expiry(name, access=meta.access_token_expires_at)
+        metrics.ACCOUNTS.seed(self.store, self.config.accounts)
 
 
 def _warn_old_tls(li: Listener) -> None:
@@ -350,7 +343,7 @@ def _use_context(context: ssl.SSLContext) -> SniCallback:
 # --- the process ---------------------------------------------------------------------------
 
 
-def _activated_sockets(config: Config, passed: dict[str, list[socket.socket]]
+def activated_sockets(config: Config, passed: dict[str, list[socket.socket]]
                        ) -> tuple[dict[str, socket.socket], socket.socket | None]:
     """Match sockets from socket activation to listeners by name (``FileDescriptorName=``)."""
     names = {li.name for li in config.listeners}
@@ -431,9 +424,10 @@ class _Process:
 
 
 async def run(config: Config, *, on_ready: Callable[[Daemon], None] | None = None,
-              log_level: str | None = None) -> int:
+              log_level: str | None = None, metrics_endpoint: bool = True) -> int:
     """Serve until SIGTERM/SIGINT; reload on SIGHUP. ``log_level``: the command line's override
-    of ``config.log_level`` (kept across reloads)."""
+    of ``config.log_level`` (kept across reloads); ``metrics_endpoint``: False in a worker
+    (``proxy.supervisor`` serves the metrics address)."""
     loop = asyncio.get_running_loop()
     notifier = systemd.Notifier.from_env()
     try:
@@ -444,9 +438,9 @@ async def run(config: Config, *, on_ready: Callable[[Daemon], None] | None = Non
     tasks: list[asyncio.Task[None]] = []
     try:
         try:
-            sockets, metrics_socket = _activated_sockets(config, passed)
+            sockets, metrics_socket = activated_sockets(config, passed)
             notifier.status("starting")
-            daemon = Daemon(config)
+            daemon = Daemon(config, metrics_endpoint=metrics_endpoint)
             process = _Process(daemon, notifier, log_level)
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, process.stop.set)
@@ -466,7 +460,8 @@ async def run(config: Config, *, on_ready: Callable[[Daemon], None] | None = Non
             on_ready(daemon)
         notifier.ready(process.status())
         logs.event(log, logging.INFO, "ready", listeners=len(daemon.listeners),
-                   systemd=True if notifier.enabled else None, watchdog=interval)
+                   systemd=True if notifier.enabled else None, watchdog=interval,
+                   event_loop=type(loop).__module__.split(".")[0])
         await process.stop.wait()
         notifier.stopping("stopping: draining sessions")
         logs.event(log, logging.INFO, "stopping")

@@ -23,6 +23,14 @@ READ_LIMIT = 256 * 1024  # pre-login buffer before reading pauses
 HIGH_WATER = 512 * 1024  # per-transport write buffer before the peer's reading pauses
 
 
+
+def writable(transport: asyncio.BaseTransport | None) -> asyncio.WriteTransport | None:
+    """``transport`` to write to, on any event loop (uvloop's transports are not asyncio's
+    classes, so no isinstance check), or None when it is gone or closing."""
+    if transport is None or transport.is_closing():
+        return None
+    return cast(asyncio.WriteTransport, transport)
+
 class ConnectionClosed(Exception):
     """The peer closed or reset the connection."""
 

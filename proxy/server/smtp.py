@@ -48,6 +48,7 @@ from proxy.graph.sink import GraphSink
 from proxy.protocol.events import Failure
 from proxy.secret import Secret
 from proxy.server.connection import Connection
+from proxy.server.endpoint import writable
 from proxy.server.limits import PreauthLimiter, Throttle
 from proxy.server.listener import ListenerBase, ListenerSettings
 from proxy.server.logins import LoginAttempt
@@ -176,8 +177,8 @@ class SmtpFront:
         try:
             await self._gone
         except asyncio.CancelledError:
-            transport = self.server.transport
-            if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
+            transport = writable(self.server.transport)
+            if transport is not None:
                 transport.write(b"421 4.3.2 Proxy shutting down; try again later\r\n")
                 transport.close()
             raise

@@ -38,6 +38,7 @@ from proxy.protocol.smtp_syntax import (
     split_command,
     unknown_command,
 )
+from proxy.server.endpoint import writable
 from proxy.server.smtp_adapter import AdaptedSMTP
 
 
@@ -118,9 +119,10 @@ class ProxySMTP(AdaptedSMTP):
         refusal = self.event_handler.admit(transport) if first else None
         if refusal is not None:
             self._refused = True  # a source not allowed, or too many: say so, never greet
-            assert isinstance(transport, asyncio.WriteTransport)
-            transport.write(refusal)
-            transport.close()
+            writer = writable(transport)
+            if writer is not None:
+                writer.write(refusal)
+                writer.close()
             return
         super().connection_made(transport)  # called again after STARTTLS, with the TLS transport
         self.watch_handler_task()
@@ -156,14 +158,13 @@ class ProxySMTP(AdaptedSMTP):
         return super().idle_duration()
 
     def idle_expired(self) -> None:
-        transport = self.transport
-        if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
+        transport = writable(self.transport)
+        if transport is not None:
             transport.write(b"421 4.4.2 Idle too long; closing the connection\r\n")
 
     def _too_long(self) -> None:
-        transport = self.transport
-        if (self._before_login() and isinstance(transport, asyncio.WriteTransport)
-                and not transport.is_closing()):
+        transport = writable(self.transport)
+        if self._before_login() and transport is not None:
             transport.write(b"421 4.4.2 Too long without logging in; closing the connection\r\n")
             transport.close()
 

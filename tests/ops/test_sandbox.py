@@ -27,7 +27,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -133,18 +133,12 @@ def test_the_units_proc_view_is_in_force(unit_sandbox: Sandbox, python: str) -> 
     assert result["proc_stat"] == 0, "the unit hides /proc/stat: no process_* metrics"
 
 
-@pytest.fixture
-def processes() -> Iterator[list[ProxyProcess]]:
-    started: list[ProxyProcess] = []
-    yield started
-    for proc in started:
-        proc.stop()
-
-
-@pytest.mark.parametrize("restrictions", ["w^x by prctl(PR_SET_MDWE)", "the unit's seccomp filters",
-                                          "the unit's /proc"])
+@pytest.mark.parametrize(("restrictions", "workers"), [
+    ("w^x by prctl(PR_SET_MDWE)", 1), ("the unit's seccomp filters", 1), ("the unit's /proc", 1),
+    ("the unit's seccomp filters", 2),  # the supervisor: posix_spawn, pidfds, SO_REUSEPORT
+    ("w^x by prctl(PR_SET_MDWE)", 2)])
 async def test_demo_round_trip_in_the_sandbox(
-        restrictions: str, tmp_path: Path, unit_sandbox: Sandbox, python: str,
+        restrictions: str, workers: int, tmp_path: Path, unit_sandbox: Sandbox, python: str,
         demo_upstream_factory: Callable[..., DemoUpstream],
         processes: list[ProxyProcess]) -> None:
     if restrictions.startswith("w^x"):
@@ -164,6 +158,7 @@ async def test_demo_round_trip_in_the_sandbox(
               DEMO_PASSWORD)
     data = config_dict(tmp_path, upstream, accounts=accounts)
     data["metrics"] = {"listen": "127.0.0.1:0"}
+    data["workers"] = workers
     path = tmp_path / "config.toml"
     path.write_text(to_toml(data))
     upstream.reset_stats()

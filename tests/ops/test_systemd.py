@@ -9,7 +9,6 @@ import os
 import signal
 import socket
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -82,21 +81,6 @@ def test_check_listening_refuses_a_connected_socket() -> None:
 
 
 # --- the real process -------------------------------------------------------------------------
-
-
-@pytest.fixture
-def notify() -> Iterator[NotifySocket]:
-    sock = NotifySocket()
-    yield sock
-    sock.close()
-
-
-@pytest.fixture
-def processes() -> Iterator[list[ProxyProcess]]:
-    started: list[ProxyProcess] = []
-    yield started
-    for proc in started:
-        proc.stop()
 
 
 def write_config(tmp_path: Path, upstream: DemoUpstream, **extra: Any) -> Path:
