@@ -1,10 +1,14 @@
 """What the daemon runs for its operators besides the mail listeners: the notifier (operator
-events to ``[[notify]]`` targets) and, when ``[admin]`` is configured, the admin web page."""
+events to ``[[notify]]`` targets) and, when ``[admin]`` is configured, the admin web page.
+With ``workers = N`` the admin page is served by worker 1 alone (one process may bind its
+address); each worker has its own notifier."""
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
+from proxy import runtime
 from proxy.config import Config
 from proxy.notify.dispatch import Notifier
 
@@ -32,7 +36,7 @@ class OperatorServices:
         self.notifier = Notifier(self.daemon.config.notify, self.smtp_address)
         self.notifier.start()
         settings = self.admin_settings = self.daemon.config.admin
-        if settings is not None:
+        if settings is not None and os.environ.get(runtime.WORKER_ENV, "1") == "1":
             from proxy.admin_web.app import AdminServer  # aiohttp-jinja2 only when enabled
             self.admin = AdminServer(self.daemon, settings)
             await self.admin.start()

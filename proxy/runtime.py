@@ -5,8 +5,11 @@
   ("Event loops and workers").
 - ``workers = N``: 1 is a single process, as before; N > 1 starts a small supervisor
   (``proxy.supervisor``) that holds the listening sockets and runs N ``xoauth2-proxy run``
-  workers accepting on them. The default is the number of CPUs this process may use, at most
-  ``MAX_DEFAULT_WORKERS``.
+  workers accepting on them; ``"auto"`` is the number of CPUs this process may use, at most
+  ``MAX_DEFAULT_WORKERS``. The default is 1: what a worker keeps in memory (in-band
+  re-authorisation flows, the notifier's once-per-incident memory, the SMTP→Graph fallback,
+  the admin page) is per process, so one process is the consistent choice until a
+  deployment needs the cores.
 
 ``serve(config)`` is what ``xoauth2-proxy run`` does: a worker (started by the supervisor, so
 ``WORKER_ENV`` is set) or a one-process daemon runs ``proxy.server.daemon.run``; otherwise
@@ -71,9 +74,11 @@ class _Reader(Protocol):  # proxy.config's table reader (not imported: config im
 
 def read(top: _Reader) -> Runtime:
     """``workers`` and ``event_loop`` from the config's top level."""
-    workers = top.get("workers", int, None)
-    if workers is None:
+    workers = top.get("workers", (int, str), 1)
+    if workers == "auto":
         workers = default_workers()
+    elif isinstance(workers, str):
+        raise top.fail("workers", f'must be a whole number or "auto" (got "{workers}")')
     elif not 1 <= workers <= MAX_WORKERS:
         raise top.fail("workers", f"must be between 1 and {MAX_WORKERS} (got {workers}); 1 runs "
                                   "one process without a supervisor")

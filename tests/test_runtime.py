@@ -15,8 +15,12 @@ from tests.test_config import MINIMAL, load_text
 
 def test_defaults(tmp_path: Path) -> None:
     cfg = load_text(tmp_path, MINIMAL)
-    assert cfg.runtime.workers == min(len(os.sched_getaffinity(0)), runtime.MAX_DEFAULT_WORKERS)
+    assert cfg.runtime.workers == 1
     assert cfg.runtime.event_loop == runtime.default_event_loop()
+    cfg = load_text(tmp_path, 'workers = "auto"\n' + MINIMAL)
+    assert cfg.runtime.workers == min(len(os.sched_getaffinity(0)), runtime.MAX_DEFAULT_WORKERS)
+    with pytest.raises(ConfigError, match="auto"):
+        load_text(tmp_path, 'workers = "many"\n' + MINIMAL)
     cfg = load_text(tmp_path, 'workers = 3\nevent_loop = "asyncio"\n' + MINIMAL)
     assert cfg.runtime == runtime.Runtime(workers=3, event_loop="asyncio")
 
