@@ -55,6 +55,7 @@ from proxy.notify.events import WATCH
 from proxy.secret import Secret
 
 log = logging.getLogger("proxy.auth")
+NO_CONSENT = "AADSTS65001"
 
 Scopes = tuple[str, ...]
 KDF_WORKERS = 2  # concurrent key derivations per daemon (each scrypt takes 128 MiB)
@@ -409,7 +410,11 @@ class TokenService:
                         list(scopes), account=user, force_refresh=force))
             checked = msal_client.check_result(account.name, result)
         except AuthorisationNeeded as exc:
-            self._mark_needs_reauth(state, exc)
+            # AADSTS65001: no consent for these scopes (Graph, configured after the account
+            # signed in). The refresh token still serves what was consented, so the account
+            # is not marked: its IMAP, POP and SMTP go on.
+            if exc.code != NO_CONSENT:
+                self._mark_needs_reauth(state, exc)
             raise
         if state.cache.has_state_changed:
             self._persist(state)

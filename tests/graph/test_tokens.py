@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from proxy import config as config_mod
+from proxy.auth.errors import AuthorisationNeeded
 from proxy.auth.service import TokenService
 from proxy.demo.process import DemoUpstream, http_session
 from proxy.secret import Secret
@@ -106,3 +107,23 @@ def test_config_of_graph_upstreams_and_fallbacks(tmp_path: Path,
     data["upstreams"]["imap"]["fallback"] = "graph"
     with pytest.raises(config_mod.ConfigError, match="SMTP upstreams only"):
         config_mod.parse(data, tmp_path / "config.toml")
+
+
+async def test_graph_without_consent_leaves_the_account_usable(
+        tmp_path: Path, demo_upstream: DemoUpstream) -> None:
+    """An account that signed in before a Graph upstream was configured has no Graph consent:
+    its Graph token is refused (AADSTS65001), its other resources are not, and the token file
+    is not marked as needing a new sign-in."""
+    before = make_config(tmp_path, demo_upstream)
+    token_store = authorise(before, demo_upstream)
+    assert "graph" not in token_store.info(USER).meta.resources
+    cfg = graph_config(tmp_path, demo_upstream,
+                       accounts={USER: {"provider": "demo", "flow": "device_code",
+                                        "reauthorise_in_band": False}})
+    tokens = TokenService(cfg, token_store)
+    with pytest.raises(AuthorisationNeeded) as refused:
+        await tokens.access_token(USER, Secret(PASSWORD), "graph")
+    assert refused.value.code == "AADSTS65001"
+    assert await tokens.access_token(USER, Secret(PASSWORD), "imap")
+    assert token_store.info(USER).meta.needs_reauth is None
+    await tokens.aclose()
