@@ -37,8 +37,7 @@ from proxy.demo import graph_mail
 from proxy.demo.graph_mail import Attachment, Draft, GraphError
 from proxy.demo.knobs import Knobs
 from proxy.demo.mail.store import MailStore
-from proxy.demo.tokens import GRAPH, resource_of
-from proxy.demo.tokens import TokenAuthority, object_id
+from proxy.demo.tokens import GRAPH, TokenAuthority, object_id, resource_of
 
 MAX_CHUNK = 4 * 1024 * 1024  # one upload-session PUT
 _RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+)")
