@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -13,6 +14,13 @@ import proxy
 from proxy.demo.process import DemoUpstream
 from proxy.paths import data_dir
 from proxy.store.names import TEST_SCRYPT_N_ENV
+
+# The storms open 1,000 client connections from this process (and the daemons it starts
+# inherit the limit): the soft descriptor limit up to the hard one, as a service unit's
+# LimitNOFILE would be.
+_soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+if _soft != resource.RLIM_INFINITY and (_hard == resource.RLIM_INFINITY or _soft < _hard):
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(_hard, 65536), _hard))
 
 # Property-based tests are derandomised in CI (CI=true, as .ci/run runs): the same examples on
 # every run, so a red run is a real regression, never a new draw. Locally they explore; a failure

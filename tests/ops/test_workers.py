@@ -179,6 +179,9 @@ async def test_two_workers_on_socket_activated_sockets(
     assert await asyncio.to_thread(proc.wait) == 0
 
 
+STORM = 1000  # the two-machine storm's size (tests/realservers/test_pg_two_daemons.py)
+
+
 async def _storm_login(port: int, n: int) -> list[bytes]:
     """``n`` connections greeted first, then all send LOGIN at once; the tagged replies."""
     conns = []
@@ -207,7 +210,7 @@ async def _storm_login(port: int, n: int) -> list[bytes]:
 async def test_storm_over_two_workers_makes_one_token_request(
         tmp_path: Path, demo_upstream: DemoUpstream, notify: NotifySocket,
         processes: list[ProxyProcess], event_loop_name: str) -> None:
-    """An expired access token and 200 concurrent logins spread over both workers: one token
+    """An expired access token and 1,000 concurrent logins spread over both workers: one token
     request at the fake Entra (the token file's lock and re-read across processes)."""
     upstream = demo_upstream
     upstream.configure(access_token_lifetime=3)  # the authorised token: 3 s
@@ -218,7 +221,7 @@ async def test_storm_over_two_workers_makes_one_token_request(
     issued = time.monotonic()
     await asyncio.sleep(max(0.0, issued + 4 - time.monotonic()))  # the 3 s token runs out
     upstream.reset_stats()
-    replies = await _storm_login(port, 200)
+    replies = await _storm_login(port, STORM)
     assert all(line.startswith(b"a OK") for line in replies), set(replies)
     assert len(logins_by_worker(proc)) == 2  # both workers served logins
     stats = upstream.stats()
