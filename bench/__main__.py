@@ -195,8 +195,8 @@ class Bench:
                                         **startup.imports(max(1, sizes["runs"]))})
         self.proxy = w.start_proxy()
         if self.args.baseline:
-            config = w.second_config("proxy-baseline.toml")
             source = self.args.baseline.resolve()
+            config = w.second_config("proxy-baseline.toml", source)
             self.baseline = (w.start_proxy(source=source, config=config), config[1])
             self.results["meta"]["baseline"] = {"source": str(source), "commit": _commit(source)}
             self.say(f"baseline: the proxy package of {source} ({_commit(source)})")

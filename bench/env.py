@@ -129,14 +129,14 @@ class World:
 
     @staticmethod
     def _write_config(workdir: Path, upstream: DemoUpstream, ports: dict[str, int],
-                      log_level: str, filename: str) -> Path:
+                      log_level: str, filename: str, state: str = "state") -> Path:
         ca = upstream.ca_file
         up = {"imap": (upstream.ports["imaps"], "implicit"), "pop": (upstream.ports["pop3s"], "implicit"),
               "smtp": (upstream.ports["submission"], "starttls")}
-        # One process on asyncio: the figures before these settings existed; the uvloop figure
-        # switches the loop through bench/proxy_run.py, bench/workers.py sets both itself.
-        lines = ["workers = 1", 'event_loop = "asyncio"',
-                 f"state_dir = {_toml_value(str(workdir / 'state'))}",
+        # The defaults, one process on asyncio, left unsaid so that a --baseline tree from before
+        # those settings reads the same file; the uvloop figure switches the loop through
+        # bench/proxy_run.py, bench/workers.py sets both itself.
+        lines = [f"state_dir = {_toml_value(str(workdir / state))}",
                  f"log_level = {_toml_value(log_level)}", "shutdown_grace = 2", "",
                  "[providers.demo]", f"authority = {_toml_value(upstream.entra_url)}",
                  'tenant = "demo-tenant"', f"client_id = {_toml_value(CLIENT_ID)}",
@@ -155,12 +155,29 @@ class World:
         path.write_text("\n".join(lines))
         return path
 
-    def second_config(self, filename: str) -> tuple[Path, dict[str, int]]:
-        """The same accounts, token files and upstreams on other listener ports: a second
-        proxy (another source tree, see ``start_proxy(source=...)``) beside the first."""
+    def second_config(self, filename: str, source: Path) -> tuple[Path, dict[str, int]]:
+        """The same accounts and upstreams on other listener ports, for a second proxy from
+        another source tree (``start_proxy(source=...)``) beside the first; its own token
+        files, written by that tree's code (an older tree may not read newer files)."""
         ports = {proto: harness.free_port() for proto in self.ports}
-        return self._write_config(self.workdir, self.upstream, ports, self.log_level,
-                                  filename), ports
+        state = filename.removesuffix(".toml") + "-state"
+        path = self._write_config(self.workdir, self.upstream, ports, self.log_level, filename,
+                                  state)
+        (self.workdir / state).mkdir(mode=0o700, exist_ok=True)
+        login = ("import io, sys\n"
+                 "from proxy import config, store\n"
+                 "from proxy.auth import flows\n"
+                 "from proxy.secret import Secret\n"
+                 "cfg = config.load(sys.argv[1])\n"
+                 "flows.login(cfg, cfg.account(sys.argv[2]), store.TokenStore(cfg.state_dir),\n"
+                 "            Secret(sys.argv[3]), out=io.StringIO())\n")
+        env = dict(os.environ, PYTHONPATH=str(source))
+        for name in ACCOUNTS:
+            self.upstream.configure(auto_approve_user=name)
+            subprocess.run([sys.executable, "-c", login, str(path), name, PASSWORD], env=env,
+                           cwd=str(self.workdir), check=True, timeout=120)
+        self.upstream.configure(auto_approve_user=None)
+        return path, ports
 
     def config(self) -> config_mod.Config:
         return config_mod.load(self.config_path)
