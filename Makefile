@@ -37,7 +37,7 @@ demo: $(VENV)/.installed
 
 # The tests run from a copy beside no source tree, so `import proxy` can only find the install.
 test: $(VENV)/.installed
-	rm -rf $(TEST_TREE) && mkdir -p $(TEST_TREE) && cp -R tests setup.cfg $(TEST_TREE)/
+	rm -rf $(TEST_TREE) && mkdir -p $(TEST_TREE) && cp -R tests setup.cfg docs $(TEST_TREE)/
 	cd $(TEST_TREE) && XOAUTH2_PROXY_TEST_INSTALLED=1 $(VENV_ABS)/bin/pytest -q -rs $(PYTEST_ARGS)
 
 dev: $(VENV)/.python
