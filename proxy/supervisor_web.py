@@ -28,6 +28,7 @@ from prometheus_client.registry import Collector
 
 from proxy import __version__, logs, metrics, store
 from proxy.config import Config
+from proxy.text import host_port
 
 if TYPE_CHECKING:
     from proxy.supervisor import Supervisor
@@ -126,6 +127,7 @@ async def start(config: Config, sup: Supervisor,
         from proxy.supervisor import SupervisorError
         raise SupervisorError(f"metrics: cannot listen on {listen}: "
                               f"{exc.strerror or exc}") from None
-    logs.event(log, logging.INFO, "metrics_listening", address=site.name,
-               url=f"{site.name}/metrics")
+    host, port = runner.addresses[0][:2]  # the bound port (site.name keeps a requested 0)
+    address = f"http://{host_port(host, port)}"
+    logs.event(log, logging.INFO, "metrics_listening", address=address, url=f"{address}/metrics")
     return runner
