@@ -62,6 +62,8 @@ class AdminServer:
         self.sessions = security.Sessions(settings.session_minutes * 60)
         self.keys: dict[str, store.Unlocked] = {}  # data keys unlocked through this page
         self.failures: deque[float] = deque()
+        self.checking = 0  # sign-in passwords being checked now
+        self.one_check = asyncio.Lock()
         self.templates = jinja2.Environment(
             loader=jinja2.PackageLoader("proxy.admin_web", "templates"), autoescape=True)
         self.app = web.Application(middlewares=[self._guard, self._signed_in],
@@ -187,13 +189,18 @@ class AdminServer:
         now = time.monotonic()
         while self.failures and now - self.failures[0] > 60:
             self.failures.popleft()
-        if len(self.failures) >= SIGN_IN_FAILURES:
+        if len(self.failures) + self.checking >= SIGN_IN_FAILURES:
             return await self.login_form(request, "Too many failed sign-ins; wait a minute.")
         password = str(form.get("password", ""))
-        ok = await asyncio.to_thread(security.check_password, self.settings.password_file,
-                                     password)
+        self.checking += 1  # counted before the check: parallel guesses meet the limit too
+        try:
+            async with self.one_check:  # one scrypt at a time, whatever arrives at once
+                ok = await asyncio.to_thread(security.check_password,
+                                             self.settings.password_file, password)
+        finally:
+            self.checking -= 1
         if not ok:
-            self.failures.append(now)
+            self.failures.append(time.monotonic())
             logs.event(log, logging.WARNING, "admin_sign_in", result="bad_password",
                        peer=request.remote)
             await asyncio.sleep(1)

@@ -101,8 +101,9 @@ def dsn_problem(dsn: str) -> str | None:
 
     try:
         parts = conninfo_to_dict(dsn)
-    except ProgrammingError as exc:
-        return f"the dsn cannot be parsed ({str(exc).splitlines()[0]})"
+    except ProgrammingError:  # libpq's message may quote the text, password included: not shown
+        return ("the dsn cannot be parsed: write it as a libpq URI or key=value string "
+                "(percent-encode special characters in a URI)")
     for key in _FORBIDDEN:
         if key in parts:
             fix = ("use password_file or password_env" if key in ("password", "passfile") else

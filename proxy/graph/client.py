@@ -62,6 +62,8 @@ class GraphClient:
             prepared = await asyncio.to_thread(message.prepare, spool, envelope)
         except mime.MessageProblem as exc:
             raise errors.problem(str(exc)) from None
+        except (UnicodeError, ValueError) as exc:  # a header the parsers cannot take
+            raise errors.problem(f"the message's header cannot be read: {exc}") from None
         if prepared.size > self.upstream.max_message_size:
             raise errors.from_answer(413, {"error": {"code": "ErrorMessageSizeExceeded"}}, {},
                                      mailbox)
@@ -160,7 +162,7 @@ class GraphClient:
             try:
                 async with self._http().request(
                         method, url, data=data() if data else None, json=body,
-                        headers=sent) as answer:
+                        headers=sent, allow_redirects=False) as answer:
                     answered = await _json_body(answer)
                     if answer.status == 401 and token is not None and attempt == 1:
                         rejected = bearer

@@ -60,9 +60,26 @@ def _name(field: bytes) -> bytes:
     return field.split(b":", 1)[0].strip().lower()
 
 
-def _addresses(field: bytes) -> list[tuple[str, str]]:
+def _addresses(field: bytes) -> tuple[list[tuple[str, str]], bool]:
+    """The (name, address) pairs of an address field, and whether the parse can be trusted:
+    it cannot when the value has more ``@`` than addresses came out (a parser that gives up on
+    a malformed list, as the CVE-2023-27043 fix does, returns none), so the field is rebuilt
+    from what was found instead of kept as the client wrote it."""
     value = field.split(b":", 1)[1].decode("utf-8", "surrogateescape")
-    return [(n, a) for n, a in email.utils.getaddresses([" ".join(value.split())]) if a]
+    pairs = [(n, a) for n, a in email.utils.getaddresses([" ".join(value.split())]) if a]
+    return pairs, value.count("@") <= len(pairs)
+
+
+def _address_list(pairs: list[tuple[str, str]]) -> bytes:
+    """``Name <address>, …`` as bytes; a name that cannot be encoded (8-bit bytes that are not
+    UTF-8) is left out rather than failing the message."""
+    out = []
+    for name, address in pairs:
+        try:
+            out.append(email.utils.formataddr((name, address)).encode("utf-8"))
+        except UnicodeError:
+            out.append(f"<{address}>".encode("utf-8", "surrogateescape"))
+    return b", ".join(out)
 
 
 def recipients_header(header: bytes, envelope: list[str]) -> tuple[bytes, list[str], list[str],
@@ -76,15 +93,14 @@ def recipients_header(header: bytes, envelope: list[str]) -> tuple[bytes, list[s
         if name == "bcc":
             continue
         if name in named:
-            people = _addresses(field)
+            people, trusted = _addresses(field)
             kept = [(n, a) for n, a in people if a.lower() in wanted]
             named[name] += [a for _, a in kept]
-            if len(kept) != len(people):
+            if len(kept) != len(people) or not trusted:
                 if not kept:
                     continue
                 label = field.split(b":", 1)[0]
-                field = label + b": " + ", ".join(
-                    email.utils.formataddr(p) for p in kept).encode("utf-8") + b"\r\n"
+                field = label + b": " + _address_list(kept) + b"\r\n"
         out.append(field)
     seen = {a.lower() for a in named["to"] + named["cc"]}
     bcc = [a for a in dict.fromkeys(envelope) if a.lower() not in seen]

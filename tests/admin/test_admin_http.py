@@ -14,6 +14,7 @@ import pytest
 import yarl
 
 from proxy import config as config_mod
+from proxy.admin_web.app import SIGN_IN_FAILURES
 from proxy.demo.process import DemoUpstream
 from proxy.notify import events
 from tests.admin.adminenv import ADMIN_PASSWORD, PHONE, AdminEnv, csrf_of, start_admin
@@ -127,3 +128,22 @@ async def test_malformed_request_is_refused_quietly(env: AdminEnv,
     writer.close()
     assert status.endswith(b" 400 Bad Request")
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def test_parallel_sign_in_guesses_meet_the_limit(env: AdminEnv) -> None:
+    """Guesses sent at once are counted before their passwords are checked: no more than the
+    per-minute limit are tried, the rest are refused without a password check, and the right
+    password is refused too while the limit holds."""
+    async with client() as http:
+        async with http.get(f"{env.url}/login") as response:
+            token = csrf_of(await response.text())
+
+        async def guess(i: int) -> str:
+            async with http.post(f"{env.url}/login",
+                                 data={"csrf": token, "password": f"guess {i}"}) as response:
+                return await response.text()
+        pages = await asyncio.gather(*(guess(i) for i in range(25)))
+        wrong = sum("Wrong admin password" in page for page in pages)
+        limited = sum("Too many failed sign-ins" in page for page in pages)
+        assert wrong == SIGN_IN_FAILURES and limited == 25 - SIGN_IN_FAILURES
+        assert "Too many failed sign-ins" in await sign_in(http, env.url)

@@ -67,3 +67,31 @@ def test_recipients_header() -> None:
 def test_header_without_end_is_refused() -> None:
     with pytest.raises(mime.MessageProblem):
         mime.read_header(io.BytesIO(b"X: " + b"y" * 100), limit=50)
+
+
+def test_an_address_list_the_parser_gives_up_on_is_rebuilt_not_kept() -> None:
+    """A malformed To that a parser returns nothing for (Python's CVE-2023-27043 fix) must not
+    go to Graph as written: Graph's MIME sendMail reads its recipients from the header."""
+    header = (b"From: a@example.com\r\nTo: alice@example.com, bob@evil.example (unterminated\r\n"
+              b"Subject: s\r\n\r\n")
+    copy, to, _, bcc = mime.recipients_header(header, ["alice@example.com", "carol@example.com"])
+    assert b"bob@evil.example" not in copy
+    assert set(to + bcc) == {"alice@example.com", "carol@example.com"}
+
+
+def test_an_8bit_display_name_does_not_fail_the_message() -> None:
+    header = (b"From: a@example.com\r\nTo: J\xf6rg <alice@example.com>, bob@example.com\r\n"
+              b"Subject: s\r\n\r\n")
+    copy, to, _, bcc = mime.recipients_header(header, ["alice@example.com"])
+    assert to == ["alice@example.com"] and bcc == []
+    assert b"bob@example.com" not in copy and b"alice@example.com" in copy
+
+
+def test_a_strict_parser_that_returns_nothing_drops_the_field(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """What Pythons with the CVE-2023-27043 fix return for a list they cannot parse: one empty
+    pair. The field then carries more addresses than were understood, so it is not kept."""
+    monkeypatch.setattr(mime.email.utils, "getaddresses", lambda values: [("", "")])
+    header = b"From: a@example.com\r\nTo: alice@example.com, bob@evil.example\r\n\r\n"
+    copy, to, _, bcc = mime.recipients_header(header, ["alice@example.com"])
+    assert b"bob@evil.example" not in copy and to == [] and bcc == ["alice@example.com"]
