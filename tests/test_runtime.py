@@ -37,10 +37,11 @@ def test_errors_name_the_key(tmp_path: Path, line: str, words: str) -> None:
     assert str(info.value).startswith(f"{tmp_path / 'config.toml'}: {words}"), str(info.value)
 
 
-@pytest.mark.parametrize("event_loop", runtime.EVENT_LOOPS)
-def test_run_on_the_chosen_loop(event_loop: runtime.EventLoop) -> None:
+# Not named event_loop: pytest-asyncio before 0.25 has a fixture of that name.
+@pytest.mark.parametrize("loop_name", runtime.EVENT_LOOPS)
+def test_run_on_the_chosen_loop(loop_name: runtime.EventLoop) -> None:
     async def which() -> int:
         module = type(asyncio.get_running_loop()).__module__.split(".")[0]
         return runtime.EVENT_LOOPS.index(module)  # type: ignore[arg-type]
 
-    assert runtime.run_on(event_loop, which()) == runtime.EVENT_LOOPS.index(event_loop)
+    assert runtime.run_on(loop_name, which()) == runtime.EVENT_LOOPS.index(loop_name)
