@@ -181,3 +181,15 @@ def fresh_login_reply(port: int, user: str, password: str) -> str:
         return login_reply(client, user, password)
     finally:
         client.shutdown()
+
+
+def imap_login_reply(port: int, user: str, password: str) -> str:
+    """LOGIN through the proxy's IMAP listener with imaplib: "OK", or the refusal's text."""
+    client = imaplib.IMAP4("127.0.0.1", port, timeout=60)
+    try:
+        client.login(user, password)
+    except imaplib.IMAP4.error as exc:
+        return str(exc)
+    finally:
+        client.shutdown()
+    return "OK"

@@ -6,7 +6,6 @@ without tokens from an unknown one."""
 from __future__ import annotations
 
 import asyncio
-import imaplib
 import smtplib
 import threading
 from collections.abc import Callable, Iterator
@@ -18,7 +17,7 @@ import pytest
 
 from proxy.demo.process import DemoUpstream
 from proxy.store import slots as slots_mod
-from tests.proxyenv import USER, authorise, start_proxy
+from tests.proxyenv import USER, authorise, imap_login_reply, start_proxy
 from tests.server.smtp_util import plain_b64
 
 T = TypeVar("T")
@@ -27,15 +26,7 @@ BOB_PASSWORD = "bobs-own-password"
 SIMPLE = "simple-password"  # smtplib sends AUTH as ASCII
 
 
-def login_reply(port: int, user: str, password: str) -> str:
-    client = imaplib.IMAP4("127.0.0.1", port, timeout=60)
-    try:
-        client.login(user, password)
-    except imaplib.IMAP4.error as exc:
-        return str(exc)
-    finally:
-        client.shutdown()
-    return "OK"
+login_reply = imap_login_reply
 
 
 def smtp_auth(port: int, source: str, user: str, password: str) -> str:

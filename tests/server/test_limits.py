@@ -15,7 +15,7 @@ import pytest
 from proxy.config import Limits
 from proxy.demo.process import DemoUpstream
 from proxy.server.limits import MIN_FAILURE_DELAY, PreauthLimiter, Reservation, Throttle
-from tests.proxyenv import PASSWORD, USER, start_proxy
+from tests.proxyenv import PASSWORD, USER, imap_login_reply, start_proxy
 from tests.server.smtp_util import closed_port, plain_b64
 
 
@@ -162,15 +162,7 @@ def test_preauth_limiter() -> None:
     assert limiter.admit("c")
 
 
-def login_error(port: int, user: str, password: str) -> str:
-    client = imaplib.IMAP4("127.0.0.1", port, timeout=30)
-    try:
-        client.login(user, password)
-    except imaplib.IMAP4.error as exc:
-        return str(exc)
-    finally:
-        client.shutdown()
-    return "OK"
+login_error = imap_login_reply
 
 
 async def test_lockout_refuses_even_the_right_password(tmp_path: Path, demo_upstream: DemoUpstream) -> None:
