@@ -48,9 +48,10 @@ def default_workers() -> int:
 
 
 def default_event_loop() -> EventLoop:
-    """asyncio: uvloop saved about a tenth of the relay's CPU per GB but not clearly any
-    throughput, and costs ~10 KiB more per idle TLS session (proxy.server.tlsbuffer trims
-    asyncio's TLS buffers, not uvloop's); bench/RESULTS.md, "Event loops and workers"."""
+    """asyncio: measured interleaved on a quiet machine, uvloop was within a few per cent of
+    it in throughput and CPU per GB, either way, and costs about 2 KiB more per idle TLS
+    session (proxy.server.tlsbuffer trims asyncio's TLS buffers, not uvloop's);
+    bench/RESULTS.md, "Event loops and workers"."""
     return "asyncio"
 
 
