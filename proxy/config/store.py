@@ -54,7 +54,10 @@ class StoreSettings:
                 raise ValueError(problem)
 
     def display(self) -> str:
-        """The database, for messages: no password (there is none in the DSN)."""
+        """The database, for messages: no password (there is none in the DSN); "token files"
+        for the file store."""
+        if self.backend == "file":
+            return "token files"
         from psycopg.conninfo import conninfo_to_dict
 
         parts = conninfo_to_dict(self.dsn or "")

@@ -234,8 +234,8 @@ class Daemon:
         Applied at once: the token service's config (token files are read again on next use),
         each listener's upstream and TLS contexts (a renewed certificate is served to new
         connections, implicit TLS and STARTTLS alike), metrics label settings. What needs a
-        restart (a listener added, removed or moved, another state directory or metrics
-        address) is kept as it was and returned as notes for the log. Raises ``ReloadError``
+        restart (a listener added, removed or moved, another state directory, token store or
+        metrics address) is kept as it was and returned as notes for the log. Raises ``ReloadError``
         — and changes nothing — if a certificate, key or CA file cannot be loaded.
         """
         old = self.config
@@ -261,6 +261,9 @@ class Daemon:
                          f"token files are still read from {old.state_dir}")
         if config.metrics.listen != old.metrics.listen:
             notes.append("metrics.listen changed: a restart applies it")
+        if config.store != old.store:
+            notes.append(f"[store] changed to {config.store.display()}: a restart applies it; "
+                         f"tokens are still kept in {old.store.display()}")
 
         def build() -> list[tuple[ssl.SSLContext, ssl.SSLContext | None]]:
             upstream_tls = _upstream_tls(config, (li for _, li in kept))

@@ -91,10 +91,13 @@ async def test_reload_says_what_needs_a_restart(tmp_path: Path,
         moved["listeners"][0]["listen"] = "127.0.0.2:0"
         moved["state_dir"] = str(tmp_path / "elsewhere")
         moved["log_level"] = "debug"
+        moved["store"] = {"backend": "postgresql", "dsn": "postgresql://proxy@db.example/tokens"}
         notes = await daemon.reload(config_mod.parse(moved, tmp_path / "config.toml"))
         assert any("listener imap" in n and "restart" in n for n in notes)
         assert any("listener pop is new" in n for n in notes)
         assert any("state_dir" in n for n in notes)
+        assert any(n.startswith("[store] changed to postgresql") and "restart" in n
+                   for n in notes), notes
         # The rest applied; the listener still answers where it was.
         assert daemon.config.log_level == "debug"
         assert daemon.tokens.config is daemon.config
