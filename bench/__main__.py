@@ -25,6 +25,7 @@ from bench import (
     clients,
     concurrency,
     env,
+    ha,
     harness,
     isolation,
     logins,
@@ -63,7 +64,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="one-minute smoke run (small sizes)")
     p.add_argument("--runs", type=int, help="repeat each figure this many times")
     p.add_argument("--only", help="comma-separated figures: startup,throughput,isolation,"
-                                  "burst,login,storm,concurrency,profile,uvloop,workers")
+                                  "burst,login,storm,ha,concurrency,profile,uvloop,workers")
     p.add_argument("--no-peer", action="store_true", help="skip email-oauth2-proxy")
     p.add_argument("--max-sessions", type=int, help="top step of the idle-session ramp")
     p.add_argument("--workdir", type=Path, help="keep the run's files here (default: a temp dir)")
@@ -237,6 +238,8 @@ class Bench:
         self.figure("burst", self._burst)
         self.figure("login", self._login)
         self.figure("storm", self._storm)
+        self.figure("ha", lambda: ha.measure(self.world, runs=self.sizes["runs"],
+                                             n=self.sizes["storm"], say=self.say))
         self.figure("concurrency", self._concurrency)
         self.figure("profile", self._profile)
         self.figure("uvloop", self._uvloop)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from bench import clients, harness
@@ -55,41 +55,45 @@ async def latency(target: clients.Target, samples: int) -> dict[str, float]:
             "samples": float(samples)}
 
 
-async def storm(target: clients.Target, n: int, upstream: DemoUpstream,
-                timeout: float = 600.0, open_parallel: int = 200) -> dict[str, Any]:
-    """``n`` concurrent LOGINs for one account whose access token has expired."""
+async def storm(target: clients.Target | Sequence[clients.Target], n: int,
+                upstream: DemoUpstream, timeout: float = 600.0,
+                open_parallel: int = 200) -> dict[str, Any]:
+    """``n`` concurrent LOGINs for one account whose access token has expired; with several
+    targets (daemons sharing a token store), the connections go to each in turn."""
+    targets = [target] if isinstance(target, clients.Target) else list(target)
     sem = asyncio.Semaphore(open_parallel)
     errors: list[str] = []
 
-    async def connect() -> clients.ImapConn | None:
+    async def connect(i: int) -> tuple[clients.ImapConn, clients.Target] | None:
+        where = targets[i % len(targets)]
         async with sem:
             try:
                 async with asyncio.timeout(30):
-                    return await clients.ImapConn.open(target)
+                    return await clients.ImapConn.open(where), where
             except Exception as exc:
                 errors.append(f"connect: {type(exc).__name__}: {exc}"[:200])
                 return None
 
-    opened = await asyncio.gather(*(connect() for _ in range(n)))
+    opened = await asyncio.gather(*(connect(i) for i in range(n)))
     conns = [c for c in opened if c is not None]
     upstream.reset_stats()
     done_at: list[float] = []
     started = time.perf_counter()
 
-    async def one(conn: clients.ImapConn) -> None:
+    async def one(conn: clients.ImapConn, where: clients.Target) -> None:
         try:
-            await conn.login(target)
+            await conn.login(where)
             done_at.append(time.perf_counter() - started)
         except Exception as exc:
             errors.append(f"{type(exc).__name__}: {exc}"[:200])
 
     try:
         async with asyncio.timeout(timeout):
-            await asyncio.gather(*(one(c) for c in conns))
+            await asyncio.gather(*(one(c, where) for c, where in conns))
     except TimeoutError:
         errors.append(f"timed out after {timeout} s")
     stats = upstream.stats()
-    for conn in conns:
+    for conn, _ in conns:
         conn.close()
     await asyncio.sleep(0.5)
     return {"n": n, "ok": len(done_at), "errors": n - len(done_at),
@@ -100,11 +104,13 @@ async def storm(target: clients.Target, n: int, upstream: DemoUpstream,
             "first_error": errors[0] if errors else ""}
 
 
-def expire_token(world: Any, account: str, say: Callable[[str], None]) -> None:
-    """Re-authorise ``account`` with a 2 s access token, then let it run out."""
+def expire_token(world: Any, account: str, say: Callable[[str], None], *,
+                 cfg: Any = None, token_store: Any = None) -> None:
+    """Re-authorise ``account`` with a 2 s access token (into ``token_store`` under ``cfg``,
+    default the world's token files), then let it run out."""
     world.upstream.configure(access_token_lifetime=2)
     try:
-        world.authorise(account)
+        world.authorise(account, cfg, token_store)
     finally:
         world.upstream.configure(access_token_lifetime=3600, auto_approve_user=None)
     time.sleep(3.0)

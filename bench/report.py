@@ -218,7 +218,10 @@ def rows(data: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
                     "", f"{_series(x.get('imap_fetch'))}; {_series(x.get('cpu_s_per_gb'), 2)}; "
                         f"{_num((x.get('login') or {}).get('login_p50_ms'), 2)}; "
                         f"{_num(x.get('rss_per_session_kib'), 1)}", "", ""))
-    from bench import workers  # the event loops × workers figure (bench/workers.py)
+    from bench import ha, workers  # figures of bench/ha.py and bench/workers.py
+
+    for figure, text in ha.rows(f.get("ha") or {}):
+        out.append((figure, "", text, "", "1 token request, 0 failed"))
 
     for figure, text in workers.rows(f.get("workers") or {}):
         out.append((figure, "", text, "", "19,000 open, 0 errors, ≤ 40 KiB/session"

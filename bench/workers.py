@@ -57,17 +57,22 @@ def tree_rss(pid: int) -> int:
     return sum(harness.rss_bytes(p) for p in tree(pid))
 
 
-def start(world: env.World, label: str, workers: int, event_loop: str
+def config_file(world: env.World, label: str) -> Path:
+    """Where ``start`` writes the config of the set-up ``label``."""
+    return world.workdir / f"proxy-{label.replace(' ', '').replace(',', '-')}.toml"
+
+
+def start(world: env.World, label: str, workers: int, event_loop: str, *, tables: str = ""
           ) -> tuple[env.ProxyProcess, dict[str, int]]:
-    """The world's proxy config with new ports and these settings, started."""
+    """The world's proxy config with new ports and these settings (and ``tables``, TOML
+    appended at its end), started."""
     text = re.sub(r"(?m)^(workers|event_loop) = .*\n", "", world.config_path.read_text())
     ports = {}
     for proto, port in world.ports.items():
         ports[proto] = harness.free_port()
         text = text.replace(f'"127.0.0.1:{port}"', f'"127.0.0.1:{ports[proto]}"')
-    slug = label.replace(" ", "").replace(",", "-")
-    path = world.workdir / f"proxy-{slug}.toml"
-    path.write_text(f"workers = {workers}\nevent_loop = \"{event_loop}\"\n{text}")
+    path = config_file(world, label)
+    path.write_text(f"workers = {workers}\nevent_loop = \"{event_loop}\"\n{text}\n{tables}")
     proc = world.start_proxy(config=(path, ports))
     return proc, ports
 
