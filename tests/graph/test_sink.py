@@ -8,6 +8,8 @@ import dataclasses
 import email
 import email.policy
 import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from email.message import EmailMessage
@@ -199,3 +201,19 @@ async def test_without_sent_items_copy(tmp_path: Path, demo_upstream: DemoUpstre
     assert demo_upstream.graph_stats().get("sendMail") == 1
     await env.client.close()
     await tokens.aclose()
+
+
+def test_spool_files_of_a_killed_process_are_removed_on_first_use(tmp_path: Path) -> None:
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    folder = tmp_path / "graph-spool"
+    folder.mkdir(mode=0o700)
+    orphans = [folder / f"msg-{gone.pid}-k1", folder / f"msg-{gone.pid}-k1.part"]
+    live = [folder / f"msg-{os.getppid()}-w2", folder / f"msg-{os.getpid()}-w1", folder / "notes"]
+    for path in orphans + live:
+        path.write_bytes(b"spooled")
+    assert spool_dir(tmp_path) == folder
+    assert sorted(os.listdir(folder)) == sorted(path.name for path in live)
+    (folder / f"msg-{gone.pid}-k2").write_bytes(b"later")  # swept once per process only
+    spool_dir(tmp_path)
+    assert (folder / f"msg-{gone.pid}-k2").exists()
