@@ -203,26 +203,48 @@ class PostgresBackend:
     def write(self, account: str, data: bytes, expected: Version | None) -> Version:
         check_account(account)
         if expected is None:
-            row = self._run(lambda conn: conn.execute(
-                "INSERT INTO xoauth2_proxy_tokens (account, envelope) VALUES (%s, %s) "
-                "ON CONFLICT (account) DO NOTHING RETURNING version", (account, data)).fetchone())
-            if row is None:
-                raise TokenFileExists(account, self.where(account))
+            sql = ("INSERT INTO xoauth2_proxy_tokens (account, envelope) VALUES (%s, %s) "
+                   "ON CONFLICT (account) DO NOTHING RETURNING version")
+            args: tuple[object, ...] = (account, data)
         elif expected == REPLACE:
-            row = self._run(lambda conn: conn.execute(
-                "INSERT INTO xoauth2_proxy_tokens (account, envelope) VALUES (%s, %s) "
-                "ON CONFLICT (account) DO UPDATE SET envelope = excluded.envelope, "
-                "version = xoauth2_proxy_tokens.version + 1, updated_at = now() "
-                "RETURNING version", (account, data)).fetchone())
+            sql = ("INSERT INTO xoauth2_proxy_tokens (account, envelope) VALUES (%s, %s) "
+                   "ON CONFLICT (account) DO UPDATE SET envelope = excluded.envelope, "
+                   "version = xoauth2_proxy_tokens.version + 1, updated_at = now() "
+                   "RETURNING version")
+            args = (account, data)
         else:
-            row = self._run(lambda conn: conn.execute(
-                "UPDATE xoauth2_proxy_tokens SET envelope = %s, version = version + 1, "
-                "updated_at = now() WHERE account = %s AND version = %s RETURNING version",
-                (data, account, expected)).fetchone())
-            if row is None:  # changed meanwhile (or a retried write that had gone through)
-                raise VersionConflict(account)
-        assert row is not None
+            sql = ("UPDATE xoauth2_proxy_tokens SET envelope = %s, version = version + 1, "
+                   "updated_at = now() WHERE account = %s AND version = %s RETURNING version")
+            args = (data, account, expected)
+        sent: list[None] = []
+
+        def op(conn: psycopg.Connection[Any]) -> Any:
+            sent.append(None)
+            return conn.execute(sql, args).fetchone()
+
+        row = self._run(op)
+        if row is None and len(sent) > 1:
+            row = self._own_write(account, data, expected)
+        if row is None:
+            if expected is None:
+                raise TokenFileExists(account, self.where(account))
+            raise VersionConflict(account)  # changed meanwhile
         return int(row[0])
+
+    def _own_write(self, account: str, data: bytes, expected: Version | None
+                   ) -> tuple[int] | None:
+        """After ``_run`` sent a write again (its kept connection dropped): the record's version
+        if it holds exactly ``data``, one version after ``expected`` — the first statement had
+        been committed and only its answer was lost. Every envelope has a fresh random nonce,
+        so equal bytes there are this write's."""
+        row = self._run(lambda conn: conn.execute(
+            "SELECT version, envelope FROM xoauth2_proxy_tokens WHERE account = %s",
+            (account,)).fetchone())
+        if row is None or bytes(row[1]) != data:
+            return None
+        if isinstance(expected, int) and int(row[0]) != expected + 1:
+            return None
+        return (int(row[0]),)
 
     def scan(self) -> Iterator[tuple[str, bytes]]:
         rows = self._run(lambda conn: conn.execute(

@@ -24,7 +24,7 @@ from proxy.demo.process import DemoUpstream
 from proxy.secret import Secret
 from proxy.store import LockTimeout, StoreUnavailable, TokenStore, WrongPassword
 from proxy.store import pg as pg_module
-from proxy.store.backend import FileBackend
+from proxy.store.backend import FileBackend, RecordMissing
 from proxy.store.format import TokenDocument
 from proxy.store.pg import PostgresBackend, SchemaError
 from proxy.store.settings import StoreSettings, dsn_problem
@@ -77,6 +77,45 @@ def test_the_database_holds_the_files_envelope_and_sees_ciphertext_only(
     assert raw_rows(postgres)[0][2] == 2
     with pytest.raises(WrongPassword):
         open_db(settings).unlock(ACCOUNT, Secret("not the password"))
+
+
+def test_a_write_sent_again_after_its_answer_was_lost_is_not_a_conflict(
+        postgres: Postgres, settings: StoreSettings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The connection drops after the server committed a write and before its answer came:
+    the backend sends the statement again on a new connection, and that must not report a
+    conflict with the write it already made (nor take another machine's for its own)."""
+    backend = PostgresBackend(settings)
+    real = psycopg.Connection.execute
+    lost: list[str] = []
+
+    def answer_lost(self: psycopg.Connection[object], query: object, *args: object,
+                    **kw: object) -> object:
+        cursor = real(self, query, *args, **kw)  # type: ignore[arg-type]
+        text = str(query)
+        if text.startswith(("INSERT INTO xoauth2_proxy_tokens", "UPDATE")) and arm:
+            arm.clear()
+            lost.append(text.split(" ", 1)[0])
+            self.close()  # committed; the answer never arrives
+            raise psycopg.OperationalError("server closed the connection unexpectedly")
+        return cursor
+
+    monkeypatch.setattr(psycopg.Connection, "execute", answer_lost)
+    arm: list[bool] = []
+    first, second = os.urandom(64), os.urandom(64)
+    with pytest.raises(RecordMissing):  # leaves a kept connection, which the drop then hits
+        backend.read(ACCOUNT)
+    arm.append(True)
+    version = backend.write(ACCOUNT, first, None)
+    backend.read(ACCOUNT)
+    arm.append(True)
+    assert backend.write(ACCOUNT, second, version) == 2
+    assert lost == ["INSERT", "UPDATE"]
+    assert raw_rows(postgres) == [(ACCOUNT, second, 2)]
+    with pytest.raises(store.TokenFileExists):  # without a lost answer: still a conflict
+        backend.write(ACCOUNT, second, None)
+    with pytest.raises(pg_module.VersionConflict):
+        backend.write(ACCOUNT, os.urandom(64), version)
+    backend.close()
 
 
 def test_a_save_racing_a_slot_change_keeps_both(postgres: Postgres,
