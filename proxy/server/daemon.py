@@ -121,6 +121,20 @@ def _server_tls(li: Listener) -> ssl.SSLContext | None:
         raise StartupError(f"listeners {li.name}: cannot load cert_file/key_file: {exc}") from None
 
 
+def _restart_notes(old: Config, config: Config) -> list[str]:
+    """What of the daemon-wide settings a reload leaves as it was, for the log."""
+    notes = []
+    if config.state_dir != old.state_dir:
+        notes.append(f"state_dir changed to {config.state_dir}: a restart applies it; "
+                     f"token files are still read from {old.state_dir}")
+    if config.metrics.listen != old.metrics.listen:
+        notes.append("metrics.listen changed: a restart applies it")
+    if config.store != old.store:
+        notes.append(f"[store] changed to {config.store.display()}: a restart applies it; "
+                     f"tokens are still kept in {old.store.display()}")
+    return notes
+
+
 class Daemon:
     def __init__(self, config: Config, *, token_store: store.TokenStore | None = None,
                  metrics_endpoint: bool = True) -> None:
@@ -256,14 +270,7 @@ class Daemon:
         running = {runtime.name for runtime in self.listeners}
         notes.extend(f"listener {name} is new: a restart opens it"
                      for name in wanted if name not in running)
-        if config.state_dir != old.state_dir:
-            notes.append(f"state_dir changed to {config.state_dir}: a restart applies it; "
-                         f"token files are still read from {old.state_dir}")
-        if config.metrics.listen != old.metrics.listen:
-            notes.append("metrics.listen changed: a restart applies it")
-        if config.store != old.store:
-            notes.append(f"[store] changed to {config.store.display()}: a restart applies it; "
-                         f"tokens are still kept in {old.store.display()}")
+        notes.extend(_restart_notes(old, config))
 
         def build() -> list[tuple[ssl.SSLContext, ssl.SSLContext | None]]:
             upstream_tls = _upstream_tls(config, (li for _, li in kept))
