@@ -16,7 +16,9 @@ connections over the workers accepting on a socket.
   ping the supervisor (a worker whose pings stop is killed with SIGABRT and replaced) and the
   supervisor pings systemd from its own loop: the whole is watched, the unit needs only
   ``NotifyAccess=main``.
-- **Signals**: SIGHUP is forwarded to every worker (each reloads without dropping a session);
+- **Signals**: SIGHUP is forwarded to every worker (each reloads without dropping a session;
+  a worker starts with SIGHUP blocked until its handler is set, so one that is still starting
+  reloads once it is up instead of dying of the signal's default action);
   SIGTERM/SIGINT to every worker (each drains for ``shutdown_grace``), then the supervisor
   exits; a worker still there ``KILL_AFTER`` seconds later is killed.
 - **Metrics**: workers write prometheus_client's multiprocess files into a private directory
@@ -181,8 +183,10 @@ class Supervisor:
             for own in worker.sockets:
                 fds.append(fcntl.fcntl(own.fileno(), fcntl.F_DUPFD_CLOEXEC, 3 + n))
             actions = [(os.POSIX_SPAWN_DUP2, fd, 3 + i) for i, fd in enumerate(fds)]
+            # SIGHUP blocked until the worker's handler is in place (proxy.server.daemon.run
+            # unblocks it): a reload sent while it starts waits instead of killing it.
             worker.pid = os.posix_spawn(sys.executable, argv, self._environment(worker),
-                                        file_actions=actions)
+                                        file_actions=actions, setsigmask={signal.SIGHUP})
         finally:
             for fd in fds:
                 os.close(fd)

@@ -455,6 +455,9 @@ async def run(config: Config, *, on_ready: Callable[[Daemon], None] | None = Non
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, process.stop.set)
             loop.add_signal_handler(signal.SIGHUP, process.hup.set)
+            # A worker starts with SIGHUP blocked (proxy.supervisor): one that came meanwhile
+            # is handled now, as a reload once started.
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
             await daemon.start(sockets, metrics_socket=metrics_socket)
         except StartupError as exc:
             notifier.status(f"cannot start: {exc}")

@@ -155,6 +155,23 @@ async def test_two_workers_one_scrape_reload_crash_and_stop(
     assert private and not Path(private.group(1)).exists()  # metrics files removed
 
 
+async def test_a_reload_reaching_a_worker_that_is_still_starting_waits_for_it(
+        tmp_path: Path, demo_upstream: DemoUpstream, notify: NotifySocket,
+        processes: list[ProxyProcess], event_loop_name: str) -> None:
+    proc, port, _ = await start(tmp_path, demo_upstream, notify, processes, event_loop_name)
+    victim = workers(proc)[1]
+    os.kill(victim, signal.SIGKILL)
+    # SIGHUP the replacement the moment it exists: long before its interpreter has started.
+    replacement = await poll(lambda: workers(proc)[1] != victim and workers(proc)[1],
+                             timeout=30, every=0.002)
+    os.kill(replacement, signal.SIGHUP)
+    await poll(lambda: "signal=SIGHUP" in proc.text()
+               or re.search(r"worker=1 event=reloaded", proc.text()), timeout=60)
+    assert "signal=SIGHUP" not in proc.text()  # not killed by it: reloaded once up
+    assert alive(replacement) and workers(proc)[1] == replacement
+    await asyncio.to_thread(login, port)
+
+
 async def test_two_workers_on_socket_activated_sockets(
         tmp_path: Path, demo_upstream: DemoUpstream, notify: NotifySocket,
         processes: list[ProxyProcess]) -> None:
