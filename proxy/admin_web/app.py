@@ -40,6 +40,7 @@ from proxy.notify import events
 from proxy.secret import Secret
 from proxy.server.http import quiet_bad_requests
 from proxy.server.listener import StartupError
+from proxy.store.core import same_key_id
 
 if TYPE_CHECKING:
     from proxy.server.daemon import Daemon
@@ -258,7 +259,13 @@ class AdminServer:
             if password:
                 unlocked = await asyncio.to_thread(token_store.unlock, name, Secret(password))
             elif (known := self._known_key(account)) is not None:
-                return known
+                info = await asyncio.to_thread(token_store.info, name)
+                if same_key_id(info.key_id, known.key_id):
+                    return known
+                self.keys.pop(name, None)  # replaced: a new sign-in, or a rotated data key
+                raise Refused("The token file has a new key since it was unlocked here (a new "
+                              "sign-in or `passwd --rotate`): enter one of the account's "
+                              "device passwords.")
             elif account.service_key_file is not None:
                 key = await asyncio.to_thread(store.read_key_file, account.service_key_file)
                 unlocked = await asyncio.to_thread(token_store.unlock_with_service_key, name, key)

@@ -184,7 +184,8 @@ class StoreCore:
 
     def info(self, account: str) -> FileInfo:
         path, doc = self._load(account)
-        return FileInfo(account, path, doc.meta, tuple(slot.info() for slot in doc.slots))
+        return FileInfo(account, path, doc.meta, tuple(slot.info() for slot in doc.slots),
+                        doc.key_id)
 
     def _scan(self) -> Iterator[tuple[Where, TokenDocument]]:
         """Every readable record whose place matches its account; others are logged, skipped."""

@@ -52,6 +52,7 @@ class FileInfo:
     path: Path | str  # a file, or a database row (PostgreSQL backend)
     meta: Meta
     slots: tuple[SlotInfo, ...]
+    key_id: str = ""  # names the data key (format.py); a new login or a rotation changes it
 
 
 @dataclass(frozen=True)

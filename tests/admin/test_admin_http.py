@@ -17,8 +17,15 @@ from proxy import config as config_mod
 from proxy.admin_web.app import SIGN_IN_FAILURES
 from proxy.demo.process import DemoUpstream
 from proxy.notify import events
-from tests.admin.adminenv import ADMIN_PASSWORD, PHONE, AdminEnv, csrf_of, start_admin
-from tests.proxyenv import USER
+from tests.admin.adminenv import (
+    ADMIN_PASSWORD,
+    PASSWORD,
+    PHONE,
+    AdminEnv,
+    csrf_of,
+    start_admin,
+)
+from tests.proxyenv import USER, authorise
 
 
 @pytest.fixture
@@ -147,3 +154,25 @@ async def test_parallel_sign_in_guesses_meet_the_limit(env: AdminEnv) -> None:
         limited = sum("Too many failed sign-ins" in page for page in pages)
         assert wrong == SIGN_IN_FAILURES and limited == 25 - SIGN_IN_FAILURES
         assert "Too many failed sign-ins" in await sign_in(http, env.url)
+
+
+async def test_a_key_unlocked_here_is_not_used_after_the_file_got_a_new_one(
+        env: AdminEnv, demo_upstream: DemoUpstream) -> None:
+    async with client() as http:
+        page = await sign_in(http, env.url)
+
+        async def add(label: str, password: str) -> str:
+            async with http.post(f"{env.url}/passwords/{USER}/add", data={
+                    "label": label, "password": password, "csrf": csrf_of(page)}) as r:
+                assert r.status == 200
+                return await r.text()
+
+        assert "laptop" in await add("laptop", PASSWORD)  # unlocks, and keeps the key
+        assert "tablet" in await add("tablet", "")  # the kept key, no password asked
+        # A new sign-in with a password the file does not know: a new file, a new data key.
+        await asyncio.to_thread(authorise, env.proxy.config, demo_upstream, USER, "fresh start")
+        html = await add("desk", "")
+        assert "has a new key since it was unlocked here" in html
+        assert "desk" not in slots(env)
+        assert "desk" in await add("desk", "fresh start")
+        assert "desk" in slots(env)
