@@ -10,22 +10,11 @@ import ssl
 from typing import Any
 
 from proxy.auth.errors import TokenError
-from proxy.protocol.events import Failure
-from proxy.server.smtp_sink import Reply
+from proxy.server.smtp_sink import FAILURE_STATUS, Reply
 from proxy.text import one_line, untrusted_certificate
 
 THROTTLED = frozenset({429, 503, 504})
 DEFAULT_RETRY = 60  # seconds, when a throttling answer names none
-_TOKEN_REPLY = {  # the same replies the SMTP path gives for the same token failures
-    Failure.BAD_CREDENTIALS: (535, "5.7.8"),
-    Failure.AUTHORISATION_NEEDED: (535, "5.7.8"),
-    Failure.UPSTREAM_REJECTED: (535, "5.7.8"),
-    Failure.UNAVAILABLE: (454, "4.7.0"),
-    Failure.THROTTLED: (454, "4.7.0"),
-    Failure.CONTACT_ADMIN: (454, "4.3.5"),
-}
-
-
 class GraphFailure(Exception):
     """A submission that did not succeed; ``reply`` is the client's answer, ``result`` the
     log's and metric's word for it."""
@@ -78,7 +67,7 @@ def from_answer(status: int, body: Any, headers: Any, mailbox: str) -> GraphFail
 
 
 def from_token_error(exc: TokenError) -> GraphFailure:
-    code, status = _TOKEN_REPLY[exc.failure]
+    code, status = FAILURE_STATUS[exc.failure]
     return _fail(code, status, exc.user_text if code == 535 else
                  f"No Graph token for {exc.account}: {exc.detail}", exc.result)
 

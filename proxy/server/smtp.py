@@ -56,7 +56,7 @@ from proxy.server.pipeline import Denied, PasswordToken, Pipeline
 from proxy.server.smtp_auth import Credentials, read_login, read_plain
 from proxy.server.smtp_protocol import ProxySMTP, quiet_aiosmtpd
 from proxy.server.smtp_relay import Decision, RelayRefused, RelayRules, seed_metrics
-from proxy.server.smtp_sink import MessageSink, SinkLost
+from proxy.server.smtp_sink import FAILURE_STATUS, MessageSink, SinkLost
 from proxy.server.smtp_transaction import Ready, TransactionRelay
 from proxy.server.smtp_upstream import SmtpOpener, UpstreamSession
 from proxy.text import one_line
@@ -66,18 +66,9 @@ log = logging.getLogger("proxy.smtp")
 CLIENT_IDLE = 300.0  # seconds of client silence before the connection is closed (RFC 5321: 5 min)
 MAX_MESSAGE_SIZE = 64 * 1024 * 1024  # advertised SIZE; lowered to the upstream's after login
 
-_FAILURE_REPLY = {
-    Failure.BAD_CREDENTIALS: "535 5.7.8",
-    Failure.AUTHORISATION_NEEDED: "535 5.7.8",
-    Failure.UPSTREAM_REJECTED: "535 5.7.8",
-    Failure.UNAVAILABLE: "454 4.7.0",
-    Failure.THROTTLED: "454 4.7.0",
-    Failure.CONTACT_ADMIN: "454 4.3.5",
-}
-
-
 def failure_reply(failure: Failure, text: str) -> str:
-    return f"{_FAILURE_REPLY[failure]} {one_line(text)}"
+    code, status = FAILURE_STATUS[failure]
+    return f"{code} {status} {one_line(text)}"
 
 
 def _local_name() -> str:

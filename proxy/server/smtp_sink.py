@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from proxy.protocol.events import Failure
+
 END_TIMEOUT = 600.0  # RFC 5321 4.5.3.2.6: 10 minutes for the reply to the final dot
 
 _QUEUE_ID = (
@@ -21,6 +23,17 @@ _QUEUE_ID = (
     re.compile(r"<([^<>\s]+)>"),  # Microsoft 365: "2.0.0 OK <id@host> [Hostname=…]"
     re.compile(r"^\d\.\d{1,3}\.\d{1,3}\s+(?:ok|queued)\W*\s*([A-Za-z0-9][\w.@-]{5,})", re.I),
 )
+
+
+FAILURE_STATUS: dict[Failure, tuple[int, str]] = {
+    # A login or token that failed, as an SMTP client hears it, whichever path it took.
+    Failure.BAD_CREDENTIALS: (535, "5.7.8"),
+    Failure.AUTHORISATION_NEEDED: (535, "5.7.8"),
+    Failure.UPSTREAM_REJECTED: (535, "5.7.8"),
+    Failure.UNAVAILABLE: (454, "4.7.0"),
+    Failure.THROTTLED: (454, "4.7.0"),
+    Failure.CONTACT_ADMIN: (454, "4.3.5"),
+}
 
 
 class SinkLost(Exception):
