@@ -171,6 +171,19 @@ def leaves(f: BinaryIO, headers: EmailMessage, start: int, end: int, depth: int 
         yield from leaves(f, parse_header(header), body, next_at, depth + 1)
 
 
+def _qp_cut(data: bytes) -> int:
+    """Where quoted-printable ``data`` can be decoded up to, the rest waiting for more: after
+    its last line end; in a line longer than a block (no line end at all), before the last two
+    bytes, or before an ``=`` among them, so that no escape or soft line break is split and
+    the carry stays a few bytes however long the line."""
+    cut = data.rfind(b"\n") + 1
+    if cut == 0:
+        cut = max(0, len(data) - 2)
+        escape = data.rfind(b"=", max(0, cut - 2), cut)
+        cut = escape if escape != -1 else cut
+    return cut
+
+
 def decoded(f: BinaryIO, leaf: Leaf, block: int = BLOCK) -> Iterator[bytes]:
     """The part's body, its Content-Transfer-Encoding undone, in chunks."""
     encoding = str(leaf.headers.get("content-transfer-encoding", "7bit")).strip().lower()
@@ -192,7 +205,7 @@ def decoded(f: BinaryIO, leaf: Leaf, block: int = BLOCK) -> Iterator[bytes]:
                 raise MessageProblem(f"an attachment is not valid base64 ({exc})") from None
         elif encoding == "quoted-printable":
             data = carry + raw
-            cut = data.rfind(b"\n") + 1 if position < leaf.end else len(data)
+            cut = _qp_cut(data) if position < leaf.end else len(data)
             carry = data[cut:]
             yield binascii.a2b_qp(data[:cut])
         else:

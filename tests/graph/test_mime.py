@@ -4,6 +4,7 @@ recipient rewrite of the copy's header."""
 
 from __future__ import annotations
 
+import binascii
 import email
 import email.policy
 import io
@@ -50,6 +51,21 @@ def test_leaves_and_decoding_match_the_email_package(texts: list[bytes], qp: boo
     assert [leaf.headers.get_filename() for leaf in leaves] == [
         p.get_filename() for p in parsed.walk() if not p.is_multipart()]
     assert got == expected
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.binary(min_size=1, max_size=400), st.integers(min_value=1, max_value=40))
+def test_a_quoted_printable_line_of_any_length_decodes_in_blocks(data: bytes, block: int
+                                                                  ) -> None:
+    """One long line (an appliance's base64-less "attachment"): decoded a block at a time,
+    escapes and soft line breaks falling across blocks, with what waits for the next block
+    never more than a few bytes."""
+    line = binascii.b2a_qp(data, istext=False).replace(b"=\n", b"")  # soft breaks joined
+    leaf = mime.Leaf(EmailMessage(), 0, len(line))
+    leaf.headers["Content-Transfer-Encoding"] = "quoted-printable"
+    pieces = list(mime.decoded(io.BytesIO(line), leaf, block=block))
+    assert b"".join(pieces) == binascii.a2b_qp(line)
+    assert max(len(piece) for piece in pieces) <= block + 4
 
 
 def test_recipients_header() -> None:
