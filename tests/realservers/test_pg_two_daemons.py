@@ -7,13 +7,16 @@ machines behind a load balancer, in front of the fake Microsoft 365.
   token endpoint): the other daemon and the restarted one keep working, and the stored refresh
   token still works afterwards.
 - PostgreSQL stopped and started again: logins with a cached token go on during the outage, a
-  refresh is answered as temporary (``NO [UNAVAILABLE]``), and everything works after.
+  refresh is answered as temporary (IMAP ``NO [UNAVAILABLE]``, POP3 ``-ERR [SYS/TEMP]``, SMTP
+  ``454 4.7.0``), and everything works after.
 """
 
 from __future__ import annotations
 
 import asyncio
 import io
+import poplib
+import smtplib
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -73,7 +76,7 @@ class Daemons:
 async def daemons(tmp_path: Path, demo_upstream: DemoUpstream,
                   pg_store: Postgres) -> AsyncIterator[Daemons]:
     # A busy machine: the fake upstream's TLS handshakes for 1,000 logins may queue for a while.
-    data = config_dict(tmp_path, demo_upstream, protocols=("imap",),
+    data = config_dict(tmp_path, demo_upstream, protocols=("imap", "pop", "smtp"),
                        limits={"max_preauth_per_source": 4096},
                        upstreams={"imap": {"connect_timeout": 120}})
     data["store"] = {**pg_store.toml(), "lock_timeout": 5}
@@ -122,6 +125,26 @@ async def imap_login(port: int) -> bytes:
             await writer.wait_closed()
         except OSError:
             pass
+
+
+def pop_and_smtp_logins(proc: ProxyProcess) -> tuple[str, tuple[int, str]]:
+    """A POP3 USER/PASS and an SMTP AUTH that fail: the POP3 error line, the SMTP reply."""
+    pop = poplib.POP3("127.0.0.1", proc.port("listening", " listener=pop "), timeout=60)
+    try:
+        pop.user(USER)
+        pop.pass_(PASSWORD)
+        raise AssertionError("POP3 login succeeded")
+    except poplib.error_proto as exc:
+        pop_error = exc.args[0].decode()
+    finally:
+        pop.close()
+    with smtplib.SMTP("127.0.0.1", proc.port("listening", " listener=smtp "), timeout=60) as smtp:
+        smtp.ehlo()
+        try:
+            smtp.login(USER, PASSWORD)
+            raise AssertionError("SMTP AUTH succeeded")
+        except smtplib.SMTPAuthenticationError as exc:
+            return pop_error, (exc.smtp_code, exc.smtp_error.decode())
 
 
 async def logins(daemons: Daemons, count: int) -> list[bytes]:
@@ -185,6 +208,10 @@ async def test_postgresql_restarted_mid_run(daemons: Daemons, demo_upstream: Dem
         demo_upstream.revoke(USER, access_tokens=True, refresh_tokens=False)
         refused = await imap_login(daemons.port(1))
         assert refused.startswith(b"a1 NO [UNAVAILABLE]"), refused
+        # The same answer, as temporary, in POP3 and SMTP.
+        pop, smtp = await asyncio.to_thread(pop_and_smtp_logins, daemons.procs[0])
+        assert pop.startswith("-ERR [SYS/TEMP]"), pop
+        assert smtp[0] == 454 and smtp[1].startswith("4.7.0"), smtp
     finally:
         await asyncio.to_thread(pg_store.launch)
 
