@@ -7,7 +7,8 @@ session's CSRF token; every response the strict headers of ``security.HEADERS``.
 
 Pages: ``/`` accounts (flow, token state, in-band device code, device passwords with last use;
 add one — shown once — or revoke one), ``/reauth/ACCOUNT`` (a device code, then the page
-refreshes itself until the sign-in is done), ``/events`` (recent operator events).
+refreshes itself until the sign-in is done; or a sign-in in this browser, ``proxy.admin_web.browser``),
+``/events`` (recent operator events).
 
 Writing tokens or adding a slot needs the account's data key: the page uses a key the daemon
 already holds (an in-band flow's, one unlocked here earlier, or the service-key slot), else it
@@ -31,7 +32,7 @@ import jinja2
 from aiohttp import web
 
 from proxy import logs, store
-from proxy.admin_web import security
+from proxy.admin_web import browser, security
 from proxy.admin_web.config import AdminSettings
 from proxy.admin_web.views import account_view, when
 from proxy.auth.errors import TokenError
@@ -47,7 +48,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("proxy.admin")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-PUBLIC = ("/login", "/static/admin.css", "/favicon.ico")
+PUBLIC = ("/login", "/static/admin.css", "/favicon.ico", browser.CALLBACK)
 _LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")
 SIGN_IN_FAILURES = 10  # per minute, all sources together: beyond, sign-in is refused
 
@@ -62,6 +63,7 @@ class AdminServer:
         self.settings = settings
         self.sessions = security.Sessions(settings.session_minutes * 60)
         self.keys: dict[str, store.Unlocked] = {}  # data keys unlocked through this page
+        self.signins = browser.BrowserSignIns()
         self.failures: deque[float] = deque()
         self.checking = 0  # sign-in passwords being checked now
         self.one_check = asyncio.Lock()
@@ -82,6 +84,7 @@ class AdminServer:
         r.add_get("/events", self.events)
         r.add_get("/reauth/{account}", self.reauth_page)
         r.add_post("/reauth/{account}", self.reauth_start)
+        r.add_post(browser.CALLBACK, self.signed_in)
         r.add_post("/passwords/{account}/add", self.add_password)
         r.add_post("/passwords/{account}/revoke", self.revoke_password)
         r.add_get("/static/admin.css", self.stylesheet)
@@ -295,14 +298,41 @@ class AdminServer:
         if account.flow == "client_credentials":
             return await self.reauth_page(request, "An app-only account has no user to sign in.")
         form = await request.post()
+        in_browser = form.get("how") == "browser"
         try:
+            redirect = browser.redirect_uri(request.host, self.settings.tls) if in_browser else ""
             unlocked = await self._unlocked(account, str(form.get("password", "")))
+            if in_browser:
+                address = await asyncio.to_thread(self.signins.begin, self.daemon.config,
+                                                  account, unlocked, redirect)
+                return self._page(request, "signin.html", f"Sign in as {account.mailbox}",
+                                  mailbox=account.mailbox, address=address,
+                                  minutes=int(browser.LIFETIME // 60))
             await self.daemon.tokens.reauth.start(account, unlocked, via="admin")
-        except Refused as exc:
+        except (Refused, browser.SignInProblem) as exc:
             return await self.reauth_page(request, str(exc))
         except TokenError as exc:
             return await self.reauth_page(request, exc.user_text)
         return _redirect(f"/reauth/{account.name}")
+
+    async def signed_in(self, request: web.Request) -> web.Response:
+        """The identity platform's way back from a browser sign-in (no session cookie comes
+        with it; the flow's ``state`` identifies it)."""
+        try:
+            form = await request.post()
+            answer = {key: str(value) for key, value in form.items()}
+            account = await self.signins.finish(self.daemon.config, self.daemon.store, answer)
+        except browser.SignInProblem as exc:
+            error = str(exc)
+        except TokenError as exc:  # for the signed-in admin: the whole reason
+            error = f"Not signed in: {exc.detail}"
+        except store.StoreError as exc:
+            error = f"The new tokens could not be written: {exc}"
+        else:
+            self.daemon.tokens.reauth.finished(account.name, "admin_browser")
+            return self._page(request, "signed_in.html", "Signed in", name=account.name)
+        logs.event(log, logging.WARNING, "browser_sign_in_ended", result="failed", reason=error)
+        return self._page(request, "signed_in.html", "Sign-in failed", error=error)
 
     async def add_password(self, request: web.Request) -> web.StreamResponse:
         account, session = self._account(request), self._session(request)

@@ -72,6 +72,26 @@ def _countdown(flow: dict[str, Any], out: TextIO) -> Callable[[dict[str, Any]], 
     return exit_condition
 
 
+def signed_in_meta(config: Config, account: Account, cache: msal.SerializableTokenCache,
+                   identity: str | None) -> store.Meta:
+    """The clear metadata of a token file just written by a sign-in."""
+    expiry, has_rt = msal_client.cache_summary(cache)
+    return store.Meta(identity=identity, flow=account.flow, access_token_expires_at=expiry,
+                      refresh_token_present=has_rt, needs_reauth=None, updated_at=time.time(),
+                      resources=msal_client.cache_resources(cache, config.login_scopes(account)))
+
+
+def save_signed_in(config: Config, account: Account, token_store: store.TokenStore,
+                   unlocked: store.Unlocked, result: dict[str, Any],
+                   cache: msal.SerializableTokenCache) -> None:
+    """A re-authorisation's outcome: check MSAL's result and who signed in, then write the
+    tokens under a data key already unlocked, so that every device slot stays (blocking)."""
+    msal_client.check_result(account.name, result)
+    identity = check_identity(account, result)
+    token_store.save(unlocked, cache.serialize().encode("utf-8"),
+                     signed_in_meta(config, account, cache, identity))
+
+
 def check_identity(account: Account, result: dict[str, Any]) -> str | None:
     """The signed-in user; refuse when it is not the configured mailbox (delegated flows)."""
     if account.flow == "client_credentials":
@@ -91,10 +111,8 @@ def login(config: Config, account: Account, token_store: store.TokenStore, passw
     cache = msal.SerializableTokenCache()
     result = acquire(config, account, cache, out=out)
     identity = check_identity(account, result)
-    expiry, has_rt = msal_client.cache_summary(cache)
-    meta = store.Meta(identity=identity, flow=account.flow, access_token_expires_at=expiry,
-                      refresh_token_present=has_rt, needs_reauth=None, updated_at=time.time(),
-                      resources=msal_client.cache_resources(cache, config.login_scopes(account)))
+    meta = signed_in_meta(config, account, cache, identity)
+    expiry, has_rt = meta.access_token_expires_at, meta.refresh_token_present
     payload = cache.serialize().encode("utf-8")
     replaced = False
     existing = None

@@ -164,7 +164,8 @@ class ReauthFlows:
         name = flow.account.name
         try:
             result = await self._poll(flow, app)
-            await asyncio.to_thread(self._save, flow, result, cache)
+            await asyncio.to_thread(flows.save_signed_in, self.config, flow.account,
+                                    self.store, flow.unlocked, result, cache)
         except TokenError as exc:
             flow.outcome = "expired" if flow.expires_at <= time.time() else "failed"
             logs.event(log, logging.WARNING, "device_flow_ended", account=name,
@@ -178,9 +179,13 @@ class ReauthFlows:
                                                "new code")
             return
         flow.outcome = "done"
-        metrics.ACCOUNTS.set_needs_reauth(name, False)
         logs.event(log, logging.INFO, "device_flow_ended", account=name, result="ok")
-        publish("reauthorised", name, via=flow.via)
+        self.finished(name, flow.via)
+
+    def finished(self, name: str, via: str) -> None:
+        """New tokens were written for ``name`` by a sign-in (``via`` says whose)."""
+        metrics.ACCOUNTS.set_needs_reauth(name, False)
+        publish("reauthorised", name, via=via)
         self.on_done(name)
 
     async def _poll(self, flow: Flow, app: msal.PublicClientApplication) -> dict[str, Any]:
@@ -192,19 +197,6 @@ class ReauthFlows:
             if (result.get("error") not in _PENDING or flow.expires_at <= time.time()):
                 return dict(result)
             await asyncio.sleep(max(1.0, float(flow.flow.get("interval") or 5)))
-
-    def _save(self, flow: Flow, result: dict[str, Any],
-              cache: msal.SerializableTokenCache) -> None:
-        """Check MSAL's result and who signed in, then write the tokens under the unlocked
-        data key (worker thread)."""
-        account = flow.account
-        msal_client.check_result(account.name, result)
-        identity = flows.check_identity(account, result)
-        expiry, has_rt = msal_client.cache_summary(cache)
-        meta = store.Meta(identity=identity, flow=account.flow, access_token_expires_at=expiry,
-                          refresh_token_present=has_rt, needs_reauth=None,
-                          updated_at=time.time())
-        self.store.save(flow.unlocked, cache.serialize().encode("utf-8"), meta)
 
     async def aclose(self) -> None:
         tasks: list[asyncio.Task[Any]] = [f.task for f in self.flows.values() if f.task]

@@ -1,6 +1,7 @@
 """The admin page in a real headless browser (Debian's Chromium and chromedriver, driven by
 Selenium, JavaScript switched off): sign in, see the accounts, re-authorise an account by
-device code, add a device password and revoke it, and see that device's next login fail.
+device code and by signing in in the browser (auth code with PKCE, through the fake identity
+platform's page), add a device password and revoke it, and see that device's next login fail.
 
 The accounts page's screenshot goes to $XOAUTH2_PROXY_ARTIFACTS (CI keeps it) and, with
 XOAUTH2_PROXY_UPDATE_DOCS=1 in a checkout, to docs/admin-accounts.png (the README shows it).
@@ -44,6 +45,8 @@ def browser(profile: Path) -> Iterator[WebDriver]:
     for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
                 "--no-first-run", "--disable-background-networking",
                 "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
+                # the fake identity platform's certificate is from the test's own CA
+                "--ignore-certificate-errors",
                 f"--user-data-dir={profile}", "--window-size=1000,1100"):
         options.add_argument(arg)
     options.add_experimental_option(  # the page must work without JavaScript
@@ -87,6 +90,17 @@ def session(env: AdminEnv, upstream: DemoUpstream, tmp_path: Path) -> None:
         code = wait(d).until(lambda d: d.find_elements(By.ID, "user-code"))[0].text
         upstream.approve(code, USER)
         wait(d).until(lambda d: d.find_elements(By.ID, "done"))
+        assert fresh_login_reply(imap, USER, PASSWORD) == "OK"
+
+        # Or sign in in this browser: off to the (fake) identity platform's page and back.
+        upstream.revoke(USER, access_tokens=True, refresh_tokens=True)
+        d.get(f"{env.url}/reauth/{USER}")
+        d.find_element(By.CSS_SELECTOR, "button[value='browser']").click()
+        wait(d).until(lambda d: d.find_elements(By.ID, "sign-in"))[0].click()
+        # Scripts are off: the identity platform's page offers its form's button instead.
+        wait(d).until(lambda d: d.find_elements(By.CSS_SELECTOR, "input[type='submit']"))[0].click()
+        wait(d).until(lambda d: d.title.startswith("Signed in"))
+        assert f"{USER} is authorised again" in d.find_element(By.ID, "done").text
         assert fresh_login_reply(imap, USER, PASSWORD) == "OK"
 
         # Add a device password (shown once), use it, revoke it: its next login fails.
