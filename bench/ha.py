@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import sys
 import tempfile
@@ -127,15 +126,8 @@ def main(argv: list[str] | None = None) -> int:
                             n=100 if args.quick else args.logins))
     finally:
         world.close()
-    data["loadavg_after"] = os.getloadavg()
-    for figure, text in rows(data):
-        print(f"| {figure} | {text} |")
-    results = Path(__file__).resolve().parent / "results"
-    results.mkdir(exist_ok=True)
     from bench import report
-    (results / f"ha-{time.strftime('%Y%m%dT%H%M%S')}.json").write_text(
-        json.dumps(report.jsonable(data), indent=2))
-    print(f"load average before/after: {data['loadavg_before']} / {data['loadavg_after']}")
+    report.standalone("ha", data, rows)
     return 0
 
 

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from bench.harness import Series
@@ -277,3 +282,17 @@ def markdown(data: dict[str, Any]) -> str:
     if notes:
         out += [""] + [f"- {n}" for n in notes]
     return "\n".join(out) + "\n"
+
+
+def standalone(kind: str, data: dict[str, Any],
+               rows: Callable[[dict[str, Any]], list[tuple[str, str]]]) -> None:
+    """The end of a figure's own command (``python -m bench.KIND``): the rows as a Markdown
+    table, the raw figures in ``bench/results/KIND-TIMESTAMP.json``, the load average."""
+    data["loadavg_after"] = os.getloadavg()
+    for figure, text in rows(data):
+        print(f"| {figure} | {text} |")
+    results = Path(__file__).resolve().parent / "results"
+    results.mkdir(exist_ok=True)
+    (results / f"{kind}-{time.strftime('%Y%m%dT%H%M%S')}.json").write_text(
+        json.dumps(jsonable(data), indent=2))
+    print(f"load average before/after: {data['loadavg_before']} / {data['loadavg_after']}")

@@ -279,15 +279,8 @@ def main(argv: list[str] | None = None) -> int:
                                 event_loop=args.idle_loop, workers=args.idle_workers)
     finally:
         world.close()
-    data["loadavg_after"] = os.getloadavg()
-    for figure, text in rows(data):
-        print(f"| {figure} | {text} |")
-    results = Path(__file__).resolve().parent / "results"
-    results.mkdir(exist_ok=True)
     from bench import report
-    (results / f"workers-{time.strftime('%Y%m%dT%H%M%S')}.json").write_text(
-        json.dumps(report.jsonable(data), indent=2))
-    print(f"load average before/after: {data['loadavg_before']} / {data['loadavg_after']}")
+    report.standalone("workers", data, rows)
     return 0
 
 

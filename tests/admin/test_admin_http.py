@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -23,16 +22,8 @@ from tests.admin.adminenv import (
     PHONE,
     AdminEnv,
     csrf_of,
-    start_admin,
 )
 from tests.proxyenv import USER, authorise
-
-
-@pytest.fixture
-async def env(tmp_path: Path, demo_upstream: DemoUpstream) -> AsyncIterator[AdminEnv]:
-    env = await start_admin(tmp_path, demo_upstream)
-    yield env
-    await env.proxy.daemon.stop(grace=1)
 
 
 def client() -> aiohttp.ClientSession:

@@ -8,13 +8,10 @@ from __future__ import annotations
 import asyncio
 import re
 import ssl
-from collections.abc import AsyncIterator
 from html import unescape
-from pathlib import Path
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import aiohttp
-import pytest
 
 from proxy.demo.process import DemoUpstream
 from tests.admin.adminenv import (
@@ -23,17 +20,9 @@ from tests.admin.adminenv import (
     PHONE_PASSWORD,
     AdminEnv,
     csrf_of,
-    start_admin,
 )
 from tests.admin.test_admin_http import client, sign_in
 from tests.proxyenv import USER, fresh_login_reply
-
-
-@pytest.fixture
-async def env(tmp_path: Path, demo_upstream: DemoUpstream) -> AsyncIterator[AdminEnv]:
-    env = await start_admin(tmp_path, demo_upstream)
-    yield env
-    await env.proxy.daemon.stop(grace=1)
 
 
 async def start_sign_in(http: aiohttp.ClientSession, env: AdminEnv,
