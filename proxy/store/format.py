@@ -50,7 +50,7 @@ Keys and associated data (AAD); ``P(x)`` is x prefixed by its 4-byte big-endian 
 
 - data key: 32 random bytes per login (``create``) and per ``rotate``; never in the clear.
 - password slot wrapping key: scrypt(UTF-8 of the NFC-normalised password, salt, n, r, p),
-  32 bytes. Defaults n=2**15, r=8, p=1; accepted when reading: n a power of two in
+  32 bytes. Defaults n=2**17, r=8, p=1; accepted when reading: n a power of two in
   [2**10, 2**20], r in [1, 16], p in [1, 16], 128*n*r <= 1 GiB. An old-form password slot
   (no public_key) wraps the data key under it directly; a public-key slot seals its private key
   under it, so its wrapping key is the public-key wrap below.

@@ -14,6 +14,7 @@ a service key shorter than 32 bytes, an invalid account name); a malformed slot 
 from __future__ import annotations
 
 import dataclasses
+import hmac
 import os
 import time
 from collections.abc import Callable
@@ -33,7 +34,13 @@ from proxy.store.format import (
     make_key_id,
 )
 from proxy.store.names import FileInfo, Unlocked
-from proxy.store.pkslot import new_pk_slot, new_wrap_secret, open_wrap_secret, seal_wrap_secret
+from proxy.store.pkslot import (
+    BrokenSlot,
+    new_pk_slot,
+    new_wrap_secret,
+    open_wrap_secret,
+    seal_wrap_secret,
+)
 from proxy.store.slots import (
     cache_key,
     check_service_key,
@@ -211,8 +218,11 @@ class TokenStore(StoreCore):
         kept = doc.slot(unlocked.slot_label)
         if kept is None or kept.kind != KIND_PASSWORD:
             raise SlotError(f"{path} changed meanwhile; run the command again")
-        opens = open_slot(self._keys.derive(slot_cache_key(kept), keep), kept, doc.account)
-        if opens != unlocked.data_key:
+        try:
+            opens = open_slot(self._keys.derive(slot_cache_key(kept), keep), kept, doc.account)
+        except BrokenSlot as exc:
+            raise CorruptTokenFile(path, str(exc), opened=True) from None
+        if opens is None or not hmac.compare_digest(opens, unlocked.data_key):
             raise WrongPassword(f"that password does not open slot {kept.label!r}")
         salt = self._file_salt(doc) or os.urandom(SALT_SIZE)
         key = cache_key(salt, self.scrypt)
