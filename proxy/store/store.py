@@ -81,6 +81,8 @@ class TokenStore(StoreCore):
                 return None
             if current.pk is not None and current.salt == salt and current.scrypt == self.scrypt:
                 return None
+            if not self._opens(current, secret, unlocked):  # replaced meanwhile
+                return None
             doc, wrap_secret = self._with_wrap_secret(path, doc, unlocked)
             fresh = new_pk_slot(current.label, wrapping_key, salt, self.scrypt, wrap_secret,
                                 unlocked.data_key, unlocked.account, current.created_at)
@@ -112,6 +114,15 @@ class TokenStore(StoreCore):
                                    opened=True)
         return doc, opened
 
+    def _opens(self, slot: SlotRecord, secret: bytes, unlocked: Unlocked) -> bool:
+        """Whether ``secret`` (whose key ``unlock`` cached) still opens ``slot`` to the data key
+        of ``unlocked``; no derivation."""
+        derived = self._keys.cached(slot_cache_key(slot), secret)
+        try:
+            opened = None if derived is None else open_slot(derived, slot, unlocked.account)
+        except BrokenSlot:
+            return False
+        return opened is not None and hmac.compare_digest(opened, unlocked.data_key)
 
     def _precheck_new_slot(self, unlocked: Unlocked, label: str) -> TokenDocument:
         """Fail before paying scrypt; the same checks run again under the lock."""
@@ -215,15 +226,7 @@ class TokenStore(StoreCore):
         path, doc = self._load(unlocked.account)
         if not same_key_id(doc.key_id, unlocked.key_id):
             raise FileReplaced(unlocked.account, path)
-        kept = doc.slot(unlocked.slot_label)
-        if kept is None or kept.kind != KIND_PASSWORD:
-            raise SlotError(f"{path} changed meanwhile; run the command again")
-        try:
-            opens = open_slot(self._keys.derive(slot_cache_key(kept), keep), kept, doc.account)
-        except BrokenSlot as exc:
-            raise CorruptTokenFile(path, str(exc), opened=True) from None
-        if opens is None or not hmac.compare_digest(opens, unlocked.data_key):
-            raise WrongPassword(f"that password does not open slot {kept.label!r}")
+        kept = self._typed_slot(path, doc, unlocked, keep)
         salt = self._file_salt(doc) or os.urandom(SALT_SIZE)
         key = cache_key(salt, self.scrypt)
         kept_key = self._keys.derive(key, keep)
@@ -255,6 +258,20 @@ class TokenStore(StoreCore):
         for fresh, secret, wrapping_key in made.remembered:
             self._keys.remember(slot_cache_key(fresh), secret, wrapping_key)
         return self._opened(path, new, made.data_key, kept.label), made.issued
+
+    def _typed_slot(self, path: Where, doc: TokenDocument, unlocked: Unlocked,
+                    secret: bytes) -> SlotRecord:
+        """The slot ``unlocked`` was opened with, checked to open with ``secret``."""
+        slot = doc.slot(unlocked.slot_label)
+        if slot is None or slot.kind != KIND_PASSWORD:
+            raise SlotError(f"{path} changed meanwhile; run the command again")
+        try:
+            opens = open_slot(self._keys.derive(slot_cache_key(slot), secret), slot, doc.account)
+        except BrokenSlot as exc:
+            raise CorruptTokenFile(path, str(exc), opened=True) from None
+        if opens is None or not hmac.compare_digest(opens, unlocked.data_key):
+            raise WrongPassword(f"that password does not open slot {slot.label!r}")
+        return slot
 
     def touch_slot(self, unlocked: Unlocked) -> None:
         """Record that ``unlocked.slot_label`` was used; writes at most once an hour per slot.
