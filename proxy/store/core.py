@@ -61,7 +61,7 @@ from proxy.store.format import (
     make_key_id,
 )
 from proxy.store.names import FileInfo, Unlocked, default_scrypt_n
-from proxy.store.pkslot import BrokenSlot, new_pk_slot, new_wrap_secret, seal_wrap_secret
+from proxy.store.pkslot import BrokenSlot, new_anchor, new_pk_slot, seal_anchor
 from proxy.store.slots import (
     PasswordKeyCache,
     check_service_key,
@@ -384,7 +384,7 @@ class StoreCore:
         slots, remembered = self._first_slots(account, data_key, now, password, label, service_key)
         meta = dataclasses.replace(meta, updated_at=now)
         nonce, ciphertext = encrypt_payload(data_key, account, key_id, meta, payload)
-        sealed = None if remembered is None else seal_wrap_secret(
+        sealed = None if remembered is None else seal_anchor(
             remembered[3], data_key, account, key_id)
         doc = TokenDocument(account, key_id, meta, tuple(slots), nonce, ciphertext, sealed)
         with self.backend.writing(account):
@@ -400,19 +400,19 @@ class StoreCore:
         service_key: bytes | None,
     ) -> tuple[list[SlotRecord], tuple[SlotRecord, bytes, bytes, bytes] | None]:
         """The slots of a new record and, with a password, (its slot, the password, its
-        password key, the new wrap secret)."""
+        password key, the new anchor)."""
         slots: list[SlotRecord] = []
         remembered: tuple[SlotRecord, bytes, bytes, bytes] | None = None
         if password is not None:
             secret = password_bytes(password)
             if not secret:
                 raise ValueError("a slot password must not be empty")
-            salt, wrap_secret = os.urandom(SALT_SIZE), new_wrap_secret()
+            salt, anchor = os.urandom(SALT_SIZE), new_anchor()
             wrapping_key = slot_module.scrypt_derive(secret, salt, self.scrypt)
-            slot = new_pk_slot(slot_label(label), wrapping_key, salt, self.scrypt, wrap_secret,
+            slot = new_pk_slot(slot_label(label), wrapping_key, salt, self.scrypt, anchor,
                                data_key, account, now)
             slots.append(slot)
-            remembered = (slot, secret, wrapping_key, wrap_secret)
+            remembered = (slot, secret, wrapping_key, anchor)
         if service_key is not None:
             if password is not None and label == "service":
                 raise SlotError("label 'service' is taken by the keyfile slot; choose another")

@@ -33,15 +33,15 @@ no unknown keys; bytes as standard base64 with padding)::
                 public_key    (public-key password slots only, version 2) 32 bytes, X25519
                 private_key   (idem) {"nonce": 12 bytes, "ciphertext": 80 bytes =
                               AES-256-GCM(password slot wrapping key, nonce,
-                                          X25519 private key || wrap secret, private-key AAD)}
+                                          X25519 private key || anchor, private-key AAD)}
                 ephemeral_key (idem) 32 bytes, the X25519 public key of the last wrap
                 nonce         12 bytes
                 wrapped_key   48 bytes = AES-256-GCM(wrapping key, nonce, data_key, slot AAD)
-    wrap_secret  (version 2 only, required there) {"nonce": 12 bytes, "ciphertext": 48 bytes =
-                 AES-256-GCM(data_key, nonce, wrap secret, wrap-secret AAD)}
+    anchor    (version 2 only, required there) {"nonce": 12 bytes, "ciphertext": 48 bytes =
+              AES-256-GCM(data_key, nonce, the file's anchor, anchor AAD)}
     payload   {"nonce": 12 bytes, "ciphertext": AES-256-GCM(data_key, nonce, cache, payload AAD)}
 
-A file is written as version 2 exactly when it has a wrap secret (from its first public-key
+A file is written as version 2 exactly when it has an anchor (from its first public-key
 slot on), else as version 1, so a file an older release can read stays readable by it until it
 holds something that release cannot use; a version 1 file holds no public-key slot. An older
 release refuses a version 2 file as an unsupported version.
@@ -55,18 +55,18 @@ Keys and associated data (AAD); ``P(x)`` is x prefixed by its 4-byte big-endian 
   (no public_key) wraps the data key under it directly; a public-key slot seals its private key
   under it, so its wrapping key is the public-key wrap below.
 - public-key wrap: an ephemeral X25519 key pair, ECDH with the slot's public key, then
-  HKDF-SHA256(ikm = shared secret || wrap secret, no salt, info = P("xoauth2-proxy
+  HKDF-SHA256(ikm = shared secret || anchor, no salt, info = P("xoauth2-proxy
   public-key slot v2") P(account) P(label) P(ephemeral public key) P(slot public key)), 32 bytes.
-  Re-wrapping a slot to a new data key needs its public key and the wrap secret, not its
+  Re-wrapping a slot to a new data key needs its public key and the anchor, not its
   password (``rotate``); opening it needs the password.
-- wrap secret: 32 random bytes per file, kept across rotations. Without it nobody can wrap a
+- anchor: the file's 32 random bytes, kept across rotations. Without it nobody can wrap a
   data key of their choosing to a slot's public key, so write access to the file alone cannot
   plant a data key that device passwords open; whoever once opened the file knows it.
 - keyfile slot wrapping key: HKDF-SHA256(service key, salt, info "xoauth2-proxy keyfile slot v1").
 - slot AAD:        P("xoauth2-proxy-tokens") P("1") P("slot") P(account) P(kind) P(label)
 - private-key AAD: P("xoauth2-proxy-tokens") P("1") P("slot private key") P(account) P(kind)
                    P(label) P(public_key)
-- wrap-secret AAD: P("xoauth2-proxy-tokens") P("1") P("wrap secret") P(account) P(key_id)
+- anchor AAD:      P("xoauth2-proxy-tokens") P("1") P("anchor") P(account) P(key_id)
 - payload AAD:     P("xoauth2-proxy-tokens") P("1") P("payload") P(account) P(key_id)
                    P(canonical meta: JSON with sorted keys, no spaces, ASCII, floats as repr)
 
@@ -126,11 +126,11 @@ __all__ = [
     "SCRYPT_N_MIN", "SEALED_PRIVATE_SIZE", "VERSION", "VERSIONS", "WRAPPED_SIZE", "Meta",
     "ScryptParams", "SealedKeyPair", "SlotInfo", "SlotRecord", "TokenDocument", "check_label",
     "decode", "decrypt_payload", "encode", "encrypt_payload", "make_key_id", "payload_aad",
-    "private_key_aad", "slot_aad", "wrap_secret_aad",
+    "private_key_aad", "slot_aad", "anchor_aad",
 ]
 
 MAGIC = "xoauth2-proxy-tokens"
-VERSION = 2  # the newest version this code writes (only for files with a wrap secret)
+VERSION = 2  # the newest version this code writes (only for files with an anchor)
 VERSIONS = (1, 2)
 MAX_FILE_SIZE = 16 * 1024 * 1024
 MAX_SLOTS = 32
@@ -159,8 +159,8 @@ def private_key_aad(account: str, kind: str, label: str, public_key: bytes) -> b
                 public_key)
 
 
-def wrap_secret_aad(account: str, key_id: str) -> bytes:
-    return _aad(*_AAD_HEAD, b"wrap secret", account.encode(), key_id.encode())
+def anchor_aad(account: str, key_id: str) -> bytes:
+    return _aad(*_AAD_HEAD, b"anchor", account.encode(), key_id.encode())
 
 
 def payload_aad(account: str, key_id: str, meta: Meta) -> bytes:
@@ -195,7 +195,7 @@ def encode(doc: TokenDocument) -> bytes:
     """Serialize ``doc`` into the two-line file format."""
     body = {
         "format": MAGIC,
-        "version": 1 if doc.wrap_secret is None else 2,
+        "version": 1 if doc.anchor is None else 2,
         "account": doc.account,
         "key_id": doc.key_id,
         "meta": doc.meta.to_json(),
@@ -205,9 +205,9 @@ def encode(doc: TokenDocument) -> bytes:
             "ciphertext": b64(doc.payload_ciphertext),
         },
     }
-    if doc.wrap_secret is not None:
-        nonce, sealed = doc.wrap_secret
-        body["wrap_secret"] = {"nonce": b64(nonce), "ciphertext": b64(sealed)}
+    if doc.anchor is not None:
+        nonce, sealed = doc.anchor
+        body["anchor"] = {"nonce": b64(nonce), "ciphertext": b64(sealed)}
     line = json.dumps(body, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
     return line + b"\nsha256:" + hashlib.sha256(line).hexdigest().encode() + b"\n"
 
@@ -327,7 +327,7 @@ _BODY_KEYS = ("format", "version", "account", "key_id", "meta", "slots", "payloa
 
 def _parse_body(body: dict[str, Any]) -> TokenDocument:
     version = body["version"]
-    raw = _fields(body, "file", _BODY_KEYS + (("wrap_secret",) if version >= 2 else ()))
+    raw = _fields(body, "file", _BODY_KEYS + (("anchor",) if version >= 2 else ()))
     account = raw["account"]
     if not isinstance(account, str) or not account:
         raise _Bad("account is not a non-empty string")
@@ -354,11 +354,11 @@ def _parse_body(body: dict[str, Any]) -> TokenDocument:
     ciphertext = _bytes(payload["ciphertext"], "payload ciphertext")
     if len(ciphertext) < 16:
         raise _Bad("payload ciphertext is shorter than a GCM tag")
-    wrap_secret = None
+    anchor = None
     if version >= 2:
-        sealed = _fields(raw["wrap_secret"], "wrap_secret", ("nonce", "ciphertext"))
-        wrap_secret = (_bytes(sealed["nonce"], "wrap_secret nonce", NONCE_SIZE),
-                       _bytes(sealed["ciphertext"], "wrap_secret ciphertext", WRAPPED_SIZE))
+        sealed = _fields(raw["anchor"], "anchor", ("nonce", "ciphertext"))
+        anchor = (_bytes(sealed["nonce"], "anchor nonce", NONCE_SIZE),
+                       _bytes(sealed["ciphertext"], "anchor ciphertext", WRAPPED_SIZE))
     return TokenDocument(
         account=account,
         key_id=key_id,
@@ -366,7 +366,7 @@ def _parse_body(body: dict[str, Any]) -> TokenDocument:
         slots=slots,
         payload_nonce=_bytes(payload["nonce"], "payload nonce", NONCE_SIZE),
         payload_ciphertext=ciphertext,
-        wrap_secret=wrap_secret,
+        anchor=anchor,
     )
 
 

@@ -5,7 +5,7 @@ So a slot can be re-wrapped to a new data key without its password (``TokenStore
 keeps every device's password), while opening it still needs the password: scrypt (one run per
 guess for all slots sharing the file's salt) opens the sealed private key, whose GCM tag alone
 tells which slot a password opens; ECDH with the wrap's ephemeral public key and HKDF then give
-the key that unwraps the data key. The HKDF input includes the file's *wrap secret* (sealed in
+the key that unwraps the data key. The HKDF input includes the file's *anchor* (sealed in
 each slot with the private key, and under the data key in the file), so write access to the
 file alone cannot wrap a data key of its choosing to a slot. The layout and the associated data
 are specified in ``proxy.store.format``.
@@ -29,9 +29,9 @@ from proxy.store.format import (
     SealedKeyPair,
     SlotRecord,
     TokenDocument,
+    anchor_aad,
     private_key_aad,
     slot_aad,
-    wrap_secret_aad,
 )
 
 _WRAP_INFO = b"xoauth2-proxy public-key slot v2"
@@ -45,68 +45,68 @@ def _lp(*parts: bytes) -> bytes:
     return b"".join(len(part).to_bytes(4, "big") + part for part in parts)
 
 
-def _wrap_key(shared: bytes, wrap_secret: bytes, account: str, label: str, ephemeral: bytes,
+def _wrap_key(shared: bytes, anchor: bytes, account: str, label: str, ephemeral: bytes,
               public: bytes) -> bytes:
     info = _lp(_WRAP_INFO, account.encode(), label.encode(), ephemeral, public)
     return HKDF(algorithm=hashes.SHA256(), length=KEY_SIZE, salt=None, info=info).derive(
-        shared + wrap_secret)
+        shared + anchor)
 
 
-def new_wrap_secret() -> bytes:
+def new_anchor() -> bytes:
     return os.urandom(KEY_SIZE)
 
 
-def seal_wrap_secret(wrap_secret: bytes, data_key: bytes, account: str,
+def seal_anchor(anchor: bytes, data_key: bytes, account: str,
                      key_id: str) -> tuple[bytes, bytes]:
-    """The file's ``wrap_secret`` field: the wrap secret under the data key."""
+    """The file's ``anchor`` field: the anchor under the data key."""
     nonce = os.urandom(NONCE_SIZE)
-    return nonce, AESGCM(data_key).encrypt(nonce, wrap_secret, wrap_secret_aad(account, key_id))
+    return nonce, AESGCM(data_key).encrypt(nonce, anchor, anchor_aad(account, key_id))
 
 
-def open_wrap_secret(doc: TokenDocument, data_key: bytes) -> bytes | None:
-    """The file's wrap secret; None if it has none or it does not open with ``data_key``."""
-    if doc.wrap_secret is None:
+def open_anchor(doc: TokenDocument, data_key: bytes) -> bytes | None:
+    """The file's anchor; None if it has none or it does not open with ``data_key``."""
+    if doc.anchor is None:
         return None
-    nonce, sealed = doc.wrap_secret
+    nonce, sealed = doc.anchor
     try:
-        return AESGCM(data_key).decrypt(nonce, sealed, wrap_secret_aad(doc.account, doc.key_id))
+        return AESGCM(data_key).decrypt(nonce, sealed, anchor_aad(doc.account, doc.key_id))
     except InvalidTag:
         return None
 
 
-def _wrap_to(public: bytes, wrap_secret: bytes, data_key: bytes, account: str,
+def _wrap_to(public: bytes, anchor: bytes, data_key: bytes, account: str,
              label: str) -> tuple[bytes, bytes, bytes]:
     """(ephemeral public key, nonce, wrapped data key) for the slot with key ``public``."""
     ephemeral = X25519PrivateKey.generate()
     ephemeral_public = ephemeral.public_key().public_bytes_raw()
     shared = ephemeral.exchange(X25519PublicKey.from_public_bytes(public))
-    key = _wrap_key(shared, wrap_secret, account, label, ephemeral_public, public)
+    key = _wrap_key(shared, anchor, account, label, ephemeral_public, public)
     nonce = os.urandom(NONCE_SIZE)
     wrapped = AESGCM(key).encrypt(nonce, data_key, slot_aad(account, KIND_PASSWORD, label))
     return ephemeral_public, nonce, wrapped
 
 
 def new_pk_slot(label: str, wrapping_key: bytes, salt: bytes, params: ScryptParams,
-                wrap_secret: bytes, data_key: bytes, account: str, now: float) -> SlotRecord:
-    """A public-key password slot: a new key pair, its private key (and the wrap secret)
+                anchor: bytes, data_key: bytes, account: str, now: float) -> SlotRecord:
+    """A public-key password slot: a new key pair, its private key (and the anchor)
     sealed under ``wrapping_key`` (the password's scrypt key at ``salt``/``params``), the
     data key wrapped to its public key."""
     private = X25519PrivateKey.generate()
     public = private.public_key().public_bytes_raw()
     private_nonce = os.urandom(NONCE_SIZE)
     sealed = AESGCM(wrapping_key).encrypt(
-        private_nonce, private.private_bytes_raw() + wrap_secret,
+        private_nonce, private.private_bytes_raw() + anchor,
         private_key_aad(account, KIND_PASSWORD, label, public))
-    ephemeral, nonce, wrapped = _wrap_to(public, wrap_secret, data_key, account, label)
+    ephemeral, nonce, wrapped = _wrap_to(public, anchor, data_key, account, label)
     pair = SealedKeyPair(public, private_nonce, sealed, ephemeral)
     return SlotRecord(label, KIND_PASSWORD, now, None, salt, params, nonce, wrapped, pair)
 
 
-def rewrap_pk_slot(slot: SlotRecord, wrap_secret: bytes, data_key: bytes,
+def rewrap_pk_slot(slot: SlotRecord, anchor: bytes, data_key: bytes,
                    account: str) -> SlotRecord:
     """``slot`` wrapping ``data_key`` instead (a fresh ephemeral key; no password needed)."""
     assert slot.pk is not None
-    ephemeral, nonce, wrapped = _wrap_to(slot.pk.public_key, wrap_secret, data_key, account,
+    ephemeral, nonce, wrapped = _wrap_to(slot.pk.public_key, anchor, data_key, account,
                                          slot.label)
     pair = SealedKeyPair(slot.pk.public_key, slot.pk.private_nonce, slot.pk.private_sealed,
                          ephemeral)

@@ -18,7 +18,7 @@ NONCE_SIZE = 12
 SALT_SIZE = 16
 WRAPPED_SIZE = KEY_SIZE + 16
 PUBLIC_KEY_SIZE = 32
-SEALED_PRIVATE_SIZE = 2 * KEY_SIZE + 16  # X25519 private key, wrap secret, GCM tag
+SEALED_PRIVATE_SIZE = 2 * KEY_SIZE + 16  # X25519 private key, anchor, GCM tag
 KIND_PASSWORD = "password"  # noqa: S105 (a slot kind, not a password)
 KIND_KEYFILE = "keyfile"
 SCRYPT_N_MIN, SCRYPT_N_MAX = 2**10, 2**20
@@ -142,12 +142,12 @@ def check_label(label: object) -> str:
 @dataclass(frozen=True)
 class SealedKeyPair:
     """What a public-key password slot adds (format version 2): an X25519 key pair whose
-    private half (with the file's wrap secret) is sealed under the password's scrypt key, and
+    private half (with the file's anchor) is sealed under the password's scrypt key, and
     the ephemeral public key the data key was last wrapped with."""
 
     public_key: bytes
     private_nonce: bytes
-    private_sealed: bytes  # AES-256-GCM(scrypt key, private_nonce, private key || wrap secret)
+    private_sealed: bytes  # AES-256-GCM(scrypt key, private_nonce, private key || anchor)
     ephemeral_key: bytes
 
 
@@ -212,7 +212,7 @@ class TokenDocument:
     slots: tuple[SlotRecord, ...]
     payload_nonce: bytes
     payload_ciphertext: bytes
-    wrap_secret: tuple[bytes, bytes] | None = None  # (nonce, AES-GCM under the data key)
+    anchor: tuple[bytes, bytes] | None = None  # (nonce, AES-GCM under the data key)
 
     def slot(self, label: str) -> SlotRecord | None:
         for slot in self.slots:

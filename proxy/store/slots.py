@@ -53,10 +53,10 @@ from proxy.store.format import (
     slot_aad,
 )
 from proxy.store.pkslot import (
+    new_anchor,
     new_pk_slot,
-    new_wrap_secret,
+    open_anchor,
     open_pk_slot,
-    open_wrap_secret,
     rewrap_pk_slot,
 )
 
@@ -174,11 +174,11 @@ def slots_fingerprint(account: str, slots: tuple[SlotRecord, ...]) -> bytes:
 
 @dataclasses.dataclass(frozen=True)
 class Rewrapped:
-    """What ``rewrap_all`` made: the new data key and wrap secret, the slots, the passwords
+    """What ``rewrap_all`` made: the new data key and anchor, the slots, the passwords
     issued (by label) and, per slot made anew, (slot, password, password key) for the cache."""
 
     data_key: bytes
-    wrap_secret: bytes
+    anchor: bytes
     slots: list[SlotRecord]
     issued: dict[str, Secret]
     remembered: list[tuple[SlotRecord, bytes, bytes]]
@@ -200,15 +200,15 @@ def rewrap_all(
     keyfile slot is re-wrapped with ``service_key``, which must open it (ValueError otherwise).
     """
     kept_label, kept_password, salt, kept_key = kept
-    wrap_secret = new_wrap_secret() if doc.wrap_secret is None else open_wrap_secret(doc, old_key)
-    if wrap_secret is None:
-        raise ValueError("its wrap secret does not open with its data key (altered)")
-    done = Rewrapped(os.urandom(KEY_SIZE), wrap_secret, [], {}, [])
+    anchor = new_anchor() if doc.anchor is None else open_anchor(doc, old_key)
+    if anchor is None:
+        raise ValueError("its anchor does not open with its data key (altered)")
+    done = Rewrapped(os.urandom(KEY_SIZE), anchor, [], {}, [])
     for slot in doc.slots:
         if slot.kind == KIND_KEYFILE:
             fresh = _rewrap_keyfile(slot, doc.account, service_key, done.data_key)
         elif slot.pk is not None and slot.label != kept_label:
-            fresh = rewrap_pk_slot(slot, wrap_secret, done.data_key, doc.account)
+            fresh = rewrap_pk_slot(slot, anchor, done.data_key, doc.account)
         else:
             if slot.label == kept_label:
                 secret, wrapping_key = kept_password, kept_key
@@ -216,7 +216,7 @@ def rewrap_all(
                 done.issued[slot.label] = generate()
                 secret = password_bytes(done.issued[slot.label])
                 wrapping_key = scrypt_derive(secret, salt, params)
-            fresh = new_pk_slot(slot.label, wrapping_key, salt, params, wrap_secret,
+            fresh = new_pk_slot(slot.label, wrapping_key, salt, params, anchor,
                                 done.data_key, doc.account, slot.created_at)
             done.remembered.append((fresh, secret, wrapping_key))
         done.slots.append(dataclasses.replace(fresh, last_used_at=slot.last_used_at))

@@ -36,10 +36,10 @@ from proxy.store.format import (
 from proxy.store.names import FileInfo, Unlocked
 from proxy.store.pkslot import (
     BrokenSlot,
+    new_anchor,
     new_pk_slot,
-    new_wrap_secret,
-    open_wrap_secret,
-    seal_wrap_secret,
+    open_anchor,
+    seal_anchor,
 )
 from proxy.store.slots import (
     cache_key,
@@ -83,8 +83,8 @@ class TokenStore(StoreCore):
                 return None
             if not self._opens(current, secret, unlocked):  # replaced meanwhile
                 return None
-            doc, wrap_secret = self._with_wrap_secret(path, doc, unlocked)
-            fresh = new_pk_slot(current.label, wrapping_key, salt, self.scrypt, wrap_secret,
+            doc, anchor = self._with_anchor(path, doc, unlocked)
+            fresh = new_pk_slot(current.label, wrapping_key, salt, self.scrypt, anchor,
                                 unlocked.data_key, unlocked.account, current.created_at)
             fresh = dataclasses.replace(fresh, last_used_at=current.last_used_at)
             done.append(True)
@@ -100,17 +100,17 @@ class TokenStore(StoreCore):
     # --- slots --------------------------------------------------------------------------
 
     @staticmethod
-    def _with_wrap_secret(path: Where, doc: TokenDocument,
+    def _with_anchor(path: Where, doc: TokenDocument,
                           unlocked: Unlocked) -> tuple[TokenDocument, bytes]:
-        """``doc`` with a wrap secret (a new one sealed under the data key if it had none) and
+        """``doc`` with an anchor (a new one sealed under the data key if it had none) and
         that secret; ``unlocked`` holds ``doc``'s data key (the caller checked the key_id)."""
-        if doc.wrap_secret is None:
-            secret = new_wrap_secret()
-            sealed = seal_wrap_secret(secret, unlocked.data_key, doc.account, doc.key_id)
-            return dataclasses.replace(doc, wrap_secret=sealed), secret
-        opened = open_wrap_secret(doc, unlocked.data_key)
+        if doc.anchor is None:
+            secret = new_anchor()
+            sealed = seal_anchor(secret, unlocked.data_key, doc.account, doc.key_id)
+            return dataclasses.replace(doc, anchor=sealed), secret
+        opened = open_anchor(doc, unlocked.data_key)
         if opened is None:
-            raise CorruptTokenFile(path, "its wrap secret does not open with its data key",
+            raise CorruptTokenFile(path, "its anchor does not open with its data key",
                                    opened=True)
         return doc, opened
 
@@ -156,8 +156,8 @@ class TokenStore(StoreCore):
             self._check_slot_room(path, doc, label)
             if (self._file_salt(doc) or salt) != salt:
                 raise SlotError(f"{path} changed meanwhile; run the command again")
-            doc, wrap_secret = self._with_wrap_secret(path, doc, unlocked)
-            slot = new_pk_slot(label, wrapping_key, salt, self.scrypt, wrap_secret,
+            doc, anchor = self._with_anchor(path, doc, unlocked)
+            slot = new_pk_slot(label, wrapping_key, salt, self.scrypt, anchor,
                                unlocked.data_key, unlocked.account, now)
             return dataclasses.replace(doc, slots=(*doc.slots, slot))
 
@@ -236,7 +236,7 @@ class TokenStore(StoreCore):
         except ValueError as exc:
             raise SlotError(f"{path}: {exc}") from None
         key_id = make_key_id(made.data_key)
-        sealed = seal_wrap_secret(made.wrap_secret, made.data_key, doc.account, key_id)
+        sealed = seal_anchor(made.anchor, made.data_key, doc.account, key_id)
         now = time.time()
 
         def change(path: Where, current: TokenDocument) -> TokenDocument:

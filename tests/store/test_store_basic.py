@@ -494,8 +494,8 @@ def test_file_is_documented_json(store: TokenStore, created: Unlocked) -> None:
     data = store.path(ACCOUNT).read_bytes()
     body = split_file(data)
     assert body["format"] == "xoauth2-proxy-tokens"
-    assert body["version"] == 2  # it has a public-key slot (and so a wrap secret)
-    assert sorted(body["wrap_secret"]) == ["ciphertext", "nonce"]
+    assert body["version"] == 2  # it has a public-key slot (and so an anchor)
+    assert sorted(body["anchor"]) == ["ciphertext", "nonce"]
     assert body["account"] == ACCOUNT
     assert body["key_id"] == created.key_id
     slot = body["slots"][0]

@@ -29,7 +29,7 @@ from proxy.store import (
 )
 from proxy.store import slots as slots_mod
 from proxy.store.format import ScryptParams, decode, encode, encrypt_payload, make_key_id
-from proxy.store.pkslot import open_wrap_secret, rewrap_pk_slot
+from proxy.store.pkslot import open_anchor, rewrap_pk_slot
 from tests.store.storetools import (
     ACCOUNT,
     FAST_N,
@@ -102,7 +102,7 @@ def test_future_version_with_another_layout(store: TokenStore, created: Unlocked
 
 def test_a_version_2_file_relabelled_version_1_is_refused(
         store: TokenStore, created: Unlocked) -> None:
-    """Version 1 has no wrap secret and no public-key slot: the strict parser says so."""
+    """Version 1 has no anchor and no public-key slot: the strict parser says so."""
     def change(body: dict[str, Any]) -> None:
         assert body["version"] == 2
         body["version"] = 1
@@ -390,7 +390,7 @@ def test_an_altered_ephemeral_key_is_corruption(store: TokenStore, created: Unlo
     assert info.value.opened
 
 
-def _plant_data_key(path: Path, wrap_secret: bytes) -> bytes:
+def _plant_data_key(path: Path, anchor: bytes) -> bytes:
     """What someone who can write the file (and knows no password) would try: wrap a data key
     of their choosing to the slot's public key, with a payload under it."""
     doc = decode(path.read_bytes(), path)
@@ -398,7 +398,7 @@ def _plant_data_key(path: Path, wrap_secret: bytes) -> bytes:
     planted = os.urandom(32)
     key_id = make_key_id(planted)
     nonce, ciphertext = encrypt_payload(planted, ACCOUNT, key_id, doc.meta, b"planted tokens")
-    forged = rewrap_pk_slot(slot, wrap_secret, planted, ACCOUNT)
+    forged = rewrap_pk_slot(slot, anchor, planted, ACCOUNT)
     doc = dataclasses.replace(doc, key_id=key_id, slots=(forged,), payload_nonce=nonce,
                               payload_ciphertext=ciphertext)
     path.write_bytes(encode(doc))
@@ -408,29 +408,29 @@ def _plant_data_key(path: Path, wrap_secret: bytes) -> bytes:
 def test_write_access_alone_cannot_plant_a_data_key(store: TokenStore, created: Unlocked) -> None:
     path = store.path(ACCOUNT)
     original = path.read_bytes()
-    _plant_data_key(path, os.urandom(32))  # without the file's wrap secret
+    _plant_data_key(path, os.urandom(32))  # without the file's anchor
     with pytest.raises(CorruptTokenFile, match="does not verify"):
         TokenStore(store.state_dir, scrypt_n=FAST_N).unlock(ACCOUNT, PASSWORD)
-    # The same forgery with the wrap secret (known to whoever once opened the file) would open:
+    # The same forgery with the anchor (known to whoever once opened the file) would open:
     # the secret is what stops it.
     path.write_bytes(original)
-    secret = open_wrap_secret(decode(original, path), created.data_key)
+    secret = open_anchor(decode(original, path), created.data_key)
     assert secret is not None
     planted = _plant_data_key(path, secret)
     opened = TokenStore(store.state_dir, scrypt_n=FAST_N).unlock(ACCOUNT, PASSWORD)
     assert opened.data_key == planted and opened.payload == b"planted tokens"
 
 
-def test_an_altered_wrap_secret_stops_writers_not_logins(store: TokenStore,
+def test_an_altered_anchor_stops_writers_not_logins(store: TokenStore,
                                                          created: Unlocked) -> None:
     def change(body: dict[str, Any]) -> None:
-        body["wrap_secret"]["ciphertext"] = _b64(os.urandom(48))
+        body["anchor"]["ciphertext"] = _b64(os.urandom(48))
 
     doctor(store.path(ACCOUNT), change)
     fresh = TokenStore(store.state_dir, scrypt_n=FAST_N)
     unlocked = fresh.unlock(ACCOUNT, PASSWORD)
     assert unlocked.payload == PAYLOAD
-    with pytest.raises(CorruptTokenFile, match="wrap secret"):
+    with pytest.raises(CorruptTokenFile, match="anchor"):
         fresh.add_password_slot(unlocked, "printer", Secret("printer password"))
-    with pytest.raises(SlotError, match="wrap secret"):
+    with pytest.raises(SlotError, match="anchor"):
         fresh.rotate(unlocked, PASSWORD, generate=lambda: Secret("x" * 20))
