@@ -195,7 +195,7 @@ def encode(doc: TokenDocument) -> bytes:
     """Serialize ``doc`` into the two-line file format."""
     body = {
         "format": MAGIC,
-        "version": 1 if doc.anchor is None else 2,
+        "version": 1 if doc.anchor is None else VERSION,
         "account": doc.account,
         "key_id": doc.key_id,
         "meta": doc.meta.to_json(),
