@@ -46,9 +46,9 @@ def _passwd_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--remove", metavar="LABEL", help="revoke the password labelled LABEL")
     group.add_argument("--list", action="store_true", help="list labels and last use")
     group.add_argument("--rotate", action="store_true",
-                       help="replace the data key after revoking a password: the password given "
-                            "keeps working, every other device password is replaced (printed "
-                            "once), the service-key slot is re-wrapped")
+                       help="replace the data key after revoking a password: every device keeps "
+                            "its password (a slot not used since this release gets a new one, "
+                            "printed once), the service-key slot is re-wrapped")
     group.add_argument("--service-key", action="store_true",
                        help="add the service-key slot (creating the account's service_key_file "
                             "if missing) so the daemon can send for [[relay]] devices unattended")

@@ -136,16 +136,13 @@ def cmd_passwd(config: Config, args: argparse.Namespace) -> int:
     token_store = open_store(config)
     try:
         if args.list:
-            print("LABEL\tKIND\tCREATED\tLAST USED")
-            for slot in token_store.info(account.name).slots:
-                print(f"{slot.label}\t{slot.kind}\t{_stamp(slot.created_at)}\t"
-                      f"{_stamp(slot.last_used_at) if slot.last_used_at else 'never'}")
-            return 0
+            return _list(account, token_store)
         if args.remove:
             token_store.remove_slot(account.name, args.remove)
             print(f"{account.name}: password {args.remove!r} removed; the other passwords "
                   "still work. If it may have leaked, also run `xoauth2-proxy passwd "
-                  f"{account.name} --rotate` (a copy of the old file still opens with it)")
+                  f"{account.name} --rotate` (a copy of the old file still opens with it; "
+                  "the other devices keep their passwords)")
             return 0
         if getattr(args, "service_key", False):
             return _add_service_key(account, token_store, args)
@@ -153,7 +150,7 @@ def cmd_passwd(config: Config, args: argparse.Namespace) -> int:
             return _rotate(account, token_store, args)
         current = read_password(args.password_file, confirm=False,
                                 prompt=f"An existing local password of {account.name}")
-        unlocked = token_store.unlock(account.name, current)
+        unlocked = _unlock(token_store, account, current)
         new = Secret(secrets.token_urlsafe(18))
         token_store.add_password_slot(unlocked, args.add, new)
     except store.WrongPassword:
@@ -166,6 +163,31 @@ def cmd_passwd(config: Config, args: argparse.Namespace) -> int:
     print(f"{account.name}: password for {args.add!r} (shown once, store it in the device now):")
     print(new.reveal())
     return 0
+
+
+def _list(account: Account, token_store: store.TokenStore) -> int:
+    """``passwd --list``: one line per slot; old-form password slots are named below."""
+    slots = token_store.info(account.name).slots
+    print("LABEL\tKIND\tCREATED\tLAST USED")
+    for slot in slots:
+        print(f"{slot.label}\t{slot.kind}\t{_stamp(slot.created_at)}\t"
+              f"{_stamp(slot.last_used_at) if slot.last_used_at else 'never'}")
+    old = [slot.label for slot in slots if slot.old_form]
+    if old:
+        print(f"\nnot used since this release: {', '.join(old)} (old-form slots; `--rotate` "
+              "gives them a new password unless each is used once before, by its device or "
+              "as the password given to --add/--rotate)")
+    return 0
+
+
+def _unlock(token_store: store.TokenStore, account: Account, password: Secret) -> store.Unlocked:
+    """Open the file with a password the user typed; its slot is converted to the current
+    form now if it is older (as a daemon login would)."""
+    unlocked = token_store.unlock(account.name, password)
+    if unlocked.stale_slot:
+        token_store.upgrade_slot(unlocked, password)
+        unlocked = token_store.reload(unlocked)
+    return unlocked
 
 
 def _stamp(epoch: float) -> str:
@@ -195,7 +217,7 @@ def _add_service_key(account: Account, token_store: store.TokenStore,
             pass  # a new key file: the old slot is replaced below
     current = read_password(args.password_file, confirm=False,
                             prompt=f"An existing local password of {account.name}")
-    unlocked = token_store.unlock(account.name, current)
+    unlocked = _unlock(token_store, account, current)
     if keyfile is not None:
         token_store.remove_slot(account.name, keyfile.label)
     token_store.add_service_key_slot(unlocked, key)
@@ -206,7 +228,9 @@ def _add_service_key(account: Account, token_store: store.TokenStore,
 
 def _rotate(account: Account, token_store: store.TokenStore, args: argparse.Namespace) -> int:
     """``passwd --rotate``: a new data key, so that a copy of the old file opens nothing current
-    with any old secret (after ``--remove`` of a password that may have leaked)."""
+    with any old secret (after ``--remove`` of a password that may have leaked). Every device
+    keeps its password but those whose slot is of the old form (never used since this
+    release), which get a new one, printed once."""
     current = read_password(args.password_file, confirm=False,
                             prompt=f"An existing local password of {account.name}")
     unlocked = token_store.unlock(account.name, current)
@@ -214,11 +238,13 @@ def _rotate(account: Account, token_store: store.TokenStore, args: argparse.Name
     key = service_key(account) if has_keyfile else None
     _, issued = token_store.rotate(unlocked, current, service_key=key,
                                    generate=lambda: Secret(secrets.token_urlsafe(18)))
-    print(f"{account.name}: new data key; the password you typed still works"
+    kept = "every other device keeps" if issued else "every device keeps"
+    print(f"{account.name}: new data key; {kept} its password"
           + ("; the service key slot was re-wrapped" if has_keyfile else ""))
     if issued:
-        print(f"{account.name}: every other device has a new password (shown once; the old ones "
-              "no longer work):")
+        print(f"{account.name}: these devices have a new password (their slot was of the old "
+              "form, not used since this release, so it could not be re-wrapped; shown once, "
+              "the old ones no longer work):")
         for label, password in issued.items():
             print(f"{label}\t{password.reveal()}")
     return 0

@@ -61,17 +61,17 @@ from proxy.store.format import (
     make_key_id,
 )
 from proxy.store.names import FileInfo, Unlocked, default_scrypt_n
+from proxy.store.pkslot import BrokenSlot, new_anchor, new_pk_slot, seal_anchor
 from proxy.store.slots import (
     PasswordKeyCache,
     check_service_key,
     new_keyfile_slot,
-    new_password_slot,
     open_keyfile_slot,
+    open_slot,
     password_bytes,
     shared_salt,
     slot_cache_key,
     slots_fingerprint,
-    unwrap,
 )
 
 log = logging.getLogger("proxy.store")
@@ -276,10 +276,14 @@ class StoreCore:
 
         def opened(key: tuple[bytes, int, int, int], derived: bytes) -> Unlocked | None:
             for slot in groups[key]:
-                data_key = unwrap(derived, slot, account)
+                try:
+                    data_key = open_slot(derived, slot, account)
+                except BrokenSlot as exc:
+                    raise CorruptTokenFile(path, str(exc), opened=True) from None
                 if data_key is not None:
                     result = self._opened(path, doc, data_key, slot.label)
-                    stale = slot.scrypt != self.scrypt or slot.salt != file_salt
+                    stale = (slot.pk is None or slot.scrypt != self.scrypt
+                             or slot.salt != file_salt)
                     return dataclasses.replace(result, stale_slot=stale)
             return None
 
@@ -381,30 +385,35 @@ class StoreCore:
         slots, remembered = self._first_slots(account, data_key, now, password, label, service_key)
         meta = dataclasses.replace(meta, updated_at=now)
         nonce, ciphertext = encrypt_payload(data_key, account, key_id, meta, payload)
-        doc = TokenDocument(account, key_id, meta, tuple(slots), nonce, ciphertext)
+        sealed = None if remembered is None else seal_anchor(
+            remembered[3], data_key, account, key_id)
+        doc = TokenDocument(account, key_id, meta, tuple(slots), nonce, ciphertext, sealed)
         with self.backend.writing(account):
             written = self.backend.write(account, encode(doc), REPLACE if replace else None)
         self._remember(account, written, doc)
         if remembered is not None:
-            slot, secret, wrapping_key = remembered
+            slot, secret, wrapping_key, _ = remembered
             self._keys.remember(slot_cache_key(slot), secret, wrapping_key)
         return Unlocked(account, payload, meta, key_id, slots[0].label, data_key)
 
     def _first_slots(
         self, account: str, data_key: bytes, now: float, password: Secret | None, label: str,
         service_key: bytes | None,
-    ) -> tuple[list[SlotRecord], tuple[SlotRecord, bytes, bytes] | None]:
+    ) -> tuple[list[SlotRecord], tuple[SlotRecord, bytes, bytes, bytes] | None]:
+        """The slots of a new record and, with a password, (its slot, the password, its
+        password key, the new anchor)."""
         slots: list[SlotRecord] = []
-        remembered: tuple[SlotRecord, bytes, bytes] | None = None
+        remembered: tuple[SlotRecord, bytes, bytes, bytes] | None = None
         if password is not None:
             secret = password_bytes(password)
             if not secret:
                 raise ValueError("a slot password must not be empty")
-            slot, wrapping_key = new_password_slot(
-                slot_label(label), secret, self.scrypt, data_key, account, now
-            )
+            salt, anchor = os.urandom(SALT_SIZE), new_anchor()
+            wrapping_key = slot_module.scrypt_derive(secret, salt, self.scrypt)
+            slot = new_pk_slot(slot_label(label), wrapping_key, salt, self.scrypt, anchor,
+                               data_key, account, now)
             slots.append(slot)
-            remembered = (slot, secret, wrapping_key)
+            remembered = (slot, secret, wrapping_key, anchor)
         if service_key is not None:
             if password is not None and label == "service":
                 raise SlotError("label 'service' is taken by the keyfile slot; choose another")

@@ -1,8 +1,8 @@
-"""The token file format, version 1: layout, strict parser, serializer and payload crypto.
+"""The token file format, versions 1 and 2: layout, strict parser, serializer and payload crypto.
 
 A token file is two ASCII lines::
 
-    {"format":"xoauth2-proxy-tokens","version":1,"account":...,...}\\n
+    {"format":"xoauth2-proxy-tokens","version":2,"account":...,...}\\n
     sha256:<64 lowercase hex digits of SHA-256 over the first line's bytes, newline excluded>\\n
 
 The checksum is not security (anyone can recompute it); it tells a damaged or truncated file
@@ -11,7 +11,7 @@ look the same to AES-GCM. The first line is one JSON object (no NaN/Infinity, no
 no unknown keys; bytes as standard base64 with padding)::
 
     format    "xoauth2-proxy-tokens"                  (anything else: not our file)
-    version   1                                       (anything else: unsupported version)
+    version   1 or 2                                  (anything else: unsupported version)
     account   the account name, exactly as configured (must match the name asked for)
     key_id    24 hex digits: HMAC-SHA256(data_key, "xoauth2-proxy key id v1")[:12];
               names the data key without revealing it; a new login makes a new one
@@ -22,6 +22,7 @@ no unknown keys; bytes as standard base64 with padding)::
                 refresh_token_present    true/false
                 needs_reauth             null or a short reason ("AADSTS50173: ...")
                 updated_at               epoch seconds of the last payload or meta write
+                resources                (only when known) list of "outlook", "graph"
     slots     list, 1..32 entries, each wrapping the same data key:
                 label         [A-Za-z0-9][A-Za-z0-9._@+-]{0,63}, unique in the file
                 kind          "password" or "keyfile" (at most one keyfile slot)
@@ -29,25 +30,54 @@ no unknown keys; bytes as standard base64 with padding)::
                 last_used_at  epoch seconds or null (display only, updated at most hourly)
                 kdf           password: {"name":"scrypt","salt":16 bytes,"n":..,"r":..,"p":..}
                               keyfile:  {"name":"hkdf-sha256","salt":16 bytes}
+                public_key    (public-key password slots only, version 2) 32 bytes, X25519
+                private_key   (idem) {"nonce": 12 bytes, "ciphertext": 80 bytes =
+                              AES-256-GCM(password slot wrapping key, nonce,
+                                          X25519 private key || anchor, private-key AAD)}
+                ephemeral_key (idem) 32 bytes, the X25519 public key of the last wrap
                 nonce         12 bytes
                 wrapped_key   48 bytes = AES-256-GCM(wrapping key, nonce, data_key, slot AAD)
+    anchor    (version 2 only, required there) {"nonce": 12 bytes, "ciphertext": 48 bytes =
+              AES-256-GCM(data_key, nonce, the file's anchor, anchor AAD)}
     payload   {"nonce": 12 bytes, "ciphertext": AES-256-GCM(data_key, nonce, cache, payload AAD)}
+
+A file is written as version 2 exactly when it has an anchor (from its first public-key
+slot on), else as version 1, so a file an older release can read stays readable by it until it
+holds something that release cannot use; a version 1 file holds no public-key slot. An older
+release refuses a version 2 file as an unsupported version.
 
 Keys and associated data (AAD); ``P(x)`` is x prefixed by its 4-byte big-endian length:
 
-- data key: 32 random bytes per login (``create``); never written in the clear.
+- data key: 32 random bytes per login (``create``) and per ``rotate``; never in the clear.
 - password slot wrapping key: scrypt(UTF-8 of the NFC-normalised password, salt, n, r, p),
-  32 bytes. Defaults n=2**15, r=8, p=1; accepted when reading: n a power of two in
-  [2**10, 2**20], r in [1, 16], p in [1, 16], 128*n*r <= 1 GiB.
+  32 bytes. Defaults n=2**17, r=8, p=1; accepted when reading: n a power of two in
+  [2**10, 2**20], r in [1, 16], p in [1, 16], 128*n*r <= 1 GiB. An old-form password slot
+  (no public_key) wraps the data key under it directly; a public-key slot seals its private key
+  under it, so its wrapping key is the public-key wrap below.
+- public-key wrap: an ephemeral X25519 key pair, ECDH with the slot's public key, then
+  HKDF-SHA256(ikm = shared secret || anchor, no salt, info = P("xoauth2-proxy
+  public-key slot v2") P(account) P(label) P(ephemeral public key) P(slot public key)), 32 bytes.
+  Re-wrapping a slot to a new data key needs its public key and the anchor, not its
+  password (``rotate``); opening it needs the password.
+- anchor: the file's 32 random bytes, kept across rotations. Without it nobody can wrap a
+  data key of their choosing to a slot's public key, so write access to the file alone cannot
+  plant a data key that device passwords open; whoever once opened the file knows it.
 - keyfile slot wrapping key: HKDF-SHA256(service key, salt, info "xoauth2-proxy keyfile slot v1").
-- slot AAD:    P("xoauth2-proxy-tokens") P("1") P("slot") P(account) P(kind) P(label)
-- payload AAD: P("xoauth2-proxy-tokens") P("1") P("payload") P(account) P(key_id)
-               P(canonical meta: JSON with sorted keys, no spaces, ASCII, floats as Python repr)
+- slot AAD:        P("xoauth2-proxy-tokens") P("1") P("slot") P(account) P(kind) P(label)
+- private-key AAD: P("xoauth2-proxy-tokens") P("1") P("slot private key") P(account) P(kind)
+                   P(label) P(public_key)
+- anchor AAD:      P("xoauth2-proxy-tokens") P("1") P("anchor") P(account) P(key_id)
+- payload AAD:     P("xoauth2-proxy-tokens") P("1") P("payload") P(account) P(key_id)
+                   P(canonical meta: JSON with sorted keys, no spaces, ASCII, floats as repr)
 
-So the payload, the account name, the format version, the key_id and the metadata are all
-authenticated by the data key: unlocking a file whose meta was edited fails with
-``CorruptTokenFile``. Slot timestamps are display data and are not authenticated; a slot's label
-and kind are. No field other than the GCM tags can confirm a password.
+The "1" in every AAD names the AAD scheme, not the file version: version 2 keeps it, so a
+version 1 file's slots and payload open unchanged once it becomes version 2. The payload, the
+account name, the key_id and the metadata are authenticated by the data key: unlocking a file
+whose meta was edited fails with ``CorruptTokenFile``. A slot's label and kind are authenticated,
+a public key by the private-key AAD (and checked against the private key it decrypts to).
+Slot timestamps are display data and are not authenticated. Which slot a password opens is told
+by a GCM tag alone (the slot's wrapped_key, or for a public-key slot its private_key); a
+public-key slot whose private key opens but whose wrap does not is ``CorruptTokenFile``.
 """
 
 from __future__ import annotations
@@ -57,11 +87,9 @@ import binascii
 import hashlib
 import hmac
 import json
-import math
 import os
 import re
 import struct
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -69,188 +97,47 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from proxy.store.errors import CorruptTokenFile
+from proxy.store.records import (
+    KEY_SIZE,
+    KIND_KEYFILE,
+    KIND_PASSWORD,
+    NONCE_SIZE,
+    PUBLIC_KEY_SIZE,
+    SALT_SIZE,
+    SCRYPT_MAX_MEMORY,
+    SCRYPT_N_MAX,
+    SCRYPT_N_MIN,
+    SEALED_PRIVATE_SIZE,
+    WRAPPED_SIZE,
+    Meta,
+    ScryptParams,
+    SealedKeyPair,
+    SlotInfo,
+    SlotRecord,
+    TokenDocument,
+    _finite,
+    b64,
+    check_label,
+)
+
+__all__ = [
+    "KEY_SIZE", "KIND_KEYFILE", "KIND_PASSWORD", "MAGIC", "MAX_FILE_SIZE", "MAX_SLOTS",
+    "NONCE_SIZE", "PUBLIC_KEY_SIZE", "SALT_SIZE", "SCRYPT_MAX_MEMORY", "SCRYPT_N_MAX",
+    "SCRYPT_N_MIN", "SEALED_PRIVATE_SIZE", "VERSION", "VERSIONS", "WRAPPED_SIZE", "Meta",
+    "ScryptParams", "SealedKeyPair", "SlotInfo", "SlotRecord", "TokenDocument", "check_label",
+    "decode", "decrypt_payload", "encode", "encrypt_payload", "make_key_id", "payload_aad",
+    "private_key_aad", "slot_aad", "anchor_aad",
+]
 
 MAGIC = "xoauth2-proxy-tokens"
-VERSION = 1
+VERSION = 2  # the newest version this code writes (only for files with an anchor)
+VERSIONS = (1, 2)
 MAX_FILE_SIZE = 16 * 1024 * 1024
 MAX_SLOTS = 32
-KEY_SIZE = 32
-NONCE_SIZE = 12
-SALT_SIZE = 16
-WRAPPED_SIZE = KEY_SIZE + 16
-KIND_PASSWORD = "password"  # noqa: S105 (a slot kind, not a password)
-KIND_KEYFILE = "keyfile"
-SCRYPT_N_MIN, SCRYPT_N_MAX = 2**10, 2**20
-SCRYPT_MAX_MEMORY = 1 << 30
 
-_LABEL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}")
 _KEY_ID_RE = re.compile(r"[0-9a-f]{24}")
 _CHECKSUM_RE = re.compile(rb"sha256:([0-9a-f]{64})")
 _KEY_ID_INFO = b"xoauth2-proxy key id v1"
-
-
-def _finite(value: object, what: str, *, optional: bool = False) -> float | None:
-    if value is None and optional:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{what} must be a number{' or None' if optional else ''}")
-    result = float(value)
-    if not math.isfinite(result):
-        raise ValueError(f"{what} must be finite")
-    return result
-
-
-def _text(value: object, what: str, max_len: int, *, optional: bool = False) -> str | None:
-    if value is None and optional:
-        return None
-    if not isinstance(value, str):
-        raise TypeError(f"{what} must be a str{' or None' if optional else ''}")
-    if len(value) > max_len:
-        raise ValueError(f"{what} is longer than {max_len} characters")
-    return value
-
-
-@dataclass(frozen=True)
-class Meta:
-    """Clear, non-secret facts about an account's tokens, shown by ``accounts``/``info``."""
-
-    identity: str | None
-    flow: str
-    access_token_expires_at: float | None
-    refresh_token_present: bool
-    needs_reauth: str | None = None
-    updated_at: float = 0.0
-    resources: tuple[str, ...] = ()  # "outlook", "graph": only written when known (old AAD)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "resources", tuple(str(_text(r, "resources", 99)) for r in self.resources))
-        _text(self.identity, "identity", 1024, optional=True)
-        if not _text(self.flow, "flow", 64):
-            raise ValueError("flow must not be empty")
-        expires = _finite(self.access_token_expires_at, "access_token_expires_at", optional=True)
-        object.__setattr__(self, "access_token_expires_at", expires)
-        if not isinstance(self.refresh_token_present, bool):
-            raise TypeError("refresh_token_present must be a bool")
-        _text(self.needs_reauth, "needs_reauth", 2000, optional=True)
-        object.__setattr__(self, "updated_at", _finite(self.updated_at, "updated_at"))
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "identity": self.identity,
-            "flow": self.flow,
-            "access_token_expires_at": self.access_token_expires_at,
-            "refresh_token_present": self.refresh_token_present,
-            "needs_reauth": self.needs_reauth,
-            "updated_at": self.updated_at,
-        } | ({"resources": list(self.resources)} if self.resources else {})
-
-    def canonical(self) -> bytes:
-        """The bytes bound into the payload AAD."""
-        return json.dumps(
-            self.to_json(),
-            sort_keys=True,
-            separators=(",", ":"),
-            ensure_ascii=True,
-            allow_nan=False,
-        ).encode("ascii")
-
-
-@dataclass(frozen=True)
-class SlotInfo:
-    """What ``info`` shows about a key slot; nothing secret."""
-
-    label: str
-    kind: str  # "password" | "keyfile"
-    created_at: float
-    last_used_at: float | None
-
-
-@dataclass(frozen=True)
-class ScryptParams:
-    """Cost parameters of a password slot, checked against the limits in the docstring."""
-
-    n: int
-    r: int = 8
-    p: int = 1
-
-    def __post_init__(self) -> None:
-        for name in ("n", "r", "p"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"scrypt {name} must be an int")
-        if not SCRYPT_N_MIN <= self.n <= SCRYPT_N_MAX or self.n & (self.n - 1):
-            raise ValueError(f"scrypt n must be a power of two in [2**10, 2**20], not {self.n}")
-        if not 1 <= self.r <= 16 or not 1 <= self.p <= 16:
-            raise ValueError("scrypt r and p must be in [1, 16]")
-        if 128 * self.n * self.r > SCRYPT_MAX_MEMORY:
-            raise ValueError("scrypt parameters need more than 1 GiB of memory")
-
-
-def check_label(label: object) -> str:
-    """Return ``label`` if it is a valid slot label, else raise ValueError."""
-    if not isinstance(label, str) or not _LABEL_RE.fullmatch(label):
-        raise ValueError(
-            f"invalid slot label {label!r}: use 1-64 of A-Z a-z 0-9 . _ @ + - "
-            "starting with a letter or digit"
-        )
-    return label
-
-
-@dataclass(frozen=True)
-class SlotRecord:
-    """One key slot as stored: the data key wrapped under a password- or key-file-derived key."""
-
-    label: str
-    kind: str
-    created_at: float
-    last_used_at: float | None
-    salt: bytes
-    scrypt: ScryptParams | None  # None for keyfile slots
-    nonce: bytes
-    wrapped_key: bytes
-
-    def info(self) -> SlotInfo:
-        return SlotInfo(self.label, self.kind, self.created_at, self.last_used_at)
-
-    def to_json(self) -> dict[str, Any]:
-        kdf: dict[str, Any]
-        if self.scrypt is not None:
-            kdf = {
-                "name": "scrypt",
-                "salt": _b64(self.salt),
-                "n": self.scrypt.n,
-                "r": self.scrypt.r,
-                "p": self.scrypt.p,
-            }
-        else:
-            kdf = {"name": "hkdf-sha256", "salt": _b64(self.salt)}
-        return {
-            "label": self.label,
-            "kind": self.kind,
-            "created_at": self.created_at,
-            "last_used_at": self.last_used_at,
-            "kdf": kdf,
-            "nonce": _b64(self.nonce),
-            "wrapped_key": _b64(self.wrapped_key),
-        }
-
-
-@dataclass(frozen=True)
-class TokenDocument:
-    """A parsed token file; everything in it is public or encrypted."""
-
-    account: str
-    key_id: str
-    meta: Meta
-    slots: tuple[SlotRecord, ...]
-    payload_nonce: bytes
-    payload_ciphertext: bytes
-
-    def slot(self, label: str) -> SlotRecord | None:
-        for slot in self.slots:
-            if slot.label == label:
-                return slot
-        return None
 
 
 # --- AAD, key id and payload encryption -------------------------------------------------
@@ -260,11 +147,20 @@ def _aad(*parts: bytes) -> bytes:
     return b"".join(struct.pack(">I", len(part)) + part for part in parts)
 
 
-_AAD_HEAD = (MAGIC.encode(), str(VERSION).encode())
+_AAD_HEAD = (MAGIC.encode(), b"1")  # the AAD scheme; unchanged by format version 2
 
 
 def slot_aad(account: str, kind: str, label: str) -> bytes:
     return _aad(*_AAD_HEAD, b"slot", account.encode(), kind.encode(), label.encode())
+
+
+def private_key_aad(account: str, kind: str, label: str, public_key: bytes) -> bytes:
+    return _aad(*_AAD_HEAD, b"slot private key", account.encode(), kind.encode(), label.encode(),
+                public_key)
+
+
+def anchor_aad(account: str, key_id: str) -> bytes:
+    return _aad(*_AAD_HEAD, b"anchor", account.encode(), key_id.encode())
 
 
 def payload_aad(account: str, key_id: str, meta: Meta) -> bytes:
@@ -295,24 +191,23 @@ def decrypt_payload(doc: TokenDocument, data_key: bytes) -> bytes | None:
 # --- serialization ----------------------------------------------------------------------
 
 
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
-
-
 def encode(doc: TokenDocument) -> bytes:
     """Serialize ``doc`` into the two-line file format."""
     body = {
         "format": MAGIC,
-        "version": VERSION,
+        "version": 1 if doc.anchor is None else VERSION,
         "account": doc.account,
         "key_id": doc.key_id,
         "meta": doc.meta.to_json(),
         "slots": [slot.to_json() for slot in doc.slots],
         "payload": {
-            "nonce": _b64(doc.payload_nonce),
-            "ciphertext": _b64(doc.payload_ciphertext),
+            "nonce": b64(doc.payload_nonce),
+            "ciphertext": b64(doc.payload_ciphertext),
         },
     }
+    if doc.anchor is not None:
+        nonce, sealed = doc.anchor
+        body["anchor"] = {"nonce": b64(nonce), "ciphertext": b64(sealed)}
     line = json.dumps(body, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
     return line + b"\nsha256:" + hashlib.sha256(line).hexdigest().encode() + b"\n"
 
@@ -367,11 +262,45 @@ def _bytes(value: Any, what: str, size: int | None = None) -> bytes:
     return data
 
 
-def _parse_slot(value: Any, index: int) -> SlotRecord:
-    what = f"slot {index}"
-    raw = _fields(
-        value, what, ("label", "kind", "created_at", "last_used_at", "kdf", "nonce", "wrapped_key")
+_SLOT_KEYS = ("label", "kind", "created_at", "last_used_at", "kdf", "nonce", "wrapped_key")
+_PK_KEYS = ("public_key", "private_key", "ephemeral_key")
+
+
+def _parse_kdf(raw: dict[str, Any], what: str) -> ScryptParams | None:
+    kind = raw["kind"]
+    if kind == KIND_PASSWORD:
+        kdf = _fields(raw["kdf"], f"{what} kdf", ("name", "salt", "n", "r", "p"))
+        if kdf["name"] != "scrypt":
+            raise _Bad(f"{what}: password slot kdf must be scrypt")
+        try:
+            return ScryptParams(kdf["n"], kdf["r"], kdf["p"])
+        except (TypeError, ValueError) as exc:
+            raise _Bad(f"{what}: {exc}") from exc
+    if kind == KIND_KEYFILE:
+        kdf = _fields(raw["kdf"], f"{what} kdf", ("name", "salt"))
+        if kdf["name"] != "hkdf-sha256":
+            raise _Bad(f"{what}: keyfile slot kdf must be hkdf-sha256")
+        return None
+    raise _Bad(f"{what}: unknown kind {kind!r}")
+
+
+def _parse_key_pair(raw: dict[str, Any], what: str) -> SealedKeyPair:
+    if raw["kind"] != KIND_PASSWORD:
+        raise _Bad(f"{what}: only a password slot has a key pair")
+    sealed = _fields(raw["private_key"], f"{what} private_key", ("nonce", "ciphertext"))
+    return SealedKeyPair(
+        public_key=_bytes(raw["public_key"], f"{what} public_key", PUBLIC_KEY_SIZE),
+        private_nonce=_bytes(sealed["nonce"], f"{what} private_key nonce", NONCE_SIZE),
+        private_sealed=_bytes(sealed["ciphertext"], f"{what} private_key ciphertext",
+                              SEALED_PRIVATE_SIZE),
+        ephemeral_key=_bytes(raw["ephemeral_key"], f"{what} ephemeral_key", PUBLIC_KEY_SIZE),
     )
+
+
+def _parse_slot(value: Any, index: int, version: int) -> SlotRecord:
+    what = f"slot {index}"
+    public = version >= 2 and isinstance(value, dict) and "public_key" in value
+    raw = _fields(value, what, _SLOT_KEYS + _PK_KEYS if public else _SLOT_KEYS)
     try:
         label = check_label(raw["label"])
         created_at = _finite(raw["created_at"], "created_at")
@@ -379,39 +308,26 @@ def _parse_slot(value: Any, index: int) -> SlotRecord:
     except (TypeError, ValueError) as exc:
         raise _Bad(f"{what}: {exc}") from exc
     assert created_at is not None
-    kind = raw["kind"]
-    scrypt: ScryptParams | None
-    if kind == KIND_PASSWORD:
-        kdf = _fields(raw["kdf"], f"{what} kdf", ("name", "salt", "n", "r", "p"))
-        if kdf["name"] != "scrypt":
-            raise _Bad(f"{what}: password slot kdf must be scrypt")
-        try:
-            scrypt = ScryptParams(kdf["n"], kdf["r"], kdf["p"])
-        except (TypeError, ValueError) as exc:
-            raise _Bad(f"{what}: {exc}") from exc
-    elif kind == KIND_KEYFILE:
-        kdf = _fields(raw["kdf"], f"{what} kdf", ("name", "salt"))
-        if kdf["name"] != "hkdf-sha256":
-            raise _Bad(f"{what}: keyfile slot kdf must be hkdf-sha256")
-        scrypt = None
-    else:
-        raise _Bad(f"{what}: unknown kind {kind!r}")
+    scrypt = _parse_kdf(raw, what)
     return SlotRecord(
         label=label,
-        kind=kind,
+        kind=raw["kind"],
         created_at=created_at,
         last_used_at=last_used_at,
-        salt=_bytes(kdf["salt"], f"{what} salt", SALT_SIZE),
+        salt=_bytes(raw["kdf"]["salt"], f"{what} salt", SALT_SIZE),
         scrypt=scrypt,
         nonce=_bytes(raw["nonce"], f"{what} nonce", NONCE_SIZE),
         wrapped_key=_bytes(raw["wrapped_key"], f"{what} wrapped_key", WRAPPED_SIZE),
+        pk=_parse_key_pair(raw, what) if public else None,
     )
+
+
+_BODY_KEYS = ("format", "version", "account", "key_id", "meta", "slots", "payload")
 
 
 def _parse_body(body: dict[str, Any]) -> TokenDocument:
-    raw = _fields(
-        body, "file", ("format", "version", "account", "key_id", "meta", "slots", "payload")
-    )
+    version = body["version"]
+    raw = _fields(body, "file", _BODY_KEYS + (("anchor",) if version >= 2 else ()))
     account = raw["account"]
     if not isinstance(account, str) or not account:
         raise _Bad("account is not a non-empty string")
@@ -428,7 +344,7 @@ def _parse_body(body: dict[str, Any]) -> TokenDocument:
     slots_raw = raw["slots"]
     if not isinstance(slots_raw, list) or not 1 <= len(slots_raw) <= MAX_SLOTS:
         raise _Bad(f"slots must be a list of 1 to {MAX_SLOTS} entries")
-    slots = tuple(_parse_slot(value, index) for index, value in enumerate(slots_raw))
+    slots = tuple(_parse_slot(value, index, version) for index, value in enumerate(slots_raw))
     labels = [slot.label for slot in slots]
     if len(set(labels)) != len(labels):
         raise _Bad("two slots have the same label")
@@ -438,6 +354,11 @@ def _parse_body(body: dict[str, Any]) -> TokenDocument:
     ciphertext = _bytes(payload["ciphertext"], "payload ciphertext")
     if len(ciphertext) < 16:
         raise _Bad("payload ciphertext is shorter than a GCM tag")
+    anchor = None
+    if version >= 2:
+        sealed = _fields(raw["anchor"], "anchor", ("nonce", "ciphertext"))
+        anchor = (_bytes(sealed["nonce"], "anchor nonce", NONCE_SIZE),
+                       _bytes(sealed["ciphertext"], "anchor ciphertext", WRAPPED_SIZE))
     return TokenDocument(
         account=account,
         key_id=key_id,
@@ -445,6 +366,7 @@ def _parse_body(body: dict[str, Any]) -> TokenDocument:
         slots=slots,
         payload_nonce=_bytes(payload["nonce"], "payload nonce", NONCE_SIZE),
         payload_ciphertext=ciphertext,
+        anchor=anchor,
     )
 
 
@@ -452,8 +374,8 @@ def _check_header(body: Any) -> None:
     if not isinstance(body, dict) or body.get("format") != MAGIC:
         raise _Bad("not an xoauth2-proxy token file")
     version = body.get("version")
-    if type(version) is not int or version != VERSION:
-        raise _Bad(f"unsupported format version {version!r} (this proxy reads version {VERSION})")
+    if type(version) is not int or version not in VERSIONS:
+        raise _Bad(f"unsupported format version {version!r} (this proxy reads versions 1 and 2)")
 
 
 def _header_reason(line: bytes) -> str | None:

@@ -1,8 +1,12 @@
 """Key slots: deriving wrapping keys (scrypt, HKDF), wrapping the data key, and the key cache.
 
 Password slots of one file share one salt and cost (the file's *password salt*): a slot's
-wrapping key is scrypt(password, salt, n, r, p) itself, and the slot's GCM tag (with the label
-in its associated data) tells which slot a password opens. So trying a password costs one
+password key is scrypt(password, salt, n, r, p) itself. A password slot seals an X25519 private
+key under it and has the data key wrapped to the public key (``proxy.store.pkslot``), so that
+``rotate`` can re-wrap every slot without its password; slots of the old form (version 1 files)
+wrap the data key under the password key directly, still open, and are converted to the
+public-key form when their password next opens them. A GCM tag (with the label in its
+associated data) tells which slot a password opens. So trying a password costs one
 scrypt run however many device passwords the file holds; slots from files written before the
 salt was shared (one salt per slot) still open, at one run per distinct salt, and are moved to
 the shared salt when their password next opens them.
@@ -44,8 +48,16 @@ from proxy.store.format import (
     SALT_SIZE,
     ScryptParams,
     SlotRecord,
+    TokenDocument,
     check_label,
     slot_aad,
+)
+from proxy.store.pkslot import (
+    new_anchor,
+    new_pk_slot,
+    open_anchor,
+    open_pk_slot,
+    rewrap_pk_slot,
 )
 
 MIN_SERVICE_KEY = 32
@@ -87,13 +99,22 @@ def wrap(
 
 
 def unwrap(wrapping_key: bytes, slot: SlotRecord, account: str) -> bytes | None:
-    """The data key, or None if ``wrapping_key`` does not open ``slot``."""
+    """The data key, or None if ``wrapping_key`` does not open ``slot`` directly (a keyfile
+    slot or an old-form password slot)."""
     try:
         return AESGCM(wrapping_key).decrypt(
             slot.nonce, slot.wrapped_key, slot_aad(account, slot.kind, slot.label)
         )
     except InvalidTag:
         return None
+
+
+def open_slot(wrapping_key: bytes, slot: SlotRecord, account: str) -> bytes | None:
+    """The data key if the password key ``wrapping_key`` opens the password slot ``slot``;
+    ``pkslot.BrokenSlot`` if it opens an altered public-key slot."""
+    if slot.pk is not None:
+        return open_pk_slot(wrapping_key, slot, account)
+    return unwrap(wrapping_key, slot, account)
 
 
 def new_password_slot(
@@ -103,19 +124,15 @@ def new_password_slot(
     data_key: bytes,
     account: str,
     now: float,
-    *,
-    salt: bytes | None = None,
-    wrapping_key: bytes | None = None,
 ) -> tuple[SlotRecord, bytes]:
-    """A password slot and its wrapping key (for the cache). ``salt``: the file's shared
-    password salt (a new one if None); ``wrapping_key``: scrypt of ``password`` under that salt
-    and cost, if the caller already has it."""
+    """An old-form password slot (the data key wrapped under the password key, own salt) and
+    its password key. This release writes public-key slots only (``new_pk_slot``); this is the
+    reference for the version 1 form, which tests build files with."""
     check_label(label)
     if not password:
         raise ValueError("a slot password must not be empty")
-    salt = os.urandom(SALT_SIZE) if salt is None else salt
-    if wrapping_key is None:
-        wrapping_key = scrypt_derive(password, salt, params)
+    salt = os.urandom(SALT_SIZE)
+    wrapping_key = scrypt_derive(password, salt, params)
     nonce, wrapped = wrap(wrapping_key, data_key, account, KIND_PASSWORD, label)
     slot = SlotRecord(label, KIND_PASSWORD, now, None, salt, params, nonce, wrapped)
     return slot, wrapping_key
@@ -150,49 +167,72 @@ def slots_fingerprint(account: str, slots: tuple[SlotRecord, ...]) -> bytes:
             s = slot.scrypt
             digest.update(slot.salt + b"%d,%d,%d" % (s.n, s.r, s.p) + slot.nonce
                           + slot.wrapped_key)
+            if slot.pk is not None:
+                digest.update(slot.pk.public_key + slot.pk.private_sealed)
     return digest.digest()
 
 
+@dataclasses.dataclass(frozen=True)
+class Rewrapped:
+    """What ``rewrap_all`` made: the new data key and anchor, the slots, the passwords
+    issued (by label) and, per slot made anew, (slot, password, password key) for the cache."""
+
+    data_key: bytes
+    anchor: bytes
+    slots: list[SlotRecord]
+    issued: dict[str, Secret]
+    remembered: list[tuple[SlotRecord, bytes, bytes]]
+
+
 def rewrap_all(
-    slots: tuple[SlotRecord, ...],
-    account: str,
-    kept_label: str,
-    kept_password: bytes,
+    doc: TokenDocument,
+    old_key: bytes,
+    kept: tuple[str, bytes, bytes, bytes],
     params: ScryptParams,
     generate: Callable[[], Secret],
     service_key: bytes | None,
-) -> tuple[bytes, list[SlotRecord], dict[str, Secret], list[tuple[SlotRecord, bytes, bytes]]]:
-    """Every slot of a file written anew around a new data key (``TokenStore.rotate``): the slot
-    ``kept_label`` keeps ``kept_password``, every other password slot gets one from ``generate``
-    (returned by label), a keyfile slot is re-wrapped with ``service_key``, which must open it
-    (ValueError otherwise). Returns the data key, the slots, the issued passwords and, per new
-    password slot, (slot, password, wrapping key) for the key cache."""
-    data_key = os.urandom(KEY_SIZE)
-    salt = os.urandom(SALT_SIZE)
-    issued: dict[str, Secret] = {}
-    fresh_slots: list[SlotRecord] = []
-    remembered: list[tuple[SlotRecord, bytes, bytes]] = []
-    for slot in slots:
+) -> Rewrapped:
+    """Every slot of ``doc`` around a new data key (``TokenStore.rotate``). ``kept``: (label,
+    password, salt, password key at ``salt``/``params``) of the slot whose password was given,
+    made anew in the public-key form. Every other public-key slot is re-wrapped to its own
+    public key (its password keeps working); an old-form password slot gets a new password
+    from ``generate`` (returned by label: it cannot be re-wrapped without its password); a
+    keyfile slot is re-wrapped with ``service_key``, which must open it (ValueError otherwise).
+    """
+    kept_label, kept_password, salt, kept_key = kept
+    anchor = new_anchor() if doc.anchor is None else open_anchor(doc, old_key)
+    if anchor is None:
+        raise ValueError("its anchor does not open with its data key (altered)")
+    done = Rewrapped(os.urandom(KEY_SIZE), anchor, [], {}, [])
+    for slot in doc.slots:
         if slot.kind == KIND_KEYFILE:
-            if service_key is None:
-                raise ValueError(f"it has a service-key slot ({slot.label!r}) and no service key "
-                                 "is configured to re-wrap it; set the account's "
-                                 "service_key_file or remove the slot first")
-            if open_keyfile_slot(slot, check_service_key(service_key), account) is None:
-                raise ValueError("the configured service key does not open its service-key "
-                                 "slot; remove that slot first")
-            fresh = new_keyfile_slot(slot.label, service_key, data_key, account, slot.created_at)
+            fresh = _rewrap_keyfile(slot, doc.account, service_key, done.data_key)
+        elif slot.pk is not None and slot.label != kept_label:
+            fresh = rewrap_pk_slot(slot, anchor, done.data_key, doc.account)
         else:
             if slot.label == kept_label:
-                secret = kept_password
+                secret, wrapping_key = kept_password, kept_key
             else:
-                issued[slot.label] = generate()
-                secret = password_bytes(issued[slot.label])
-            fresh, wrapping_key = new_password_slot(
-                slot.label, secret, params, data_key, account, slot.created_at, salt=salt)
-            remembered.append((fresh, secret, wrapping_key))
-        fresh_slots.append(dataclasses.replace(fresh, last_used_at=slot.last_used_at))
-    return data_key, fresh_slots, issued, remembered
+                done.issued[slot.label] = generate()
+                secret = password_bytes(done.issued[slot.label])
+                wrapping_key = scrypt_derive(secret, salt, params)
+            fresh = new_pk_slot(slot.label, wrapping_key, salt, params, anchor,
+                                done.data_key, doc.account, slot.created_at)
+            done.remembered.append((fresh, secret, wrapping_key))
+        done.slots.append(dataclasses.replace(fresh, last_used_at=slot.last_used_at))
+    return done
+
+
+def _rewrap_keyfile(slot: SlotRecord, account: str, service_key: bytes | None,
+                    data_key: bytes) -> SlotRecord:
+    if service_key is None:
+        raise ValueError(f"it has a service-key slot ({slot.label!r}) and no service key "
+                         "is configured to re-wrap it; set the account's "
+                         "service_key_file or remove the slot first")
+    if open_keyfile_slot(slot, check_service_key(service_key), account) is None:
+        raise ValueError("the configured service key does not open its service-key "
+                         "slot; remove that slot first")
+    return new_keyfile_slot(slot.label, service_key, data_key, account, slot.created_at)
 
 
 _CacheKey = tuple[bytes, int, int, int]

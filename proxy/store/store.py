@@ -14,13 +14,14 @@ a service key shorter than 32 bytes, an invalid account name); a malformed slot 
 from __future__ import annotations
 
 import dataclasses
+import hmac
 import os
 import time
 from collections.abc import Callable
 
 from proxy.secret import Secret
 from proxy.store.core import StoreCore, Where, same_key_id, slot_label
-from proxy.store.errors import CorruptTokenFile, FileReplaced, SlotError
+from proxy.store.errors import CorruptTokenFile, FileReplaced, SlotError, WrongPassword
 from proxy.store.format import (
     KIND_KEYFILE,
     KIND_PASSWORD,
@@ -33,11 +34,18 @@ from proxy.store.format import (
     make_key_id,
 )
 from proxy.store.names import FileInfo, Unlocked
+from proxy.store.pkslot import (
+    BrokenSlot,
+    new_anchor,
+    new_pk_slot,
+    open_anchor,
+    seal_anchor,
+)
 from proxy.store.slots import (
     cache_key,
     check_service_key,
     new_keyfile_slot,
-    new_password_slot,
+    open_slot,
     password_bytes,
     rewrap_all,
     slot_cache_key,
@@ -52,9 +60,10 @@ class TokenStore(StoreCore):
     """Encrypted per-account envelopes with key slots (see the module docstring)."""
 
     def upgrade_slot(self, unlocked: Unlocked, password: Secret) -> bool:
-        """Move the slot ``password`` opened to the file's shared salt and this store's cost
-        (one derivation, one write); True if the file was rewritten. A file changed meanwhile
-        is left alone (the next login tries again)."""
+        """Rewrite the slot ``password`` opened in the public-key form, at the file's shared
+        salt and this store's cost (one derivation, one write), if it is not so already; True
+        if the file was rewritten. A file changed meanwhile is left alone (the next login
+        tries again)."""
         self._check_unlocked(unlocked)
         secret = password_bytes(password)
         _, doc = self._load(unlocked.account)
@@ -70,11 +79,13 @@ class TokenStore(StoreCore):
                 return None
             if (self._file_salt(doc) or salt) != salt:
                 return None
-            if current.salt == salt and current.scrypt == self.scrypt:
+            if current.pk is not None and current.salt == salt and current.scrypt == self.scrypt:
                 return None
-            fresh, _ = new_password_slot(current.label, secret, self.scrypt, unlocked.data_key,
-                                         unlocked.account, current.created_at, salt=salt,
-                                         wrapping_key=wrapping_key)
+            if not self._opens(current, secret, unlocked):  # replaced meanwhile
+                return None
+            doc, anchor = self._with_anchor(path, doc, unlocked)
+            fresh = new_pk_slot(current.label, wrapping_key, salt, self.scrypt, anchor,
+                                unlocked.data_key, unlocked.account, current.created_at)
             fresh = dataclasses.replace(fresh, last_used_at=current.last_used_at)
             done.append(True)
             return dataclasses.replace(
@@ -87,6 +98,31 @@ class TokenStore(StoreCore):
 
 
     # --- slots --------------------------------------------------------------------------
+
+    @staticmethod
+    def _with_anchor(path: Where, doc: TokenDocument,
+                          unlocked: Unlocked) -> tuple[TokenDocument, bytes]:
+        """``doc`` with an anchor (a new one sealed under the data key if it had none) and
+        that secret; ``unlocked`` holds ``doc``'s data key (the caller checked the key_id)."""
+        if doc.anchor is None:
+            secret = new_anchor()
+            sealed = seal_anchor(secret, unlocked.data_key, doc.account, doc.key_id)
+            return dataclasses.replace(doc, anchor=sealed), secret
+        opened = open_anchor(doc, unlocked.data_key)
+        if opened is None:
+            raise CorruptTokenFile(path, "its anchor does not open with its data key",
+                                   opened=True)
+        return doc, opened
+
+    def _opens(self, slot: SlotRecord, secret: bytes, unlocked: Unlocked) -> bool:
+        """Whether ``secret`` (whose key ``unlock`` cached) still opens ``slot`` to the data key
+        of ``unlocked``; no derivation."""
+        derived = self._keys.cached(slot_cache_key(slot), secret)
+        try:
+            opened = None if derived is None else open_slot(derived, slot, unlocked.account)
+        except BrokenSlot:
+            return False
+        return opened is not None and hmac.compare_digest(opened, unlocked.data_key)
 
     def _precheck_new_slot(self, unlocked: Unlocked, label: str) -> TokenDocument:
         """Fail before paying scrypt; the same checks run again under the lock."""
@@ -112,22 +148,21 @@ class TokenStore(StoreCore):
         if not secret:
             raise ValueError("a slot password must not be empty")
         doc = self._precheck_new_slot(unlocked, label)
-        salt = self._file_salt(doc)
-        slot, wrapping_key = new_password_slot(
-            label, secret, self.scrypt, unlocked.data_key, unlocked.account, time.time(),
-            salt=salt,
-            wrapping_key=None if salt is None else self._keys.derive(
-                cache_key(salt, self.scrypt), secret),
-        )
+        salt = self._file_salt(doc) or os.urandom(SALT_SIZE)
+        wrapping_key = self._keys.derive(cache_key(salt, self.scrypt), secret)
+        now = time.time()
 
         def change(path: Where, doc: TokenDocument) -> TokenDocument:
             self._check_slot_room(path, doc, label)
-            if (self._file_salt(doc) or slot.salt) != slot.salt:
+            if (self._file_salt(doc) or salt) != salt:
                 raise SlotError(f"{path} changed meanwhile; run the command again")
+            doc, anchor = self._with_anchor(path, doc, unlocked)
+            slot = new_pk_slot(label, wrapping_key, salt, self.scrypt, anchor,
+                               unlocked.data_key, unlocked.account, now)
             return dataclasses.replace(doc, slots=(*doc.slots, slot))
 
         self._rewrite(unlocked.account, change, key_id=unlocked.key_id)
-        self._keys.remember(slot_cache_key(slot), secret, wrapping_key)
+        self._keys.remember(cache_key(salt, self.scrypt), secret, wrapping_key)
 
     def add_service_key_slot(self, unlocked: Unlocked, key: bytes, label: str = "service") -> None:
         """Add the (single) keyfile slot; remove an existing one first to rotate the key."""
@@ -178,47 +213,65 @@ class TokenStore(StoreCore):
         service_key: bytes | None = None,
     ) -> tuple[Unlocked, dict[str, Secret]]:
         """Replace the data key: the payload is encrypted under a new one and every slot is
-        written anew, so no copy of the old file opens the new one with any old secret.
+        re-wrapped to it, so no copy of the old file opens the new one with any old secret.
 
-        The slot ``password`` opened keeps that password; every other password slot gets a new
-        one from ``generate`` (returned by label: a slot's old wrapping key cannot be derived
-        without its password, and keeping it would let a revoked password's old file copy open
-        the new key); a keyfile slot is re-wrapped with ``service_key``, which must open it.
+        Every public-key password slot is re-wrapped to its own public key and keeps its
+        password; the slot ``password`` opened is written anew in that form; a keyfile slot is
+        re-wrapped with ``service_key``, which must open it. An old-form password slot (never
+        opened since this release) gets a new password from ``generate``: those are returned
+        by label (usually none).
         """
         self._check_unlocked(unlocked)
         keep = password_bytes(password)
         path, doc = self._load(unlocked.account)
         if not same_key_id(doc.key_id, unlocked.key_id):
             raise FileReplaced(unlocked.account, path)
-        kept = doc.slot(unlocked.slot_label)
-        if kept is None or kept.kind != KIND_PASSWORD:
-            raise SlotError(f"{path} changed meanwhile; run the command again")
+        kept = self._typed_slot(path, doc, unlocked, keep)
+        salt = self._file_salt(doc) or os.urandom(SALT_SIZE)
+        key = cache_key(salt, self.scrypt)
+        kept_key = self._keys.derive(key, keep)
         try:
-            data_key, slots, issued, remembered = rewrap_all(
-                doc.slots, doc.account, kept.label, keep, self.scrypt, generate, service_key)
+            made = rewrap_all(doc, unlocked.data_key, (kept.label, keep, salt, kept_key),
+                              self.scrypt, generate, service_key)
         except ValueError as exc:
             raise SlotError(f"{path}: {exc}") from None
-        key_id = make_key_id(data_key)
-        labels = [slot.label for slot in doc.slots]
+        key_id = make_key_id(made.data_key)
+        sealed = seal_anchor(made.anchor, made.data_key, doc.account, key_id)
         now = time.time()
 
         def change(path: Where, current: TokenDocument) -> TokenDocument:
-            if [slot.label for slot in current.slots] != labels:
+            if _untimed(current.slots) != _untimed(doc.slots):
                 raise SlotError(f"the slots of {path} changed meanwhile; run the command again")
             payload = decrypt_payload(current, unlocked.data_key)
             if payload is None:
                 raise CorruptTokenFile(path, "the payload or its metadata was altered")
             meta = dataclasses.replace(current.meta, updated_at=now)
-            nonce, ciphertext = encrypt_payload(data_key, doc.account, key_id, meta, payload)
-            return TokenDocument(doc.account, key_id, meta, tuple(slots), nonce, ciphertext)
+            nonce, ciphertext = encrypt_payload(made.data_key, doc.account, key_id, meta, payload)
+            return TokenDocument(doc.account, key_id, meta, tuple(made.slots), nonce, ciphertext,
+                                 sealed)
 
         new = self._rewrite(unlocked.account, change, key_id=unlocked.key_id)
+        kept_salts = {slot_cache_key(s) for s in made.slots if s.kind == KIND_PASSWORD}
         for slot in doc.slots:
-            self._keys.forget(slot)
-        for fresh, secret, wrapping_key in remembered:
+            if slot.kind == KIND_PASSWORD and slot_cache_key(slot) not in kept_salts:
+                self._keys.forget(slot)
+        for fresh, secret, wrapping_key in made.remembered:
             self._keys.remember(slot_cache_key(fresh), secret, wrapping_key)
-        opened = self._opened(path, new, data_key, kept.label)
-        return opened, issued
+        return self._opened(path, new, made.data_key, kept.label), made.issued
+
+    def _typed_slot(self, path: Where, doc: TokenDocument, unlocked: Unlocked,
+                    secret: bytes) -> SlotRecord:
+        """The slot ``unlocked`` was opened with, checked to open with ``secret``."""
+        slot = doc.slot(unlocked.slot_label)
+        if slot is None or slot.kind != KIND_PASSWORD:
+            raise SlotError(f"{path} changed meanwhile; run the command again")
+        try:
+            opens = open_slot(self._keys.derive(slot_cache_key(slot), secret), slot, doc.account)
+        except BrokenSlot as exc:
+            raise CorruptTokenFile(path, str(exc), opened=True) from None
+        if opens is None or not hmac.compare_digest(opens, unlocked.data_key):
+            raise WrongPassword(f"that password does not open slot {slot.label!r}")
+        return slot
 
     def touch_slot(self, unlocked: Unlocked) -> None:
         """Record that ``unlocked.slot_label`` was used; writes at most once an hour per slot.
@@ -255,3 +308,7 @@ class TokenStore(StoreCore):
         last = slot.last_used_at
         return last is not None and 0 <= now - last < TOUCH_INTERVAL
 
+
+def _untimed(slots: tuple[SlotRecord, ...]) -> list[SlotRecord]:
+    """Slots without their display timestamps (which ``touch_slot`` may change meanwhile)."""
+    return [dataclasses.replace(slot, last_used_at=None) for slot in slots]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -30,6 +31,7 @@ from proxy.auth.service import TokenService
 from proxy.demo.process import DemoUpstream, http_session
 from proxy.secret import Secret
 from proxy.store import format as format_mod
+from proxy.store.slots import new_password_slot
 from tests.proxyenv import PASSWORD, USER, authorise, make_config, open_store, write_config
 
 IMAP_SCOPE = "https://outlook.office.com/IMAP.AccessAsUser.All"
@@ -255,7 +257,8 @@ async def test_passwd_add_and_remove_device_password(tmp_path: Path, demo_upstre
 async def test_passwd_rotate_locks_out_an_old_copy_with_a_revoked_password(
         tmp_path: Path, demo_upstream: DemoUpstream) -> None:
     """``--remove`` alone keeps the data key: a copy of the old file plus the removed password
-    still opened the current tokens. ``--rotate`` replaces the data key."""
+    still opened the current tokens. ``--rotate`` replaces the data key, and every other
+    device keeps its password."""
     config = write_config(tmp_path, demo_upstream)
     cfg = make_config(tmp_path, demo_upstream)
     token_store = authorise(cfg, demo_upstream)
@@ -279,18 +282,56 @@ async def test_passwd_rotate_locks_out_an_old_copy_with_a_revoked_password(
 
     assert old_key_opens_current()  # what --remove alone leaves open
     rotated = cli(config, "passwd", USER, "--rotate", "--password-file", "-",
-                  stdin=PASSWORD + "\n")
+                  stdin=passwords["scanner"] + "\n")
     assert rotated.returncode == 0, rotated.stderr
+    assert "every device keeps its password" in rotated.stdout
+    assert "\t" not in rotated.stdout  # no password was issued
     assert not old_key_opens_current()
-    issued = dict(line.split("\t") for line in rotated.stdout.splitlines() if "\t" in line)
-    assert list(issued) == ["scanner"] and issued["scanner"] != passwords["scanner"]
     service = TokenService(cfg, store.TokenStore(cfg.state_dir))
-    token = await service.access_token(USER, Secret(issued["scanner"]), "smtp")
+    token = await service.access_token(USER, Secret(passwords["scanner"]), "smtp")
     assert introspect(demo_upstream, token)["active"] is True
     assert await service.access_token(USER, Secret(PASSWORD), "imap")
-    for old in passwords.values():
-        with pytest.raises(WrongPassword):
-            await service.access_token(USER, Secret(old), "smtp")
+    with pytest.raises(WrongPassword):
+        await service.access_token(USER, Secret(passwords["printer"]), "smtp")
+    await service.aclose()
+
+
+def add_old_form_slot(token_store: store.TokenStore, label: str, password: str) -> None:
+    """A slot as a release before public-key slots wrote it (its code path, ``slots``)."""
+    unlocked = token_store.unlock(USER, Secret(PASSWORD))
+    path = token_store.path(USER)
+    assert isinstance(path, Path)
+    doc = format_mod.decode(path.read_bytes(), path)
+    slot, _ = new_password_slot(label, password.encode(), format_mod.ScryptParams(2**10),
+                                unlocked.data_key, USER, time.time())
+    path.write_bytes(format_mod.encode(dataclasses.replace(doc, slots=(*doc.slots, slot))))
+
+
+async def test_passwd_rotate_issues_a_password_only_for_an_old_form_slot(
+        tmp_path: Path, demo_upstream: DemoUpstream) -> None:
+    config = write_config(tmp_path, demo_upstream)
+    cfg = make_config(tmp_path, demo_upstream)
+    token_store = authorise(cfg, demo_upstream)
+    added = cli(config, "passwd", USER, "--add", "scanner", "--password-file", "-",
+                stdin=PASSWORD + "\n")
+    assert added.returncode == 0, added.stderr
+    scanner = added.stdout.strip().splitlines()[-1]
+    add_old_form_slot(token_store, "fax", "fax password from an older release")
+    listed = cli(config, "passwd", USER, "--list")
+    assert "not used since this release: fax" in listed.stdout, listed.stderr
+    rotated = cli(config, "passwd", USER, "--rotate", "--password-file", "-",
+                  stdin=PASSWORD + "\n")
+    assert rotated.returncode == 0, rotated.stderr
+    assert "every other device keeps its password" in rotated.stdout
+    issued = dict(line.split("\t") for line in rotated.stdout.splitlines() if "\t" in line)
+    assert list(issued) == ["fax"]
+    service = TokenService(cfg, store.TokenStore(cfg.state_dir))
+    assert await service.access_token(USER, Secret(scanner), "smtp")
+    assert await service.access_token(USER, Secret(issued["fax"]), "smtp")
+    with pytest.raises(WrongPassword):
+        await service.access_token(USER, Secret("fax password from an older release"), "smtp")
+    assert "not used since" not in cli(config, "passwd", USER, "--list").stdout
+    await service.aclose()
 
 
 async def test_a_slot_at_a_lower_cost_is_upgraded_at_its_next_login(

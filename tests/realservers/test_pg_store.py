@@ -138,6 +138,28 @@ def test_a_save_racing_a_slot_change_keeps_both(postgres: Postgres,
     assert [s.label for s in fresh.info(ACCOUNT).slots] == ["default", "printer"]
 
 
+def test_rotate_on_one_machine_keeps_every_device_password_on_another(
+        settings: StoreSettings) -> None:
+    machine_a, machine_b = open_db(settings), open_db(settings)
+    created = machine_a.create(ACCOUNT, PAYLOAD, META, password=PASSWORD)
+    for label in ("printer", "scanner", "fax"):
+        machine_a.add_password_slot(created, label, Secret(f"{label} password"))
+    assert machine_b.unlock(ACCOUNT, Secret("scanner password")).key_id == created.key_id
+    machine_a.remove_slot(ACCOUNT, "printer")
+
+    def no_password() -> Secret:
+        raise AssertionError("rotate generated a password")
+
+    rotated, issued = machine_a.rotate(machine_a.unlock(ACCOUNT, PASSWORD), PASSWORD,
+                                       generate=no_password)
+    assert issued == {} and rotated.key_id != created.key_id
+    for label in ("scanner", "fax"):
+        opened = machine_b.unlock(ACCOUNT, Secret(f"{label} password"))
+        assert (opened.slot_label, opened.key_id) == (label, rotated.key_id)
+    with pytest.raises(WrongPassword):
+        machine_b.unlock(ACCOUNT, Secret("printer password"))
+
+
 def test_the_refresh_lock_excludes_other_machines_until_released(settings: StoreSettings) -> None:
     machine_a, machine_b = open_db(settings), open_db(settings)
     machine_a.create(ACCOUNT, PAYLOAD, META, password=PASSWORD)

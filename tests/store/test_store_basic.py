@@ -494,10 +494,15 @@ def test_file_is_documented_json(store: TokenStore, created: Unlocked) -> None:
     data = store.path(ACCOUNT).read_bytes()
     body = split_file(data)
     assert body["format"] == "xoauth2-proxy-tokens"
-    assert body["version"] == 1
+    assert body["version"] == 2  # it has a public-key slot (and so an anchor)
+    assert sorted(body["anchor"]) == ["ciphertext", "nonce"]
     assert body["account"] == ACCOUNT
     assert body["key_id"] == created.key_id
-    assert body["slots"][0]["kdf"]["n"] == FAST_N
+    slot = body["slots"][0]
+    assert slot["kdf"]["n"] == FAST_N
+    assert sorted(slot) == ["created_at", "ephemeral_key", "kdf", "kind", "label", "last_used_at",
+                            "nonce", "private_key", "public_key", "wrapped_key"]
+    assert sorted(slot["private_key"]) == ["ciphertext", "nonce"]
     assert data.count(b"\n") == 2 and data.split(b"\n")[1].startswith(b"sha256:")
 
 

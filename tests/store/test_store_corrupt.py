@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import dataclasses
 import hashlib
 import json
 import os
@@ -12,19 +14,22 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from proxy.secret import Secret
 from proxy.store import (
     CorruptTokenFile,
+    SlotError,
     TokenFileExists,
     TokenStore,
     Unlocked,
     WrongPassword,
 )
 from proxy.store import slots as slots_mod
-from proxy.store.format import ScryptParams
+from proxy.store.format import ScryptParams, decode, encode, encrypt_payload, make_key_id
+from proxy.store.pkslot import open_anchor, rewrap_pk_slot
 from tests.store.storetools import (
     ACCOUNT,
     FAST_N,
@@ -81,7 +86,7 @@ def test_not_our_format(store: TokenStore, created: Unlocked) -> None:
         expect_corrupt(store, match="not an xoauth2-proxy token file")
 
 
-@pytest.mark.parametrize("version", [0, 2, "1", 1.5, None, True])
+@pytest.mark.parametrize("version", [0, 3, "2", 1.5, 2.0, None, True])
 def test_wrong_version(store: TokenStore, created: Unlocked, version: Any) -> None:
     def change(body: dict[str, Any]) -> None:
         body["version"] = version
@@ -91,8 +96,19 @@ def test_wrong_version(store: TokenStore, created: Unlocked, version: Any) -> No
 
 
 def test_future_version_with_another_layout(store: TokenStore, created: Unlocked) -> None:
-    store.path(ACCOUNT).write_bytes(b'{"format":"xoauth2-proxy-tokens","version":2,"x":1}\n')
-    expect_corrupt(store, match="unsupported format version 2")
+    store.path(ACCOUNT).write_bytes(b'{"format":"xoauth2-proxy-tokens","version":3,"x":1}\n')
+    expect_corrupt(store, match="unsupported format version 3")
+
+
+def test_a_version_2_file_relabelled_version_1_is_refused(
+        store: TokenStore, created: Unlocked) -> None:
+    """Version 1 has no anchor and no public-key slot: the strict parser says so."""
+    def change(body: dict[str, Any]) -> None:
+        assert body["version"] == 2
+        body["version"] = 1
+
+    doctor(store.path(ACCOUNT), change)
+    expect_corrupt(store, match="unknown keys")
 
 
 def test_foreign_account(store: TokenStore, created: Unlocked) -> None:
@@ -328,3 +344,93 @@ def test_fuzz_structure_with_valid_checksum(
                 pass
     finally:
         store.path(ACCOUNT).write_bytes(original)
+
+
+# --- public-key password slots -----------------------------------------------------------
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _other_public_key() -> bytes:
+    return X25519PrivateKey.generate().public_key().public_bytes_raw()
+
+
+@pytest.mark.parametrize("field", ["public_key", "private_key"])
+def test_an_altered_key_pair_opens_nothing(store: TokenStore, created: Unlocked,
+                                           field: str) -> None:
+    """The public key is in the private key's associated data: changing either makes the
+    password open nothing (the tag that tells which slot a password opens fails)."""
+    def change(body: dict[str, Any]) -> None:
+        slot = body["slots"][0]
+        if field == "public_key":
+            slot["public_key"] = _b64(_other_public_key())
+        else:
+            sealed = bytearray(base64.b64decode(slot["private_key"]["ciphertext"]))
+            sealed[5] ^= 1
+            slot["private_key"]["ciphertext"] = _b64(bytes(sealed))
+
+    doctor(store.path(ACCOUNT), change)
+    with pytest.raises(WrongPassword):
+        TokenStore(store.state_dir, scrypt_n=FAST_N).unlock(ACCOUNT, PASSWORD)
+
+
+@pytest.mark.parametrize("ephemeral", [_other_public_key(), bytes(32)], ids=["other", "zero"])
+def test_an_altered_ephemeral_key_is_corruption(store: TokenStore, created: Unlocked,
+                                                ephemeral: bytes) -> None:
+    """The password opens the slot's private key, but the wrap does not verify: corrupt, never
+    opened (an all-zero key is a low-order point, refused by X25519)."""
+    def change(body: dict[str, Any]) -> None:
+        body["slots"][0]["ephemeral_key"] = _b64(ephemeral)
+
+    doctor(store.path(ACCOUNT), change)
+    with pytest.raises(CorruptTokenFile, match="does not verify") as info:
+        TokenStore(store.state_dir, scrypt_n=FAST_N).unlock(ACCOUNT, PASSWORD)
+    assert info.value.opened
+
+
+def _plant_data_key(path: Path, anchor: bytes) -> bytes:
+    """What someone who can write the file (and knows no password) would try: wrap a data key
+    of their choosing to the slot's public key, with a payload under it."""
+    doc = decode(path.read_bytes(), path)
+    slot = doc.slots[0]
+    planted = os.urandom(32)
+    key_id = make_key_id(planted)
+    nonce, ciphertext = encrypt_payload(planted, ACCOUNT, key_id, doc.meta, b"planted tokens")
+    forged = rewrap_pk_slot(slot, anchor, planted, ACCOUNT)
+    doc = dataclasses.replace(doc, key_id=key_id, slots=(forged,), payload_nonce=nonce,
+                              payload_ciphertext=ciphertext)
+    path.write_bytes(encode(doc))
+    return planted
+
+
+def test_write_access_alone_cannot_plant_a_data_key(store: TokenStore, created: Unlocked) -> None:
+    path = store.path(ACCOUNT)
+    original = path.read_bytes()
+    _plant_data_key(path, os.urandom(32))  # without the file's anchor
+    with pytest.raises(CorruptTokenFile, match="does not verify"):
+        TokenStore(store.state_dir, scrypt_n=FAST_N).unlock(ACCOUNT, PASSWORD)
+    # The same forgery with the anchor (known to whoever once opened the file) would open:
+    # the secret is what stops it.
+    path.write_bytes(original)
+    secret = open_anchor(decode(original, path), created.data_key)
+    assert secret is not None
+    planted = _plant_data_key(path, secret)
+    opened = TokenStore(store.state_dir, scrypt_n=FAST_N).unlock(ACCOUNT, PASSWORD)
+    assert opened.data_key == planted and opened.payload == b"planted tokens"
+
+
+def test_an_altered_anchor_stops_writers_not_logins(store: TokenStore,
+                                                         created: Unlocked) -> None:
+    def change(body: dict[str, Any]) -> None:
+        body["anchor"]["ciphertext"] = _b64(os.urandom(48))
+
+    doctor(store.path(ACCOUNT), change)
+    fresh = TokenStore(store.state_dir, scrypt_n=FAST_N)
+    unlocked = fresh.unlock(ACCOUNT, PASSWORD)
+    assert unlocked.payload == PAYLOAD
+    with pytest.raises(CorruptTokenFile, match="anchor"):
+        fresh.add_password_slot(unlocked, "printer", Secret("printer password"))
+    with pytest.raises(SlotError, match="anchor"):
+        fresh.rotate(unlocked, PASSWORD, generate=lambda: Secret("x" * 20))
