@@ -50,6 +50,7 @@ def measure(world: env.World, *, runs: int, n: int,
         return {"missing": "PostgreSQL not installed (apt-get install -y postgresql)"}
     pg = Postgres.start(bindir)
     procs: list[env.ProxyProcess] = []
+    pg_store: store.TokenStore | None = None
     try:
         from proxy.store.pg import PostgresBackend
         PostgresBackend(pg.settings(), check_schema=False).init_schema()
@@ -80,7 +81,6 @@ def measure(world: env.World, *, runs: int, n: int,
                 say(f"  {label}: {r['ok']}/{r['n']} OK, token requests "
                     f"{r['token_endpoint_requests']}, all OK in {r['all_ok_s']:.2f} s "
                     f"{r['first_error']}")
-        pg_store.close()
         return {"n": n, "runs": runs, **{
             label: {"token_requests": Series("requests",
                                              [r["token_endpoint_requests"] for r in rs]),
@@ -88,6 +88,8 @@ def measure(world: env.World, *, runs: int, n: int,
                     "errors": sum(r["errors"] for r in rs), "raw": rs}
             for label, rs in found.items()}}
     finally:
+        if pg_store is not None:
+            pg_store.close()
         for proc in procs:
             proc.stop()
             world.procs.remove(proc)

@@ -34,6 +34,7 @@ from aiohttp import web
 from proxy import logs, store
 from proxy.admin_web import browser, security
 from proxy.admin_web.config import AdminSettings
+from proxy.admin_web.keys import AccountKeys, Refused
 from proxy.admin_web.views import account_view, when
 from proxy.auth.errors import TokenError
 from proxy.config import Account
@@ -41,7 +42,6 @@ from proxy.notify import events
 from proxy.secret import Secret
 from proxy.server.http import quiet_bad_requests
 from proxy.server.listener import StartupError
-from proxy.store.core import same_key_id
 
 if TYPE_CHECKING:
     from proxy.server.daemon import Daemon
@@ -53,16 +53,12 @@ _LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")
 SIGN_IN_FAILURES = 10  # per minute, all sources together: beyond, sign-in is refused
 
 
-class Refused(Exception):
-    """A user mistake shown on the page (no secret in it)."""
-
-
 class AdminServer:
     def __init__(self, daemon: Daemon, settings: AdminSettings) -> None:
         self.daemon = daemon
         self.settings = settings
         self.sessions = security.Sessions(settings.session_minutes * 60)
-        self.keys: dict[str, store.Unlocked] = {}  # data keys unlocked through this page
+        self.keys = AccountKeys(daemon.store, daemon.tokens.reauth)
         self.signins = browser.BrowserSignIns()
         self.failures: deque[float] = deque()
         self.checking = 0  # sign-in passwords being checked now
@@ -235,7 +231,7 @@ class AdminServer:
         for account in self.daemon.config.accounts.values():
             view = await asyncio.to_thread(account_view, self.daemon.store, account,
                                            self.daemon.tokens.reauth.current(account.name))
-            view["key_known"] = self._known_key(account) is not None
+            view["key_known"] = (await self.keys.known(account))[0] is not None
             shown = session.shown.pop(account.name, None)
             view["new_password"] = tuple(shown.split("\0", 1)) if shown else None
             views.append(view)
@@ -251,39 +247,6 @@ class AdminServer:
             raise web.HTTPNotFound(text="no such account\n")
         return account
 
-    def _known_key(self, account: Account) -> store.Unlocked | None:
-        flow = self.daemon.tokens.reauth.current(account.name)
-        return self.keys.get(account.name) or (flow.unlocked if flow else None)
-
-    async def _unlocked(self, account: Account, password: str) -> store.Unlocked:
-        """The account's data key: from the password given, a key held, or the service key."""
-        name, token_store = account.name, self.daemon.store
-        try:
-            if password:
-                unlocked = await asyncio.to_thread(token_store.unlock, name, Secret(password))
-            elif (known := self._known_key(account)) is not None:
-                info = await asyncio.to_thread(token_store.info, name)
-                if same_key_id(info.key_id, known.key_id):
-                    return known
-                self.keys.pop(name, None)  # replaced: a new sign-in, or a rotated data key
-                raise Refused("The token file has a new key since it was unlocked here (a new "
-                              "sign-in or `passwd --rotate`): enter one of the account's "
-                              "device passwords.")
-            elif account.service_key_file is not None:
-                key = await asyncio.to_thread(store.read_key_file, account.service_key_file)
-                unlocked = await asyncio.to_thread(token_store.unlock_with_service_key, name, key)
-            else:
-                raise Refused("Enter one of the account's device passwords.")
-        except store.WrongPassword:
-            raise Refused("That is not one of the account's device passwords.") from None
-        except store.TokenFileMissing:
-            raise Refused("The account has no token file yet: authorise it once with "
-                          f"`xoauth2-proxy login {name}`.") from None
-        except store.StoreError as exc:
-            raise Refused(f"The token file cannot be used: {exc}") from None
-        self.keys[name] = unlocked
-        return unlocked
-
     async def reauth_page(self, request: web.Request, error: str = "") -> web.Response:
         account = self._account(request)
         flow = self.daemon.tokens.reauth.current(account.name)
@@ -291,7 +254,7 @@ class AdminServer:
         return self._page(
             request, "reauth.html", f"Re-authorise {account.name}", name=account.name,
             mailbox=account.mailbox, flow=flow, error=error, refresh=3 if waiting else None,
-            expires=when(flow.expires_at) if flow else "", key_known=bool(self._known_key(account)))
+            expires=when(flow.expires_at) if flow else "", key_known=(await self.keys.known(account))[0] is not None)
 
     async def reauth_start(self, request: web.Request) -> web.StreamResponse:
         account = self._account(request)
@@ -301,10 +264,10 @@ class AdminServer:
         in_browser = form.get("how") == "browser"
         try:
             redirect = browser.redirect_uri(request.host, self.settings.tls) if in_browser else ""
-            unlocked = await self._unlocked(account, str(form.get("password", "")))
+            unlocked = await self.keys.unlocked(account, str(form.get("password", "")))
             if in_browser:
-                address = await asyncio.to_thread(self.signins.begin, self.daemon.config,
-                                                  account, unlocked, redirect)
+                address = await self.signins.begin(self.daemon.config, account, unlocked,
+                                                   redirect)
                 return self._page(request, "signin.html", f"Sign in as {account.mailbox}",
                                   mailbox=account.mailbox, address=address,
                                   minutes=int(browser.LIFETIME // 60))
@@ -322,12 +285,17 @@ class AdminServer:
             form = await request.post()
             answer = {key: str(value) for key, value in form.items()}
             account = await self.signins.finish(self.daemon.config, self.daemon.store, answer)
-        except browser.SignInProblem as exc:
-            error = str(exc)
-        except TokenError as exc:  # for the signed-in admin: the whole reason
+        except browser.SignInProblem as exc:  # anyone may post here: not worth a warning
+            logs.event(log, logging.DEBUG, "browser_sign_in_refused", reason=str(exc))
+            return self._page(request, "signed_in.html", "Sign-in failed", error=str(exc))
+        except TokenError as exc:  # the holder of the flow's state: the whole reason
             error = f"Not signed in: {exc.detail}"
-        except store.StoreError as exc:
+        except (store.StoreError, OSError) as exc:
             error = f"The new tokens could not be written: {exc}"
+        except Exception as exc:  # noqa: BLE001 - MSAL's own (an ID token check, say)
+            error = ("The identity platform's answer could not be used; start the sign-in "
+                     "again from the account's page.")
+            logs.event(log, logging.ERROR, "browser_sign_in_error", error=type(exc).__name__)
         else:
             self.daemon.tokens.reauth.finished(account.name, "admin_browser")
             return self._page(request, "signed_in.html", "Signed in", name=account.name)
@@ -342,7 +310,7 @@ class AdminServer:
         try:
             if not _LABEL.fullmatch(label):
                 raise Refused("A device name is letters, digits and . _ @ - (at most 64).")
-            unlocked = await self._unlocked(account, str(form.get("password", "")))
+            unlocked = await self.keys.unlocked(account, str(form.get("password", "")))
             new = secrets.token_urlsafe(18)
             await asyncio.to_thread(self.daemon.store.add_password_slot, unlocked, label,
                                     Secret(new))

@@ -13,14 +13,16 @@ The way back is a cross-site redirect, so the page's session cookie (``SameSite=
 not come with it: the ``state`` is what ties the answer to the admin who started it (random,
 one use, ``LIFETIME`` seconds, at most ``MAX_PENDING`` at a time) and PKCE ties the code to
 this flow. The identity platform must know the redirect address: register
-``http://localhost`` (any port) for a loopback admin page, or the page's own
-``https://HOST:PORT/auth/callback``.
+``http://localhost/auth/callback`` (Entra accepts any port with it) for a loopback admin page,
+or the page's own ``https://HOST:PORT/auth/callback``. Whoever holds a flow's ``state`` can
+finish it; PKCE, MSAL's nonce check and the mailbox check keep anyone else's code or user out.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -54,17 +56,28 @@ class Pending:
     expires_at: float
 
 
+_HOST = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*"
+                   r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\]")
+
+
 def redirect_uri(host: str, tls: bool) -> str:
     """Where the identity platform sends the browser back, from the address the page was
-    opened at (``Host``): plain HTTP only for a loopback name, which Entra accepts on any port."""
+    opened at (``Host``, strictly ``name[:port]``). Plain HTTP is a loopback page: the way
+    back is ``http://localhost:PORT/auth/callback`` whatever loopback name was used (Entra
+    matches ``http://localhost`` on any port, and tells ``127.0.0.1`` from it), the port the
+    browser used (an SSH tunnel's local port, say)."""
+    name, _, port = host.rpartition(":") if not host.endswith("]") else (host, "", "")
+    if not name:
+        name, port = host, ""
+    if not _HOST.fullmatch(name) or (port and not (port.isdigit() and 0 < int(port) < 65536)):
+        raise SignInProblem("This page's address (its Host) is not a plain host[:port].")
     if tls:
         return f"https://{host}{CALLBACK}"
-    name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
     if name.lower() not in LOOPBACK_HOSTS:
         raise SignInProblem("Open this page at http://localhost:PORT to sign in in this "
                             "browser: the identity platform sends it back only to a loopback "
                             "address or to HTTPS.")
-    return f"http://{host}{CALLBACK}"
+    return f"http://localhost{':' + port if port else ''}{CALLBACK}"
 
 
 class BrowserSignIns:
@@ -73,23 +86,15 @@ class BrowserSignIns:
     def __init__(self) -> None:
         self.pending: OrderedDict[str, Pending] = OrderedDict()
 
-    def begin(self, config: Config, account: Account, unlocked: store.Unlocked,
-              redirect: str) -> str:
-        """The sign-in address for ``account`` (blocking: MSAL reads the authority's
-        metadata)."""
+    async def begin(self, config: Config, account: Account, unlocked: store.Unlocked,
+                    redirect: str) -> str:
+        """The sign-in address for ``account``."""
         cache = msal.SerializableTokenCache()
-        app = msal_client.build_app(config, account, cache)
-        scopes = list(config.login_scopes(account))
-        flow = msal_client.call(account.name, lambda: app.initiate_auth_code_flow(
-            scopes, redirect_uri=redirect, login_hint=account.mailbox, prompt="select_account",
-            response_mode="form_post"))
-        if "auth_uri" not in flow:
-            msal_client.check_result(account.name, flow if "error" in flow
-                                     else {"error": "no sign-in address"})
+        app, flow = await asyncio.to_thread(_initiate, config, account, cache, redirect)
         self._expire()
         while len(self.pending) >= MAX_PENDING:
             self.pending.popitem(last=False)
-        self.pending[str(flow["state"])] = Pending(account, unlocked, app, cache, dict(flow),
+        self.pending[str(flow["state"])] = Pending(account, unlocked, app, cache, flow,
                                                    time.time() + LIFETIME)
         logs.event(log, logging.INFO, "browser_sign_in_started", account=account.name)
         return str(flow["auth_uri"])
@@ -118,3 +123,17 @@ class BrowserSignIns:
         now = time.time()
         for state in [s for s, p in self.pending.items() if p.expires_at <= now]:
             del self.pending[state]
+
+
+def _initiate(config: Config, account: Account, cache: msal.SerializableTokenCache,
+              redirect: str) -> tuple[msal.ClientApplication, dict[str, Any]]:
+    """MSAL's auth-code flow for ``account`` (blocking: MSAL reads the authority's metadata)."""
+    app = msal_client.build_app(config, account, cache)
+    scopes = list(config.login_scopes(account))
+    flow = msal_client.call(account.name, lambda: app.initiate_auth_code_flow(
+        scopes, redirect_uri=redirect, login_hint=account.mailbox, prompt="select_account",
+        response_mode="form_post"))
+    if "auth_uri" not in flow:
+        msal_client.check_result(account.name, flow if "error" in flow
+                                 else {"error": "no sign-in address"})
+    return app, dict(flow)

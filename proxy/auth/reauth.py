@@ -183,7 +183,13 @@ class ReauthFlows:
         self.finished(name, flow.via)
 
     def finished(self, name: str, via: str) -> None:
-        """New tokens were written for ``name`` by a sign-in (``via`` says whose)."""
+        """New tokens were written for ``name`` by a sign-in (``via`` says whose); a device
+        code still waiting for the account is not needed any more."""
+        flow = self.flows.get(name)
+        if flow is not None and flow.outcome == "waiting":
+            flow.outcome = "done"
+            if flow.task is not None:
+                flow.task.cancel()
         metrics.ACCOUNTS.set_needs_reauth(name, False)
         publish("reauthorised", name, via=via)
         self.on_done(name)

@@ -4,10 +4,11 @@ The proxy answers MAIL and RCPT itself (the path's syntax with ``proxy.protocol.
 SIZE; the ``[[relay]]`` rules are the SMTP front's, before MAIL reaches a sink), spools DATA
 un-dot-stuffed into a private file (``state_dir/graph-spool``, 0700; the file 0600, written in
 1 MiB steps on a worker thread, removed after the answer; files left by a process that was
-killed are removed when the next process first uses the folder), and after the final dot submits it
-with ``GraphClient`` and answers ``250`` only after Graph's 202, with Graph's request id as the
-queue id (the transaction relay's message line logs it). ``xoauth2_proxy_graph_messages_total``
-counts the outcomes; a debug line says how Graph answered. ``noop``, ``quit``, ``drop``,
+killed are removed when the next process first uses the folder: ``proxy.graph.spool``), and
+after the final dot submits it with ``GraphClient`` and answers ``250`` only after Graph's 202,
+with Graph's request id as the queue id (the transaction relay's message line logs it).
+``xoauth2_proxy_graph_messages_total`` counts the outcomes; a debug line says how Graph
+answered. ``noop``, ``quit``, ``drop``,
 ``connected``, ``size_limit`` and ``log_fields`` are what the SMTP front asks of an upstream
 session besides the ``MessageSink`` methods.
 """
@@ -18,7 +19,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import re
 import tempfile
 import time
 from collections.abc import Sequence
@@ -30,6 +30,7 @@ from prometheus_client import Counter
 from proxy import logs, metrics
 from proxy.graph.client import GraphClient, TokenSource
 from proxy.graph.errors import GraphFailure
+from proxy.graph.spool import spool_dir, spool_prefix
 from proxy.protocol.smtp_syntax import BadPath, parse_path
 from proxy.server.smtp_sink import Reply
 
@@ -43,48 +44,7 @@ for _result in metrics.SMTP_MESSAGE_RESULTS:
 MAX_RECIPIENTS = 500  # Exchange Online's per-message recipient limit
 FLUSH = 1024 * 1024
 
-
-_ORPHAN = re.compile(r"msg-(\d+)-")
-_SWEPT: set[Path] = set()
-
-
-def spool_dir(state_dir: Path) -> Path:
-    """``state_dir/graph-spool`` (0700); its first use in a process removes orphans."""
-    path = state_dir / "graph-spool"
-    path.mkdir(mode=0o700, exist_ok=True)
-    os.chmod(path, 0o700)
-    if path not in _SWEPT:
-        _SWEPT.add(path)
-        removed = remove_orphans(path)
-        if removed:
-            logs.event(log, logging.INFO, "graph_spool_orphans_removed", files=removed,
-                       where=str(path))
-    return path
-
-
-def remove_orphans(path: Path) -> int:
-    """Remove the spool files (and decoded ``.part`` files) of processes that are gone: a
-    daemon or worker killed in the middle of a message. Spool files carry their process id
-    (``msg-PID-…``); another live process's files (a sibling worker's) are left alone."""
-    removed = 0
-    for entry in os.scandir(path):
-        match = _ORPHAN.match(entry.name)
-        if match is None or _alive(int(match.group(1))):
-            continue
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(entry.path)
-            removed += 1
-    return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's process
-    return True
+__all__ = ["GraphSink", "spool_dir"]
 
 
 class GraphSink:
@@ -136,7 +96,7 @@ class GraphSink:
     async def data(self) -> Reply:
         if self._sender is None or not self._recipients:
             return Reply(503, "5.5.1 Need RCPT command first")
-        fd, name = await asyncio.to_thread(tempfile.mkstemp, prefix=f"msg-{os.getpid()}-",
+        fd, name = await asyncio.to_thread(tempfile.mkstemp, prefix=spool_prefix(self.spool),
                                              dir=self.spool)
         self._file, self._path = os.fdopen(fd, "wb"), Path(name)
         self._pending.clear()

@@ -12,7 +12,9 @@ from html import unescape
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import aiohttp
+import pytest
 
+from proxy.admin_web import browser
 from proxy.demo.process import DemoUpstream
 from tests.admin.adminenv import (
     BOB,
@@ -22,7 +24,7 @@ from tests.admin.adminenv import (
     csrf_of,
 )
 from tests.admin.test_admin_http import client, sign_in
-from tests.proxyenv import USER, fresh_login_reply
+from tests.proxyenv import USER, authorise, fresh_login_reply
 
 
 async def start_sign_in(http: aiohttp.ClientSession, env: AdminEnv,
@@ -76,7 +78,9 @@ async def test_sign_in_in_the_browser_keeps_every_device_password(
         link = sign_in_link(await start_sign_in(http, env))
         assert dict(parse_qsl(urlsplit(link).query))["login_hint"] == USER
         answer = await at_entra(link, demo_upstream)
-        assert answer[0] == f"{env.url}/auth/callback" and "code" in answer[1]
+        # Back to localhost (what the app registration names), the port the browser used.
+        assert answer[0] == f"http://localhost:{urlsplit(env.url).port}/auth/callback"
+        assert "code" in answer[1]
         page = await back_here(answer)
         assert f'id="done">{USER} is authorised again' in page
         assert await login_reply(imap, PASSWORD) == "OK"
@@ -103,5 +107,80 @@ async def test_a_non_loopback_address_without_tls_is_refused(env: AdminEnv) -> N
     async with client() as http:
         await sign_in(http, env.url)
         page = await start_sign_in(http, env, headers={"Host": "admin.example:9465"})
-    assert "Open this page at http://localhost:PORT" in page
-    assert 'id="sign-in"' not in page
+        assert "Open this page at http://localhost:PORT" in page
+        assert 'id="sign-in"' not in page
+        page = await start_sign_in(http, env, headers={"Host": "localhost:1@evil.example"})
+        assert "not a plain host[:port]" in page and 'id="sign-in"' not in page
+
+
+@pytest.mark.parametrize(("host", "tls", "expected"), [
+    ("127.0.0.1:9465", False, "http://localhost:9465/auth/callback"),
+    ("[::1]:8000", False, "http://localhost:8000/auth/callback"),
+    ("localhost", False, "http://localhost/auth/callback"),
+    ("admin.contoso.com:9465", True, "https://admin.contoso.com:9465/auth/callback"),
+    ("[2001:db8::1]:443", True, "https://[2001:db8::1]:443/auth/callback"),
+    ("admin.contoso.com:9465", False, None),
+    ("evil.example/x:1", True, None),
+    ("admin.contoso.com:99999", True, None),
+    ("", True, None),
+])
+def test_the_way_back_is_built_from_a_plain_host(host: str, tls: bool,
+                                                 expected: str | None) -> None:
+    if expected is None:
+        with pytest.raises(browser.SignInProblem):
+            browser.redirect_uri(host, tls)
+    else:
+        assert browser.redirect_uri(host, tls) == expected
+
+
+async def test_a_forged_or_refused_answer_writes_nothing(
+        env: AdminEnv, demo_upstream: DemoUpstream) -> None:
+    before = env.proxy.store.read_raw(USER)
+    async with client() as http:
+        await sign_in(http, env.url)
+        action, fields = await at_entra(sign_in_link(await start_sign_in(http, env)),
+                                        demo_upstream)
+    forged = await back_here((action, {**fields, "state": "not-the-state"}))
+    assert "unknown or expired" in forged
+    refused = await back_here((action, {"state": fields["state"], "error": "access_denied",
+                                        "error_description": "AADSTS65004: User declined."}))
+    assert 'id="failed"' in refused and "Not signed in" in refused
+    assert "unknown or expired" in await back_here((action, fields))  # the state was used up
+    assert env.proxy.store.read_raw(USER) == before
+
+
+async def test_a_sign_in_here_ends_a_device_code_that_was_waiting(
+        env: AdminEnv, demo_upstream: DemoUpstream) -> None:
+    async with client() as http:
+        await sign_in(http, env.url)
+        async with http.get(f"{env.url}/reauth/{USER}") as r:
+            token = csrf_of(await r.text())
+        async with http.post(f"{env.url}/reauth/{USER}", data={
+                "csrf": token, "how": "code", "password": PASSWORD}) as r:
+            waiting = await r.text()
+        assert 'id="user-code"' in waiting and 'value="browser"' in waiting
+        await back_here(await at_entra(sign_in_link(await start_sign_in(http, env)),
+                                       demo_upstream))
+        async with http.get(f"{env.url}/reauth/{USER}") as r:
+            after = await r.text()
+    assert 'id="user-code"' not in after and 'id="done"' in after
+
+
+async def test_a_key_held_from_before_a_new_sign_in_is_not_offered(
+        env: AdminEnv, demo_upstream: DemoUpstream) -> None:
+    async with client() as http:
+        await sign_in(http, env.url)
+        async with http.get(f"{env.url}/reauth/{USER}") as r:
+            token = csrf_of(await r.text())
+        async with http.post(f"{env.url}/reauth/{USER}", data={
+                "csrf": token, "how": "code", "password": PASSWORD}) as r:
+            assert 'id="user-code"' in await r.text()  # the flow holds the key now
+        async with http.get(f"{env.url}/reauth/{USER}") as r:
+            assert 'name="password"' not in await r.text()
+        # A new sign-in with a password the file does not know: a new file, a new key.
+        await asyncio.to_thread(authorise, env.proxy.config, demo_upstream, USER, "fresh start")
+        async with http.get(f"{env.url}/reauth/{USER}") as r:
+            page = await r.text()
+        assert 'name="password"' in page  # asked for again, not refused without a field
+        async with http.get(f"{env.url}/") as r:
+            assert 'id="unlock-1"' in await r.text()

@@ -79,7 +79,7 @@ async def test_mime_send_byte_for_byte_with_envelope_recipients(env: Env) -> Non
     assert env.upstream.mailbox("bob@example.com") == [expected]
     assert env.upstream.mailbox("bcc.only@example.com") == [expected]  # Bcc stripped
     assert env.upstream.mailbox("header.only@example.com") == []
-    assert os.listdir(spool_dir(env.cfg.state_dir)) == []
+    assert not [n for n in os.listdir(spool_dir(env.cfg.state_dir)) if n.startswith("msg-")]
     assert oct(spool_dir(env.cfg.state_dir).stat().st_mode & 0o777) == "0o700"
 
 
@@ -132,7 +132,7 @@ async def test_large_message_through_draft_and_upload_sessions(env: Env) -> None
     assert env.upstream.mailbox("header.only@example.com") == []
     stats = env.upstream.graph_stats()
     assert stats["upload chunk"] >= 5 and stats["send"] == 1 and "sendMail" not in stats
-    assert os.listdir(spool_dir(env.cfg.state_dir)) == []
+    assert not [n for n in os.listdir(spool_dir(env.cfg.state_dir)) if n.startswith("msg-")]
 
 
 async def test_throttled_then_accepted(env: Env) -> None:
@@ -203,17 +203,41 @@ async def test_without_sent_items_copy(tmp_path: Path, demo_upstream: DemoUpstre
     await tokens.aclose()
 
 
+SPOOLER = """
+import sys
+from pathlib import Path
+from proxy.graph.spool import spool_dir, spool_prefix
+folder = spool_dir(Path(sys.argv[1]))
+for name in ("m1", "m1.part"):
+    (folder / (spool_prefix(folder) + name)).write_bytes(b"spooled")
+print(spool_prefix(folder), flush=True)
+sys.stdin.readline()
+"""
+
+
+def spooler(state: Path) -> tuple[subprocess.Popen[str], str]:
+    """Another process spooling in ``state``'s folder: it and its files' prefix."""
+    proc = subprocess.Popen([sys.executable, "-c", SPOOLER, str(state)], text=True,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert proc.stdout is not None
+    return proc, proc.stdout.readline().strip()
+
+
 def test_spool_files_of_a_killed_process_are_removed_on_first_use(tmp_path: Path) -> None:
-    gone = subprocess.Popen([sys.executable, "-c", "pass"])
-    gone.wait()
-    folder = tmp_path / "graph-spool"
-    folder.mkdir(mode=0o700)
-    orphans = [folder / f"msg-{gone.pid}-k1", folder / f"msg-{gone.pid}-k1.part"]
-    live = [folder / f"msg-{os.getppid()}-w2", folder / f"msg-{os.getpid()}-w1", folder / "notes"]
-    for path in orphans + live:
-        path.write_bytes(b"spooled")
-    assert spool_dir(tmp_path) == folder
-    assert sorted(os.listdir(folder)) == sorted(path.name for path in live)
-    (folder / f"msg-{gone.pid}-k2").write_bytes(b"later")  # swept once per process only
-    spool_dir(tmp_path)
-    assert (folder / f"msg-{gone.pid}-k2").exists()
+    victim, dead = spooler(tmp_path)
+    survivor, alive = spooler(tmp_path)
+    try:
+        victim.kill()  # in the middle of a message
+        victim.wait()
+        folder = tmp_path / "graph-spool"
+        (folder / "msg-1-from-an-older-release").write_bytes(b"no lock of its own")
+        assert spool_dir(tmp_path) == folder  # this process's first use: the sweep
+        left = sorted(os.listdir(folder))
+        assert not [name for name in left if name.startswith(dead) or name.startswith("msg-1-")]
+        assert f"{alive}m1" in left and f"{alive}m1.part" in left  # a live process's
+        assert len([name for name in left if name.startswith("lock-")]) == 2  # its and ours
+    finally:
+        for proc in (victim, survivor):
+            if proc.stdin is not None:
+                proc.stdin.close()
+            proc.wait(timeout=30)

@@ -90,32 +90,40 @@ def test_a_write_sent_again_after_its_answer_was_lost_is_not_a_conflict(
 
     def answer_lost(self: psycopg.Connection[object], query: object, *args: object,
                     **kw: object) -> object:
-        cursor = real(self, query, *args, **kw)  # type: ignore[arg-type]
         text = str(query)
-        if text.startswith(("INSERT INTO xoauth2_proxy_tokens", "UPDATE")) and arm:
-            arm.clear()
-            lost.append(text.split(" ", 1)[0])
-            self.close()  # committed; the answer never arrives
-            raise psycopg.OperationalError("server closed the connection unexpectedly")
-        return cursor
+        if not (text.startswith(("INSERT INTO xoauth2_proxy_tokens", "UPDATE")) and arm):
+            return real(self, query, *args, **kw)  # type: ignore[arg-type]
+        how = arm.pop()
+        lost.append(text.split(" ", 1)[0])
+        if how == "committed":
+            real(self, query, *args, **kw)  # type: ignore[arg-type]
+        else:  # never arrived; meanwhile another machine wrote its own record
+            other.write(ACCOUNT, foreign, how)
+        self.close()  # the answer never arrives
+        raise psycopg.OperationalError("server closed the connection unexpectedly")
 
     monkeypatch.setattr(psycopg.Connection, "execute", answer_lost)
-    arm: list[bool] = []
-    first, second = os.urandom(64), os.urandom(64)
+    other = PostgresBackend(settings)
+    arm: list[object] = []
+    first, second, foreign = os.urandom(64), os.urandom(64), os.urandom(64)
     with pytest.raises(RecordMissing):  # leaves a kept connection, which the drop then hits
         backend.read(ACCOUNT)
-    arm.append(True)
+    arm.append("committed")
     version = backend.write(ACCOUNT, first, None)
     backend.read(ACCOUNT)
-    arm.append(True)
+    arm.append("committed")
     assert backend.write(ACCOUNT, second, version) == 2
     assert lost == ["INSERT", "UPDATE"]
     assert raw_rows(postgres) == [(ACCOUNT, second, 2)]
+    backend.read(ACCOUNT)
+    arm.append(2)  # our UPDATE is lost before the server; another machine's lands
+    with pytest.raises(pg_module.VersionConflict):
+        backend.write(ACCOUNT, os.urandom(64), 2)
+    assert raw_rows(postgres) == [(ACCOUNT, foreign, 3)]
     with pytest.raises(store.TokenFileExists):  # without a lost answer: still a conflict
         backend.write(ACCOUNT, second, None)
-    with pytest.raises(pg_module.VersionConflict):
-        backend.write(ACCOUNT, os.urandom(64), version)
     backend.close()
+    other.close()
 
 
 def test_a_save_racing_a_slot_change_keeps_both(postgres: Postgres,
