@@ -77,7 +77,12 @@ class LoginAttempt:
         self.started = time.monotonic()
         self.reservation: Reservation | None = None
         self._wrong_tag: bytes | None = None
-        GATE.set(self)
+        self._gate = GATE.set(self)
+
+    def leave(self) -> None:
+        """Unset the task's gate again (once, in the task that created the attempt): a
+        session that only relays after its login keeps no attempt for its lifetime."""
+        GATE.reset(self._gate)
 
     def refusal(self) -> str | None:
         """The reply text if this account and source are locked out (the attempt is then
