@@ -1,4 +1,5 @@
-"""What asyncio keeps per TLS connection: one shared socket read buffer, no decoded certificate.
+"""What asyncio keeps per TLS connection: one shared socket read buffer, no decoded certificate,
+a small write backlog.
 
 asyncio gives every TLS connection its own zero-filled 256 KiB socket read buffer
 (``SSLProtocol.max_size``), so 10,000 idle IMAP sessions — each with a TLS upstream — would
@@ -11,7 +12,9 @@ thread, one callback at a time) serves every TLS connection of that loop, at the
 asyncio also keeps the peer's certificate, decoded into a dict (``getpeercert()``: ~2 KiB for
 a certificate with a few names, much more for a Microsoft 365 certificate and its long list of
 names), in every connection's extra info for the life of the connection. It is decoded again
-when asked for (``get_extra_info("peercert")``) instead.
+when asked for (``get_extra_info("peercert")``) instead. And its write backlog, a deque (a
+624-byte block even when empty, as it is between writes: the memory BIO takes every write
+whole), becomes a list, which supports every operation asyncio does on it.
 
 This adjusts three methods of CPython's ``asyncio.sslproto.SSLProtocol`` (the same in 3.11 to
 3.13), on selector event loops only (a proactor loop keeps a read buffer across an overlapped
@@ -46,7 +49,7 @@ def shared_buffer(size: int) -> memoryview:
 
 
 def install() -> bool:
-    """Patch once; True if the shared buffer and lazy certificate are in use."""
+    """Patch once; True if the shared buffer, lazy certificate and small backlog are in use."""
     global _installed
     if _installed:
         return True
@@ -61,6 +64,7 @@ def install() -> bool:
         original_init(self, *args, **kwargs)
         del self._ssl_buffer  # its own buffer: never used
         self._ssl_buffer_view = shared_buffer(self.max_size)
+        self._write_backlog = []  # append, [0], del [0], clear, truth: all a list does too
 
     def get_buffer(self: Any, n: int) -> memoryview:
         # buffer_updated reads self._ssl_buffer_view: the same view, within this callback

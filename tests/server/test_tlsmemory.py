@@ -1,5 +1,6 @@
 """What asyncio keeps per TLS connection: one read buffer shared by all connections of a loop
-(bytes intact when several read at once), no decoded certificate kept, yet still given."""
+(bytes intact when several read at once, and written through the list backlog), no decoded
+certificate kept, yet still given."""
 
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ async def test_connections_share_one_read_buffer_and_bytes_stay_intact(
                                              server_hostname="127.0.0.1") for _ in payloads]
     protocols = [w.transport._ssl_protocol for _, w in streams]  # type: ignore[attr-defined]
     assert not any(hasattr(p, "_ssl_buffer") for p in protocols)
+    assert all(type(p._write_backlog) is list for p in protocols)
     views = {id(p._ssl_buffer_view.obj) for p in protocols}
     assert len(views) == 1  # one buffer for all three
     assert len(protocols[0]._ssl_buffer_view) >= protocols[0].max_size
