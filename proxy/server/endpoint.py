@@ -230,6 +230,7 @@ async def relay(client: Endpoint, upstream: Endpoint, *,
             peer.transport.pause_reading()
         if side.is_closed:
             _close(peer.transport)
-    # One after the other, in this task: no task per side for as long as the session lasts.
-    await client.wait_closed()
-    await upstream.wait_closed()
+    # One after the other, in this task: no task (nor frame) per side for the session's life.
+    for side in (client, upstream):
+        if side._closed is not None:
+            await asyncio.shield(side._closed)

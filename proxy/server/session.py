@@ -328,13 +328,13 @@ class Session:
         logged_in = verdict.upstream.verdict
         return machine.login_succeeded(logged_in.capabilities, logged_in.server_bytes)
 
-    async def relay(self, client_bytes: bytes) -> None:
-        """Bytes both ways until both sides have closed (after login)."""
+    def relay(self, client_bytes: bytes) -> Awaitable[None]:
+        """Bytes both ways until both sides have closed (after login); awaited by ``run``
+        directly, so the relay adds no frame of its own for the session's lifetime."""
         upstream = self.upstream
         assert upstream is not None
         if client_bytes:
             upstream.write(client_bytes)
             self.ctx.count_up(len(client_bytes))
-        await relay(self.client, upstream, count_up=self.ctx.count_up,
-                    count_down=self.ctx.count_down)
-
+        return relay(self.client, upstream, count_up=self.ctx.count_up,
+                     count_down=self.ctx.count_down)
