@@ -230,7 +230,9 @@ async def relay(client: Endpoint, upstream: Endpoint, *,
             peer.transport.pause_reading()
         if side.is_closed:
             _close(peer.transport)
-    # One after the other, in this task: no task (nor frame) per side for the session's life.
+    # One after the other, in this task: no task, frame or shield per side for the session's
+    # life. Cancelling the session cancels the future awaited here, which then reads as closed:
+    # the session closes both sides as it ends anyway.
     for side in (client, upstream):
         if side._closed is not None:
-            await asyncio.shield(side._closed)
+            await side._closed

@@ -221,7 +221,7 @@ class EndpointOpener:
 
 
 class Session:
-    __slots__ = ("ctx", "client", "upstream", "conn")
+    __slots__ = ("ctx", "client", "upstream", "conn", "__weakref__")
 
     def __init__(self, ctx: Context, client: Endpoint) -> None:
         self.ctx = ctx
