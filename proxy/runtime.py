@@ -49,8 +49,8 @@ def default_workers() -> int:
 
 def default_event_loop() -> EventLoop:
     """asyncio: uvloop saved about a tenth of the relay's CPU per GB but not clearly any
-    throughput, and costs ~10 KiB more per idle TLS session (proxy.server.tlsmemory trims
-    asyncio's TLS buffers, not uvloop's); bench/RESULTS.md, "Event loops and workers"."""
+    throughput, and costs ~9 KiB more per idle session (proxy.server.tlsmemory adjusts
+    asyncio's TLS, not uvloop's); bench/RESULTS.md, "Event loops and workers"."""
     return "asyncio"
 
 
