@@ -67,9 +67,9 @@ def install() -> bool:
         self._write_backlog = []  # append, [0], del [0], clear, truth: all a list does too
 
     def get_buffer(self: Any, n: int) -> memoryview:
-        # buffer_updated reads self._ssl_buffer_view: the same view, within this callback
-        view = self._ssl_buffer_view = shared_buffer(self.max_size)
-        return view
+        # The thread's buffer when this connection was made (a connection stays on the thread
+        # of its loop); buffer_updated copies from this same view.
+        return self._ssl_buffer_view
 
     def _on_handshake_complete(self: Any, handshake_exc: BaseException | None) -> None:
         original_complete(self, handshake_exc)
