@@ -49,9 +49,9 @@ def default_workers() -> int:
 
 def default_event_loop() -> EventLoop:
     """asyncio: measured interleaved on a quiet machine, uvloop was within a few per cent of
-    it in throughput and CPU per GB, either way, and costs about 2 KiB more per idle TLS
-    session (proxy.server.tlsbuffer trims asyncio's TLS buffers, not uvloop's);
-    bench/RESULTS.md, "Event loops and workers"."""
+    it in throughput and CPU per GB, either way, and costs about 9 KiB more per idle TLS
+    session (proxy.server.tlsmemory adjusts asyncio's TLS, not uvloop's); bench/RESULTS.md,
+    "Event loops and workers"."""
     return "asyncio"
 
 

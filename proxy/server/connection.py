@@ -29,6 +29,9 @@ def source_refused(listener: Listener, host: str) -> bytes:
 class Connection:
     """What the proxy records of one client connection, from accept to close."""
 
+    __slots__ = ("listener", "preauth", "protocol", "peer", "peer_host", "account",
+                 "tls_version", "started", "_slot", "_active")
+
     def __init__(self, listener: Listener, preauth: PreauthLimiter, peername: object) -> None:
         self.listener, self.preauth = listener, preauth
         self.protocol = listener.protocol

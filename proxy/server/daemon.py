@@ -33,7 +33,7 @@ from proxy.graph.route import GraphRoutes, upstream_of
 from proxy.operator import OperatorServices
 from proxy.protocol.imap import ImapClientSide, ImapUpstreamSide
 from proxy.protocol.pop import PopClientSide, PopUpstreamSide
-from proxy.server import tls, tlsbuffer
+from proxy.server import tls, tlsmemory
 from proxy.server.capabilities import CapabilityCache
 from proxy.server.endpoint import Endpoint
 from proxy.server.http import MetricsServer, log_listening
@@ -69,6 +69,7 @@ class ListenerRuntime(ListenerBase):
     def __init__(self, ctx: Context) -> None:
         super().__init__()
         self.ctx: Context = ctx
+        self._task_name = f"{ctx.listener.name} session"  # one string for every session task
 
     def _factory(self) -> Endpoint:
         return Endpoint(on_connect=self._spawn)
@@ -84,7 +85,7 @@ class ListenerRuntime(ListenerBase):
                        listener=self.name,
                        peer=f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer))
         task = asyncio.get_running_loop().create_task(Session(self.ctx, endpoint).run(),
-                                                      name=f"{self.name} session")
+                                                      name=self._task_name)
         self.sessions.add(task)
         task.add_done_callback(self.sessions.discard)
 
@@ -147,7 +148,7 @@ class Daemon:
         except OSError as exc:
             raise StartupError(f"state directory {config.state_dir}: {exc.strerror}") from None
         self.tokens = TokenService(config, self.store)
-        tlsbuffer.install()  # idle TLS sessions stay small (see proxy.server.tlsbuffer)
+        tlsmemory.install()  # idle TLS sessions stay small (see proxy.server.tlsmemory)
         # Shared by every listener: failures and pre-login connections count across protocols.
         self.throttle = Throttle(config.limits)
         self.preauth = PreauthLimiter(config.limits)

@@ -52,6 +52,10 @@ def _pass_eof(transport: asyncio.Transport) -> None:
 
 
 class Endpoint(asyncio.Protocol):
+    # Thousands are open at once (two per idle session): no instance dict.
+    __slots__ = ("transport", "peer", "_on_connect", "_buffer", "_eof", "_closed", "_waiter",
+                 "_write_paused", "_drain_waiters", "_count", "_read_paused", "_tls")
+
     def __init__(self, on_connect: Callable[[Endpoint], None] | None = None) -> None:
         self.transport: asyncio.Transport | None = None
         self.peer: Endpoint | None = None
@@ -74,8 +78,9 @@ class Endpoint(asyncio.Protocol):
         self._tls = transport.get_extra_info("sslcontext") is not None
         self.transport.set_write_buffer_limits(high=HIGH_WATER)
         self._closed = asyncio.get_running_loop().create_future()
-        if self._on_connect is not None:
-            self._on_connect(self)
+        on_connect, self._on_connect = self._on_connect, None  # once; not kept
+        if on_connect is not None:
+            on_connect(self)
 
     def data_received(self, data: bytes) -> None:
         peer = self.peer
@@ -225,4 +230,9 @@ async def relay(client: Endpoint, upstream: Endpoint, *,
             peer.transport.pause_reading()
         if side.is_closed:
             _close(peer.transport)
-    await asyncio.gather(client.wait_closed(), upstream.wait_closed())
+    # One after the other, in this task: no task, frame or shield per side for the session's
+    # life. Cancelling the session cancels the future awaited here, which then reads as closed:
+    # the session closes both sides as it ends anyway.
+    for side in (client, upstream):
+        if side._closed is not None:
+            await side._closed

@@ -63,6 +63,25 @@ def upstream_refusal(kind: ReplyKind, code: str, server_text: str, *, host: str,
                    f"The mail server refused the login for {mailbox}: {server_text} ({advice})")
 
 
+class _Gate:
+    """What the task's gate holds for an attempt until it leaves. Callbacks registered during
+    the login (the upstream socket's reader) keep a copy of the task's context, and with it
+    this object, for the connection's life; the attempt itself is let go. Asked after that,
+    it refuses a key derivation."""
+
+    __slots__ = ("attempt",)
+
+    def __init__(self, attempt: LoginAttempt) -> None:
+        self.attempt: LoginAttempt | None = attempt
+
+    def begin_derivation(self) -> Callable[[], None] | None:
+        return None if self.attempt is None else self.attempt.begin_derivation()
+
+    def wrong_password(self, password: Secret) -> None:
+        if self.attempt is not None:
+            self.attempt.wrong_password(password)
+
+
 class LoginAttempt:
     """One attempt: past the lockout check, its failure reserved before a password is tried
     (when the key derivation is claimed), settled once.
@@ -77,7 +96,14 @@ class LoginAttempt:
         self.started = time.monotonic()
         self.reservation: Reservation | None = None
         self._wrong_tag: bytes | None = None
-        GATE.set(self)
+        self._gate = _Gate(self)
+        self._gate_token = GATE.set(self._gate)
+
+    def leave(self) -> None:
+        """Unset the task's gate again (once, in the task that created the attempt): a
+        session that only relays after its login keeps no attempt for its lifetime."""
+        self._gate.attempt = None
+        GATE.reset(self._gate_token)
 
     def refusal(self) -> str | None:
         """The reply text if this account and source are locked out (the attempt is then

@@ -221,6 +221,8 @@ class EndpointOpener:
 
 
 class Session:
+    __slots__ = ("ctx", "client", "upstream", "conn", "__weakref__")
+
     def __init__(self, ctx: Context, client: Endpoint) -> None:
         self.ctx = ctx
         self.client = client
@@ -235,7 +237,9 @@ class Session:
             if refusal is not None:
                 self.client.write(refusal)
                 return
-            await self._serve()
+            client_bytes = await self._serve()
+            if client_bytes is not None:  # the login dialogue and its machine are gone
+                await self.relay(client_bytes)
         except (ConnectionClosed, ConnectionError, ssl.SSLError) as exc:
             logs.event(log, logging.DEBUG, "connection_closed", peer=conn.peer,
                        reason=type(exc).__name__)
@@ -249,7 +253,10 @@ class Session:
                     endpoint.close()
             conn.closed()
 
-    async def _serve(self) -> None:
+    async def _serve(self) -> bytes | None:
+        """The dialogue before the relay, driven by the protocol's client machine: the bytes
+        the client sent past its login when it is time to relay, None when the connection is
+        to close."""
         ctx, client = self.ctx, self.client
         mirrored = ({"upstream_capabilities": ctx.capabilities.text}
                     if ctx.spec.mirrors_capabilities else {})
@@ -270,14 +277,13 @@ class Session:
                 elif isinstance(cmd, Authenticate):
                     work.extend(await self._login(machine, cmd))
                 elif isinstance(cmd, StartRelay):
-                    await self.relay(cmd.client_bytes)
-                    return
+                    return cmd.client_bytes
                 elif isinstance(cmd, StartClientTLS):
                     await self._start_tls()
                     work.extend(machine.tls_started())
                 elif isinstance(cmd, CloseConnection):
                     await client.drain()
-                    return
+                    return None
                 else:
                     raise AssertionError(f"unexpected command {cmd!r}")
             await client.drain()
@@ -290,7 +296,7 @@ class Session:
                     client.write(ctx.spec.timeout_reply)
                 logs.event(log, logging.INFO, "preauth_timeout", protocol=ctx.spec.protocol,
                            peer=self.conn.peer)
-                return
+                return None
             work.extend(machine.receive(data))
 
     async def _start_tls(self) -> None:
@@ -306,11 +312,15 @@ class Session:
         attempt = LoginAttempt(ctx.throttle, log, protocol=protocol, listener=ctx.listener.name,
                                user=cmd.username, peer=conn.peer, peer_host=conn.peer_host,
                                mechanism=cmd.mechanism)
-        verdict = await Pipeline(ctx.tokens, PasswordToken(ctx.tokens, cmd.username, cmd.password,
-                                                           protocol),
-                                 EndpointOpener(ctx), attempt=attempt,
-                                 permission=f"{protocol.upper()} access",
-                                 client_tls=conn.tls_version).run()
+        try:
+            verdict = await Pipeline(ctx.tokens,
+                                     PasswordToken(ctx.tokens, cmd.username, cmd.password,
+                                                   protocol),
+                                     EndpointOpener(ctx), attempt=attempt,
+                                     permission=f"{protocol.upper()} access",
+                                     client_tls=conn.tls_version).run()
+        finally:
+            attempt.leave()
         if isinstance(verdict, Denied):
             return machine.login_failed(verdict.failure, verdict.text)
         self.upstream = verdict.upstream.endpoint
@@ -318,13 +328,13 @@ class Session:
         logged_in = verdict.upstream.verdict
         return machine.login_succeeded(logged_in.capabilities, logged_in.server_bytes)
 
-    async def relay(self, client_bytes: bytes) -> None:
-        """Bytes both ways until both sides have closed (after login)."""
+    def relay(self, client_bytes: bytes) -> Awaitable[None]:
+        """Bytes both ways until both sides have closed (after login); awaited by ``run``
+        directly, so the relay adds no frame of its own for the session's lifetime."""
         upstream = self.upstream
         assert upstream is not None
         if client_bytes:
             upstream.write(client_bytes)
             self.ctx.count_up(len(client_bytes))
-        await relay(self.client, upstream, count_up=self.ctx.count_up,
-                    count_down=self.ctx.count_down)
-
+        return relay(self.client, upstream, count_up=self.ctx.count_up,
+                     count_down=self.ctx.count_down)
