@@ -48,10 +48,10 @@ def default_workers() -> int:
 
 
 def default_event_loop() -> EventLoop:
-    """asyncio: measured interleaved on a quiet machine, uvloop was within a few per cent of
-    it in throughput and CPU per GB, either way, and costs about 9 KiB more per idle TLS
-    session (proxy.server.tlsmemory adjusts asyncio's TLS, not uvloop's); bench/RESULTS.md,
-    "Event loops and workers"."""
+    """asyncio: measured interleaved, uvloop used about 6 % less CPU per GB relayed with no
+    clear throughput gain, and costs about 9 KiB (28 %) more per idle TLS session
+    (proxy.server.tlsmemory adjusts asyncio's TLS, not uvloop's), and a proxy's load is mostly
+    idle devices; bench/RESULTS.md, "Event loops and workers"."""
     return "asyncio"
 
 
