@@ -38,6 +38,15 @@ async def start_sign_in(http: aiohttp.ClientSession, env: AdminEnv,
         return await r.text()
 
 
+async def start_device_code(http: aiohttp.ClientSession, env: AdminEnv) -> str:
+    """The reauth page's "Get a sign-in code": the page it leads to."""
+    async with http.get(f"{env.url}/reauth/{USER}") as r:
+        token = csrf_of(await r.text())
+    async with http.post(f"{env.url}/reauth/{USER}", data={
+            "csrf": token, "how": "code", "password": PASSWORD}) as r:
+        return await r.text()
+
+
 def sign_in_link(page: str) -> str:
     match = re.search(r'id="sign-in" href="([^"]+)"', page)
     assert match, page
@@ -153,11 +162,7 @@ async def test_a_sign_in_here_ends_a_device_code_that_was_waiting(
         env: AdminEnv, demo_upstream: DemoUpstream) -> None:
     async with client() as http:
         await sign_in(http, env.url)
-        async with http.get(f"{env.url}/reauth/{USER}") as r:
-            token = csrf_of(await r.text())
-        async with http.post(f"{env.url}/reauth/{USER}", data={
-                "csrf": token, "how": "code", "password": PASSWORD}) as r:
-            waiting = await r.text()
+        waiting = await start_device_code(http, env)
         assert 'id="user-code"' in waiting and 'value="browser"' in waiting
         await back_here(await at_entra(sign_in_link(await start_sign_in(http, env)),
                                        demo_upstream))
@@ -170,11 +175,7 @@ async def test_a_key_held_from_before_a_new_sign_in_is_not_offered(
         env: AdminEnv, demo_upstream: DemoUpstream) -> None:
     async with client() as http:
         await sign_in(http, env.url)
-        async with http.get(f"{env.url}/reauth/{USER}") as r:
-            token = csrf_of(await r.text())
-        async with http.post(f"{env.url}/reauth/{USER}", data={
-                "csrf": token, "how": "code", "password": PASSWORD}) as r:
-            assert 'id="user-code"' in await r.text()  # the flow holds the key now
+        assert 'id="user-code"' in await start_device_code(http, env)  # it holds the key now
         async with http.get(f"{env.url}/reauth/{USER}") as r:
             assert 'name="password"' not in await r.text()
         # A new sign-in with a password the file does not know: a new file, a new key.
