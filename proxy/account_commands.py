@@ -31,6 +31,10 @@ def _passwd(args: argparse.Namespace) -> int:
 
 def _login_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("account", help="account name as in the config, e.g. alice@contoso.com")
+    parser.add_argument("--reissue", action="store_true",
+                        help="with --rotate: also give every other device a new password (for a "
+                             "removed password whose holder may be able to write the token file "
+                             "or the database)")
     parser.add_argument("--password-file", metavar="FILE",
                         help="read the local password from FILE ('-' for standard input)")
 
@@ -52,6 +56,10 @@ def _passwd_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--service-key", action="store_true",
                        help="add the service-key slot (creating the account's service_key_file "
                             "if missing) so the daemon can send for [[relay]] devices unattended")
+    parser.add_argument("--reissue", action="store_true",
+                        help="with --rotate: also give every other device a new password (for a "
+                             "removed password whose holder may be able to write the token file "
+                             "or the database)")
     parser.add_argument("--password-file", metavar="FILE",
                         help="with --add, --rotate or --service-key: read an existing password "
                              "from FILE ('-': stdin)")

@@ -142,12 +142,15 @@ def cmd_passwd(config: Config, args: argparse.Namespace) -> int:
             print(f"{account.name}: password {args.remove!r} removed; the other passwords "
                   "still work. If it may have leaked, also run `xoauth2-proxy passwd "
                   f"{account.name} --rotate` (a copy of the old file still opens with it; "
-                  "the other devices keep their passwords)")
+                  "the other devices keep their passwords), or `--rotate --reissue` if its "
+                  "holder may be able to write the token file (every device gets a new one)")
             return 0
         if getattr(args, "service_key", False):
             return _add_service_key(account, token_store, args)
         if getattr(args, "rotate", False):
             return _rotate(account, token_store, args)
+        if getattr(args, "reissue", False):
+            raise CommandError("--reissue goes with --rotate")
         current = read_password(args.password_file, confirm=False,
                                 prompt=f"An existing local password of {account.name}")
         unlocked = _unlock(token_store, account, current)
@@ -236,12 +239,19 @@ def _rotate(account: Account, token_store: store.TokenStore, args: argparse.Name
     unlocked = token_store.unlock(account.name, current)
     has_keyfile = any(s.kind == "keyfile" for s in token_store.info(account.name).slots)
     key = service_key(account) if has_keyfile else None
-    _, issued = token_store.rotate(unlocked, current, service_key=key,
+    reissue = bool(getattr(args, "reissue", False))
+    _, issued = token_store.rotate(unlocked, current, service_key=key, reissue=reissue,
                                    generate=lambda: Secret(secrets.token_urlsafe(18)))
     kept = "every other device keeps" if issued else "every device keeps"
-    print(f"{account.name}: new data key; {kept} its password"
+    print(f"{account.name}: new data key; "
+          + ("the password you typed still works" if reissue else f"{kept} its password")
           + ("; the service key slot was re-wrapped" if has_keyfile else ""))
-    if issued:
+    if issued and reissue:
+        print(f"{account.name}: every other device has a new password (shown once; the old "
+              "ones no longer work):")
+        for label, password in issued.items():
+            print(f"{label}	{password.reveal()}")
+    elif issued:
         print(f"{account.name}: these devices have a new password (their slot was of the old "
               "form, not used since this release, so it could not be re-wrapped; shown once, "
               "the old ones no longer work):")

@@ -18,15 +18,16 @@ whole), becomes a list, which supports every operation asyncio does on it.
 
 This adjusts three methods of CPython's ``asyncio.sslproto.SSLProtocol`` (the same in 3.11 to
 3.13), on selector event loops only (a proactor loop keeps a read buffer across an overlapped
-read, so it could not share one). If that class lacks what it relies on, ``install`` leaves
-it alone. uvloop's TLS is its own and is not changed.
+read, so it could not share one); a connection on another loop (uvloop, whose own TLS is not
+this class, but where aiosmtpd's STARTTLS builds it) keeps its own buffer. If that class lacks
+what it relies on, ``install`` leaves it alone.
 """
 
 from __future__ import annotations
 
 import sys
 import threading
-from asyncio import sslproto
+from asyncio import selector_events, sslproto
 from typing import Any
 
 _METHODS = ("__init__", "get_buffer", "_on_handshake_complete", "_get_extra_info")
@@ -62,9 +63,11 @@ def install() -> bool:
 
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
         original_init(self, *args, **kwargs)
-        del self._ssl_buffer  # its own buffer: never used
-        self._ssl_buffer_view = shared_buffer(self.max_size)
         self._write_backlog = []  # append, [0], del [0], clear, truth: all a list does too
+        if isinstance(self._loop, selector_events.BaseSelectorEventLoop):
+            del self._ssl_buffer  # its own buffer: never used
+            self._ssl_buffer_view = shared_buffer(self.max_size)
+        # else (uvloop, where aiosmtpd's STARTTLS builds this class too): its own buffer
 
     def get_buffer(self: Any, n: int) -> memoryview:
         # The thread's buffer when this connection was made (a connection stays on the thread

@@ -191,6 +191,7 @@ def rewrap_all(
     params: ScryptParams,
     generate: Callable[[], Secret],
     service_key: bytes | None,
+    reissue: bool = False,
 ) -> Rewrapped:
     """Every slot of ``doc`` around a new data key (``TokenStore.rotate``). ``kept``: (label,
     password, salt, password key at ``salt``/``params``) of the slot whose password was given,
@@ -198,16 +199,20 @@ def rewrap_all(
     public key (its password keeps working); an old-form password slot gets a new password
     from ``generate`` (returned by label: it cannot be re-wrapped without its password); a
     keyfile slot is re-wrapped with ``service_key``, which must open it (ValueError otherwise).
+
+    ``reissue``: a new anchor, and every other password slot gets a new password and key pair.
+    A removed password's holder knows the old anchor; with write access to the file it could
+    wrap a key of its own to the slots' public keys, so only this shuts it out entirely.
     """
     kept_label, kept_password, salt, kept_key = kept
-    anchor = new_anchor() if doc.anchor is None else open_anchor(doc, old_key)
+    anchor = new_anchor() if doc.anchor is None or reissue else open_anchor(doc, old_key)
     if anchor is None:
         raise ValueError("its anchor does not open with its data key (altered)")
     done = Rewrapped(os.urandom(KEY_SIZE), anchor, [], {}, [])
     for slot in doc.slots:
         if slot.kind == KIND_KEYFILE:
             fresh = _rewrap_keyfile(slot, doc.account, service_key, done.data_key)
-        elif slot.pk is not None and slot.label != kept_label:
+        elif slot.pk is not None and slot.label != kept_label and not reissue:
             fresh = rewrap_pk_slot(slot, anchor, done.data_key, doc.account)
         else:
             if slot.label == kept_label:

@@ -211,6 +211,7 @@ class TokenStore(StoreCore):
         *,
         generate: Callable[[], Secret],
         service_key: bytes | None = None,
+        reissue: bool = False,
     ) -> tuple[Unlocked, dict[str, Secret]]:
         """Replace the data key: the payload is encrypted under a new one and every slot is
         re-wrapped to it, so no copy of the old file opens the new one with any old secret.
@@ -219,7 +220,9 @@ class TokenStore(StoreCore):
         password; the slot ``password`` opened is written anew in that form; a keyfile slot is
         re-wrapped with ``service_key``, which must open it. An old-form password slot (never
         opened since this release) gets a new password from ``generate``: those are returned
-        by label (usually none).
+        by label (usually none). ``reissue``: every other password slot gets a new password
+        (and key pair) and the file a new anchor, for a removed password whose holder may be
+        able to write the file (``slots.rewrap_all``).
         """
         self._check_unlocked(unlocked)
         keep = password_bytes(password)
@@ -232,7 +235,7 @@ class TokenStore(StoreCore):
         kept_key = self._keys.derive(key, keep)
         try:
             made = rewrap_all(doc, unlocked.data_key, (kept.label, keep, salt, kept_key),
-                              self.scrypt, generate, service_key)
+                              self.scrypt, generate, service_key, reissue)
         except ValueError as exc:
             raise SlotError(f"{path}: {exc}") from None
         key_id = make_key_id(made.data_key)

@@ -296,6 +296,32 @@ async def test_passwd_rotate_locks_out_an_old_copy_with_a_revoked_password(
     await service.aclose()
 
 
+async def test_passwd_rotate_reissue_gives_every_other_device_a_new_password(
+        tmp_path: Path, demo_upstream: DemoUpstream) -> None:
+    config = write_config(tmp_path, demo_upstream)
+    cfg = make_config(tmp_path, demo_upstream)
+    authorise(cfg, demo_upstream)
+    added = cli(config, "passwd", USER, "--add", "scanner", "--password-file", "-",
+                stdin=PASSWORD + "\n")
+    assert added.returncode == 0, added.stderr
+    scanner = added.stdout.strip().splitlines()[-1]
+    alone = cli(config, "passwd", USER, "--reissue")
+    assert alone.returncode != 0 and "--add" in alone.stderr + alone.stdout  # needs --rotate
+    rotated = cli(config, "passwd", USER, "--rotate", "--reissue", "--password-file", "-",
+                  stdin=PASSWORD + "\n")
+    assert rotated.returncode == 0, rotated.stderr
+    assert "the password you typed still works" in rotated.stdout
+    assert "every other device has a new password" in rotated.stdout
+    label, new = rotated.stdout.strip().splitlines()[-1].split("\t")
+    assert label == "scanner" and new != scanner
+    service = TokenService(cfg, store.TokenStore(cfg.state_dir))
+    assert await service.access_token(USER, Secret(PASSWORD), "imap")
+    assert await service.access_token(USER, Secret(new), "imap")
+    with pytest.raises(WrongPassword):
+        await service.access_token(USER, Secret(scanner), "imap")
+    await service.aclose()
+
+
 def add_old_form_slot(token_store: store.TokenStore, label: str, password: str) -> None:
     """A slot as a release before public-key slots wrote it (its code path, ``slots``)."""
     unlocked = token_store.unlock(USER, Secret(PASSWORD))

@@ -434,3 +434,27 @@ def test_an_altered_anchor_stops_writers_not_logins(store: TokenStore,
         fresh.add_password_slot(unlocked, "printer", Secret("printer password"))
     with pytest.raises(SlotError, match="anchor"):
         fresh.rotate(unlocked, PASSWORD, generate=lambda: Secret("x" * 20))
+
+
+@pytest.mark.parametrize("reissue", [False, True])
+def test_a_removed_holder_who_can_write_is_shut_out_by_a_reissue(
+        store: TokenStore, created: Unlocked, reissue: bool) -> None:
+    path = store.path(ACCOUNT)
+    store.add_password_slot(created, "printer", Secret("printer password"))
+    known = open_anchor(decode(path.read_bytes(), path), created.data_key)  # the printer's
+    assert known is not None
+    store.remove_slot(ACCOUNT, "printer")
+    unlocked = store.unlock(ACCOUNT, PASSWORD)
+    store.rotate(unlocked, PASSWORD, generate=lambda: Secret("new device password"),
+                 reissue=reissue)
+    rotated = path.read_bytes()
+    planted = _plant_data_key(path, known)
+    if reissue:  # a new anchor: the old one makes no wrap the password opens
+        with pytest.raises(CorruptTokenFile, match="does not verify"):
+            TokenStore(store.state_dir, scrypt_n=FAST_N).unlock(ACCOUNT, PASSWORD)
+        path.write_bytes(rotated)
+        assert TokenStore(store.state_dir, scrypt_n=FAST_N).unlock(ACCOUNT, PASSWORD).payload \
+            == PAYLOAD
+    else:  # --rotate alone keeps the anchor: it shuts out a reader of an old copy, not a writer
+        opened = TokenStore(store.state_dir, scrypt_n=FAST_N).unlock(ACCOUNT, PASSWORD)
+        assert opened.data_key == planted
