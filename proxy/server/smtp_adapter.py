@@ -23,7 +23,7 @@ from aiosmtpd.smtp import SMTP
 from aiosmtplib import SMTP as SMTPClient
 from aiosmtplib.protocol import SMTPProtocol
 
-SUPPORTED = {"aiosmtpd": ">=1.4.6,<1.5", "aiosmtplib": ">=5.1.2,<5.2"}
+SUPPORTED = {"aiosmtpd": ">=1.4.6,<1.5", "aiosmtplib": ">=5.1.3,<5.2"}
 
 # The private attributes used below, by the class that must have them.
 _SERVER_PRIVATES = ("_handle_client", "_reset_timeout", "_timeout_cb", "_call_handler_hook",
