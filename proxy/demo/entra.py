@@ -89,6 +89,7 @@ class Stats:
             "devicecode_requests": self.other["devicecode"],
             "authorize_requests": self.other["authorize"],
             "introspect_requests": self.other["introspect"],
+            "delayed_token_requests": self.other["delayed token"],
         }
 
 
@@ -343,6 +344,7 @@ class Entra(resource.Resource):
         from twisted.internet import reactor
 
         request._xoauth2_delayed = True  # type: ignore[attr-defined]
+        self.stats.other["delayed token"] += 1  # counted on arrival, before it is served
         gone: list[bool] = []
         request.notifyFinish().addErrback(lambda _: gone.append(True))
 

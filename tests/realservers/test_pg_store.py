@@ -275,10 +275,11 @@ async def test_a_refresh_that_could_not_be_saved_is_saved_before_the_next(
                             token_endpoint_delay=1.5)
     service = TokenService(cfg, token_store)
     login = asyncio.create_task(service.access_token(USER, Secret(PASSWORD_TEXT), "imap"))
-    deadline = time.monotonic() + 60
-    while not await asyncio.to_thread(pg_store.advisory_locks):
+    deadline = time.monotonic() + 60  # halt only once the refresh reached the token endpoint
+    while not (await asyncio.to_thread(demo_upstream.stats))["delayed_token_requests"]:
         assert time.monotonic() < deadline and not login.done()
         await asyncio.sleep(0.02)
+    assert await asyncio.to_thread(pg_store.advisory_locks)  # held across the refresh
     await asyncio.to_thread(pg_store.halt)
     try:
         first = await login  # the refresh finished; its save did not

@@ -176,7 +176,8 @@ async def test_sigkill_in_the_middle_of_a_refresh_loses_no_refresh_token(
         daemons: Daemons, demo_upstream: DemoUpstream, pg_store: Postgres) -> None:
     demo_upstream.configure(strict_rotation=True, token_endpoint_delay=30.0)
     victim = asyncio.create_task(imap_login(daemons.port(0)))
-    await poll(lambda: pg_store.advisory_locks() >= 1)  # daemon 0 is refreshing
+    await poll(lambda: demo_upstream.stats()["delayed_token_requests"] >= 1)  # mid-refresh
+    assert pg_store.advisory_locks() >= 1  # daemon 0 holds the account's lock meanwhile
     daemons.procs[0].proc.kill()
     daemons.procs[0].proc.wait(timeout=30)
     try:
