@@ -231,14 +231,19 @@ async def test_damaged_token_file_answers_like_a_wrong_password(
     assert f"xoauth2-proxy login {USER}" in info.value.detail
 
 
+def add_device(config: Path, label: str) -> str:
+    """``passwd --add LABEL`` through the command line; returns the device's new password."""
+    added = cli(config, "passwd", USER, "--add", label, "--password-file", "-",
+                stdin=PASSWORD + "\n")
+    assert added.returncode == 0, added.stderr
+    return added.stdout.strip().splitlines()[-1]
+
+
 async def test_passwd_add_and_remove_device_password(tmp_path: Path, demo_upstream: DemoUpstream) -> None:
     config = write_config(tmp_path, demo_upstream)
     cfg = make_config(tmp_path, demo_upstream)
     token_store = authorise(cfg, demo_upstream)
-    added = cli(config, "passwd", USER, "--add", "scanner-2nd-floor", "--password-file", "-",
-                stdin=PASSWORD + "\n")
-    assert added.returncode == 0, added.stderr
-    device_password = added.stdout.strip().splitlines()[-1]
+    device_password = add_device(config, "scanner-2nd-floor")
     assert len(device_password) >= 16
     listed = cli(config, "passwd", USER, "--list")
     assert "scanner-2nd-floor" in listed.stdout and "default" in listed.stdout
@@ -262,12 +267,7 @@ async def test_passwd_rotate_locks_out_an_old_copy_with_a_revoked_password(
     config = write_config(tmp_path, demo_upstream)
     cfg = make_config(tmp_path, demo_upstream)
     token_store = authorise(cfg, demo_upstream)
-    passwords = {}
-    for label in ("printer", "scanner"):
-        added = cli(config, "passwd", USER, "--add", label, "--password-file", "-",
-                    stdin=PASSWORD + "\n")
-        assert added.returncode == 0, added.stderr
-        passwords[label] = added.stdout.strip().splitlines()[-1]
+    passwords = {label: add_device(config, label) for label in ("printer", "scanner")}
     stolen = tmp_path / "stolen"
     stolen.mkdir(mode=0o700)
     shutil.copy2(token_store.path(USER), stolen / token_store.path(USER).name)
@@ -301,10 +301,7 @@ async def test_passwd_rotate_reissue_gives_every_other_device_a_new_password(
     config = write_config(tmp_path, demo_upstream)
     cfg = make_config(tmp_path, demo_upstream)
     authorise(cfg, demo_upstream)
-    added = cli(config, "passwd", USER, "--add", "scanner", "--password-file", "-",
-                stdin=PASSWORD + "\n")
-    assert added.returncode == 0, added.stderr
-    scanner = added.stdout.strip().splitlines()[-1]
+    scanner = add_device(config, "scanner")
     alone = cli(config, "passwd", USER, "--reissue")
     assert alone.returncode != 0 and "--add" in alone.stderr + alone.stdout  # needs --rotate
     rotated = cli(config, "passwd", USER, "--rotate", "--reissue", "--password-file", "-",
@@ -338,10 +335,7 @@ async def test_passwd_rotate_issues_a_password_only_for_an_old_form_slot(
     config = write_config(tmp_path, demo_upstream)
     cfg = make_config(tmp_path, demo_upstream)
     token_store = authorise(cfg, demo_upstream)
-    added = cli(config, "passwd", USER, "--add", "scanner", "--password-file", "-",
-                stdin=PASSWORD + "\n")
-    assert added.returncode == 0, added.stderr
-    scanner = added.stdout.strip().splitlines()[-1]
+    scanner = add_device(config, "scanner")
     add_old_form_slot(token_store, "fax", "fax password from an older release")
     listed = cli(config, "passwd", USER, "--list")
     assert "not used since this release: fax" in listed.stdout, listed.stderr
