@@ -29,6 +29,7 @@ from proxy.auth.errors import TokenError
 from proxy.graph import errors, message, mime
 from proxy.graph.errors import GraphFailure
 from proxy.graph.settings import GraphUpstream
+from proxy.graph.spool import in_thread
 
 TokenSource = Callable[[str | None], Awaitable[str]]  # rejected token (or None) -> a token
 READ = 3 * 256 * 1024  # bytes read from the spool per step (a multiple of 3: base64 lines up)
@@ -124,7 +125,7 @@ class GraphClient:
                       token: TokenSource) -> None:
         decoded = spool.with_name(spool.name + ".part")
         try:
-            size = await asyncio.to_thread(_decode_to, spool, part, decoded)
+            size = await in_thread(_decode_to, spool, part, decoded)  # then unlinked
             where = self._url(mailbox, "messages", draft_id, "attachments")
             if size < SMALL_ATTACHMENT:
                 data = await asyncio.to_thread(decoded.read_bytes)

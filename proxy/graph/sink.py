@@ -30,7 +30,7 @@ from prometheus_client import Counter
 from proxy import logs, metrics
 from proxy.graph.client import GraphClient, TokenSource
 from proxy.graph.errors import GraphFailure
-from proxy.graph.spool import spool_dir, spool_prefix
+from proxy.graph.spool import in_thread, spool_dir, spool_prefix
 from proxy.protocol.smtp_syntax import BadPath, parse_path
 from proxy.server.smtp_sink import Reply
 
@@ -96,8 +96,7 @@ class GraphSink:
     async def data(self) -> Reply:
         if self._sender is None or not self._recipients:
             return Reply(503, "5.5.1 Need RCPT command first")
-        fd, name = await asyncio.to_thread(tempfile.mkstemp, prefix=spool_prefix(self.spool),
-                                             dir=self.spool)
+        fd, name = await in_thread(_spool_file, self.spool, undo=_remove_spool_file)
         self._file, self._path = os.fdopen(fd, "wb"), Path(name)
         self._pending.clear()
         self._tail, self._size = b"\r\n", 0
@@ -192,3 +191,13 @@ class GraphSink:
                    recipients=len(self._recipients), size=size, request_id=request_id,
                    result=result, reason=reason, latency=round(time.monotonic() - started, 3))
         return reply
+
+
+def _spool_file(spool: Path) -> tuple[int, str]:
+    return tempfile.mkstemp(prefix=spool_prefix(spool), dir=spool)
+
+
+def _remove_spool_file(made: tuple[int, str]) -> None:
+    os.close(made[0])
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(made[1])

@@ -12,16 +12,22 @@ container's daemon is process 1 every time) nor blind across containers sharing 
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
+import functools
 import logging
 import os
 import secrets
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from proxy import logs
 
 log = logging.getLogger("proxy.graph")
+
+T = TypeVar("T")
 
 _OWN: dict[Path, str] = {}  # spool folder -> this process's token
 _FDS: list[int] = []  # this process's lock files, held open (and locked) until it exits
@@ -42,6 +48,21 @@ def spool_dir(state_dir: Path) -> Path:
         logs.event(log, logging.INFO, "graph_spool_orphans_removed", files=removed,
                    where=str(path))
     return path
+
+
+async def in_thread(function: Callable[..., T], *args: object,
+                    undo: Callable[[T], object] | None = None) -> T:
+    """``function(*args)`` in a worker thread. A cancel waits for the thread to end before it
+    goes on (then ``undo`` gets what the thread made), so a spool file the thread creates is
+    never created after its caller's clean-up already ran."""
+    future = asyncio.get_running_loop().run_in_executor(None, functools.partial(function, *args))
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        await asyncio.wait([future])
+        if undo is not None and not future.cancelled() and future.exception() is None:
+            undo(future.result())
+        raise
 
 
 def spool_prefix(path: Path) -> str:

@@ -4,16 +4,19 @@ draft and upload sessions, the envelope deciding the recipients, and each refusa
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import email
 import email.policy
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from email.message import EmailMessage
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -21,6 +24,8 @@ from proxy import config as config_mod
 from proxy.auth.errors import AuthorisationNeeded
 from proxy.auth.service import TokenService
 from proxy.demo.process import DemoUpstream
+from proxy.graph import client as client_mod
+from proxy.graph import sink as sink_mod
 from proxy.graph.client import GraphClient
 from proxy.graph.sink import GraphSink, spool_dir
 from proxy.secret import Secret
@@ -241,3 +246,42 @@ def test_spool_files_of_a_killed_process_are_removed_on_first_use(tmp_path: Path
             if proc.stdin is not None:
                 proc.stdin.close()
             proc.wait(timeout=30)
+
+
+@pytest.mark.parametrize("stage", ["spool file", "decoded part"])
+async def test_a_transaction_cancelled_while_a_thread_writes_leaves_no_file(
+        tmp_path: Path, demo_upstream: DemoUpstream, monkeypatch: pytest.MonkeyPatch,
+        stage: str) -> None:
+    """The SMTP session ends (its task is cancelled) while a worker thread creates the spool
+    file or decodes an attachment: what the thread writes is removed once it is done, not left
+    behind until the next start."""
+    cfg = graph_config(tmp_path, demo_upstream,
+                       graph={"save_to_sent_items": False, "mime_limit": 1024})  # the draft path
+    tokens = TokenService(cfg, authorise(cfg, demo_upstream))
+    env = Env(cfg, tokens, GraphClient(cfg.graph.upstreams["graph"]), demo_upstream)
+    entered, release, finished = threading.Event(), threading.Event(), threading.Event()
+    module, name = (sink_mod, "_spool_file") if stage == "spool file" else (client_mod,
+                                                                             "_decode_to")
+    real = getattr(module, name)
+
+    def gated(*args: Any) -> Any:
+        entered.set()
+        release.wait(30)
+        try:
+            return real(*args)
+        finally:
+            finished.set()
+
+    monkeypatch.setattr(module, name, gated)
+    raw, _, _ = big_message(100_000)
+    task = asyncio.create_task(send(env.sink(), raw, ["bob@example.com"], step=65536))
+    assert await asyncio.to_thread(entered.wait, 30)
+    task.cancel()
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await asyncio.to_thread(finished.wait, 30)
+    assert not [n for n in os.listdir(spool_dir(cfg.state_dir)) if n.startswith("msg-")]
+    assert demo_upstream.mailbox("bob@example.com") == []
+    await env.client.close()
+    await tokens.aclose()
