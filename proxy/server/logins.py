@@ -82,6 +82,24 @@ class _Gate:
             self.attempt.wrong_password(password)
 
 
+class ProvenGate:
+    """The gate for a session whose password was proven already (an SMTP upstream reconnect
+    later in the session): its key derivation, if any, still takes its turn, but counts no
+    failure."""
+
+    __slots__ = ("throttle", "user", "peer_host")
+
+    def __init__(self, throttle: Throttle, user: str, peer_host: str) -> None:
+        self.throttle, self.user, self.peer_host = throttle, user, peer_host
+
+    def begin_derivation(self) -> Callable[[], None] | None:
+        return self.throttle.begin_derivation(
+            Reservation(self.user, self.peer_host, (), counted=True, settled=True))
+
+    def wrong_password(self, password: Secret) -> None:
+        pass
+
+
 class LoginAttempt:
     """One attempt: past the lockout check, its failure reserved before a password is tried
     (when the key derivation is claimed), settled once.
@@ -118,11 +136,8 @@ class LoginAttempt:
     # --- the token service's gate ---------------------------------------------------------
 
     def begin_derivation(self) -> Callable[[], None] | None:
-        if self.reservation is None or self.reservation.settled:
-            # The session's password was proven already (an upstream reconnect later in the
-            # session): it still takes its turn, but counts no failure.
-            return self.throttle.begin_derivation(
-                Reservation(self.user, self.peer_host, (), counted=True, settled=True))
+        if self.reservation is None or self.reservation.settled:  # proven already
+            return ProvenGate(self.throttle, self.user, self.peer_host).begin_derivation()
         return self.throttle.begin_derivation(self.reservation)
 
     def wrong_password(self, password: Secret) -> None:

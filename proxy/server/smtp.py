@@ -41,6 +41,7 @@ from typing import Any
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session, TLSSetupException
 
 from proxy import __version__, logs
+from proxy.auth.gate import GATE
 from proxy.auth.service import TokenService
 from proxy.config import Limits, Listener, Upstream
 from proxy.graph.route import GraphRoute, service_session
@@ -51,8 +52,8 @@ from proxy.server.connection import Connection
 from proxy.server.endpoint import writable
 from proxy.server.limits import PreauthLimiter, Throttle
 from proxy.server.listener import ListenerBase, ListenerSettings
-from proxy.server.logins import LoginAttempt
-from proxy.server.pipeline import Denied, PasswordToken, Pipeline
+from proxy.server.logins import LoginAttempt, ProvenGate
+from proxy.server.pipeline import Denied, Granted, PasswordToken, Pipeline
 from proxy.server.smtp_auth import Credentials, read_login, read_plain
 from proxy.server.smtp_protocol import ProxySMTP, quiet_aiosmtpd
 from proxy.server.smtp_relay import Decision, RelayRefused, RelayRules, seed_metrics
@@ -230,11 +231,11 @@ class SmtpFront:
         if not user.isprintable():  # keeps log lines and the upstream's SASL intact
             await server.push("501 5.5.2 The user name has control characters")
             return AuthResult(success=False, handled=True)
-        verdict = await self._pipeline(user, password, self._attempt(user, mechanism)).run()
+        verdict = await self._attempted(user, password, mechanism)
         route = self.ctx.graph
         if (isinstance(verdict, Denied) and route is not None
                 and route.falls_back(verdict.reason, user.strip().lower(), verdict.kind)):
-            verdict = await self._pipeline(user, password, self._attempt(user, mechanism)).run()
+            verdict = await self._attempted(user, password, mechanism)
         if isinstance(verdict, Denied):
             return AuthResult(success=False, handled=False,
                               message=failure_reply(verdict.failure, verdict.text))
@@ -249,11 +250,18 @@ class SmtpFront:
             server.data_size_limit = upstream.size_limit
         return AuthResult(success=True, auth_data=verdict.account.name)
 
-    def _attempt(self, user: str, mechanism: str) -> LoginAttempt:
+    async def _attempted(self, user: str, password: Secret, mechanism: str
+                         ) -> Granted[UpstreamSession] | Granted[GraphSink] | Denied:
+        """One login attempt through the pipeline; the attempt is let go when it is decided
+        (the session keeps nothing of it)."""
         conn = self.conn
-        return LoginAttempt(self.ctx.throttle, log, protocol="smtp",
-                            listener=self.ctx.listener.name, user=user, peer=conn.peer,
-                            peer_host=conn.peer_host, mechanism=mechanism)
+        attempt = LoginAttempt(self.ctx.throttle, log, protocol="smtp",
+                               listener=self.ctx.listener.name, user=user, peer=conn.peer,
+                               peer_host=conn.peer_host, mechanism=mechanism)
+        try:
+            return await self._pipeline(user, password, attempt).run()
+        finally:
+            attempt.leave()
 
     def _pipeline(self, user: str, password: Secret, attempt: LoginAttempt | None
                   ) -> Pipeline[UpstreamSession] | Pipeline[GraphSink]:
@@ -369,7 +377,12 @@ class SmtpFront:
         """The upstream closed an idle session: log in again with the client's credentials."""
         if self.credentials is None:
             return self.transactions.lost(server, SinkLost("no upstream session"))
-        verdict = await self._pipeline(*self.credentials, None).run()
+        user, password = self.credentials
+        proven = GATE.set(ProvenGate(self.ctx.throttle, user, self.conn.peer_host))
+        try:
+            verdict = await self._pipeline(user, password, None).run()
+        finally:
+            GATE.reset(proven)
         if isinstance(verdict, Denied):
             logs.event(log, logging.WARNING, "upstream_reconnect_failed", protocol="smtp",
                        account=self.conn.account, peer=self.conn.peer, reason=verdict.reason)

@@ -15,6 +15,7 @@ import pytest
 from proxy.config import Limits
 from proxy.demo.process import DemoUpstream
 from proxy.server.limits import MIN_FAILURE_DELAY, PreauthLimiter, Reservation, Throttle
+from proxy.server.logins import ProvenGate
 from tests.proxyenv import PASSWORD, USER, imap_login_reply, start_proxy
 from tests.server.smtp_util import closed_port, plain_b64
 
@@ -125,6 +126,25 @@ def test_one_derivation_in_flight_per_account_and_source() -> None:
     assert claim("b@x", "198.51.100.7") is not None
     release()
     assert claim("a@x", "192.0.2.1") is not None
+
+
+def test_a_proven_session_takes_its_turn_and_counts_no_failure() -> None:
+    """An SMTP session's upstream reconnect, its password proven at its login, waits for its
+    turn like any key derivation but never counts a failure towards a lockout."""
+    throttle = Throttle(Limits(lockout_after=1), Clock())
+    proven = ProvenGate(throttle, "a@x", "192.0.2.1")
+    guess = throttle.reserve("a@x", "198.51.100.7")
+    assert isinstance(guess, Reservation)
+    guessing = throttle.begin_derivation(guess)
+    assert guessing is not None
+    assert proven.begin_derivation() is None  # the account's one derivation is in flight
+    guessing()
+    throttle.release(guess)
+    for _ in range(3):
+        release = proven.begin_derivation()
+        assert release is not None
+        release()
+    assert throttle.locked("a@x", "192.0.2.1") == 0
 
 
 def test_no_failure_is_answered_at_once() -> None:

@@ -1,6 +1,7 @@
 """A session that relays keeps only what relaying needs: once an IMAP or POP3 client has
 logged in, its login dialogue's machine and the login attempt are gone (no reference left to
-them, not even from callbacks registered during the login), while the session still relays."""
+them, not even from callbacks registered during the login), while the session still relays;
+an SMTP session keeps no login attempt either."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import dataclasses
 import gc
 import imaplib
 import poplib
+import smtplib
 import weakref
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -17,7 +19,7 @@ from typing import Any
 import pytest
 
 from proxy.demo.process import DemoUpstream
-from proxy.server import logins, session
+from proxy.server import logins, session, smtp
 from proxy.server.daemon import ListenerRuntime
 from tests.proxyenv import USER, ProxyEnv, start_proxy
 
@@ -101,3 +103,33 @@ async def test_pop_relay_keeps_no_login_state(env: ProxyEnv,
         assert (await asyncio.to_thread(client.noop)).startswith(b"+OK")  # still relaying
     finally:
         await asyncio.to_thread(client.quit)
+
+
+async def test_smtp_session_keeps_no_login_attempt(tmp_path: Path, demo_upstream: DemoUpstream,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    env = await start_proxy(tmp_path, demo_upstream, password=PASSWORD, protocols=("smtp",))
+    attempts: list[weakref.ref[Any]] = []
+
+    class RecordedAttempt(logins.LoginAttempt):
+        def __init__(self, *args: Any, **kw: Any) -> None:
+            super().__init__(*args, **kw)
+            attempts.append(weakref.ref(self))
+
+    monkeypatch.setattr(smtp, "LoginAttempt", RecordedAttempt)
+
+    def logged_in() -> smtplib.SMTP:
+        client = smtplib.SMTP("127.0.0.1", env.ports["smtp"], timeout=30)  # loopback: no TLS
+        client.login(USER, PASSWORD)
+        assert client.noop()[0] == 250  # through the upstream session
+        return client
+
+    client = await asyncio.to_thread(logged_in)
+    try:
+        gc.collect()
+        assert len(attempts) == 1
+        assert attempts[0]() is None, "the login attempt outlives the login"
+        assert (await asyncio.to_thread(client.sendmail, USER, ["bob@example.com"],
+                                        b"Subject: after the login\r\n\r\nbody\r\n")) == {}
+    finally:
+        await asyncio.to_thread(client.quit)
+        await env.daemon.stop(grace=1)
