@@ -265,6 +265,7 @@ async def test_a_refresh_that_could_not_be_saved_is_saved_before_the_next(
     monkeypatch.setattr(pg_module, "DOWN_SECONDS", 0.0)  # every read asks the database
     data = config_dict(tmp_path, demo_upstream, protocols=("imap",))
     data["store"] = {**pg_store.toml(), "lock_timeout": 5}
+    data["providers"]["demo"]["timeout"] = 30  # waits out the held token request below
     cfg = config.parse(data, tmp_path / "config.toml")
     account = cfg.account(USER)
     assert account is not None
@@ -272,7 +273,7 @@ async def test_a_refresh_that_could_not_be_saved_is_saved_before_the_next(
     token_store = store.open_store(cfg)
     flows.login(cfg, account, token_store, Secret(PASSWORD_TEXT), out=io.StringIO())
     demo_upstream.configure(access_token_lifetime=3600, strict_rotation=True,
-                            token_endpoint_delay=1.5)
+                            token_endpoint_delay=10.0)  # far longer than a fast shutdown
     service = TokenService(cfg, token_store)
     login = asyncio.create_task(service.access_token(USER, Secret(PASSWORD_TEXT), "imap"))
     deadline = time.monotonic() + 60  # halt only once the refresh reached the token endpoint
@@ -281,6 +282,7 @@ async def test_a_refresh_that_could_not_be_saved_is_saved_before_the_next(
         await asyncio.sleep(0.02)
     assert await asyncio.to_thread(pg_store.advisory_locks)  # held across the refresh
     await asyncio.to_thread(pg_store.halt)
+    assert (await asyncio.to_thread(demo_upstream.stats))["token_requests"] == 1  # held still
     try:
         first = await login  # the refresh finished; its save did not
     finally:
