@@ -198,6 +198,8 @@ def _spool_file(spool: Path) -> tuple[int, str]:
 
 
 def _remove_spool_file(made: tuple[int, str]) -> None:
-    os.close(made[0])
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(made[1])
+    try:
+        os.close(made[0])
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(made[1])

@@ -13,6 +13,7 @@ container's daemon is process 1 every time) nor blind across containers sharing 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import functools
 import logging
@@ -59,9 +60,14 @@ async def in_thread(function: Callable[..., T], *args: object,
     try:
         return await asyncio.shield(future)
     except asyncio.CancelledError:
-        await asyncio.wait([future])
+        while not future.done():  # through further cancels too (EOF, then the lost connection)
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait([future])
         if undo is not None and not future.cancelled() and future.exception() is None:
-            undo(future.result())
+            try:
+                undo(future.result())
+            except OSError as exc:
+                logs.event(log, logging.WARNING, "graph_spool_cleanup_failed", error=str(exc))
         raise
 
 

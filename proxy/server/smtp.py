@@ -243,6 +243,9 @@ class SmtpFront:
             route.smtp_worked(verdict.account.name)
         self.drop()  # AUTH again after STARTTLS: the old session is done
         self.credentials = (user, password)
+        # The session's later token requests (a reconnect, a Graph submission) pass this gate:
+        # a key derivation still takes its turn, but counts no failure.
+        GATE.set(ProvenGate(self.ctx.throttle, user, self.conn.peer_host))
         self._adopt(verdict.upstream, verdict.account.name)
         upstream = verdict.upstream
         if upstream.size_limit and (not server.data_size_limit
@@ -377,12 +380,7 @@ class SmtpFront:
         """The upstream closed an idle session: log in again with the client's credentials."""
         if self.credentials is None:
             return self.transactions.lost(server, SinkLost("no upstream session"))
-        user, password = self.credentials
-        proven = GATE.set(ProvenGate(self.ctx.throttle, user, self.conn.peer_host))
-        try:
-            verdict = await self._pipeline(user, password, None).run()
-        finally:
-            GATE.reset(proven)
+        verdict = await self._pipeline(*self.credentials, None).run()
         if isinstance(verdict, Denied):
             logs.event(log, logging.WARNING, "upstream_reconnect_failed", protocol="smtp",
                        account=self.conn.account, peer=self.conn.peer, reason=verdict.reason)

@@ -248,13 +248,14 @@ def test_spool_files_of_a_killed_process_are_removed_on_first_use(tmp_path: Path
             proc.wait(timeout=30)
 
 
+@pytest.mark.parametrize("cancels", [1, 2])
 @pytest.mark.parametrize("stage", ["spool file", "decoded part"])
 async def test_a_transaction_cancelled_while_a_thread_writes_leaves_no_file(
         tmp_path: Path, demo_upstream: DemoUpstream, monkeypatch: pytest.MonkeyPatch,
-        stage: str) -> None:
-    """The SMTP session ends (its task is cancelled) while a worker thread creates the spool
-    file or decodes an attachment: what the thread writes is removed once it is done, not left
-    behind until the next start."""
+        stage: str, cancels: int) -> None:
+    """The SMTP session ends (its task is cancelled, perhaps twice: the client's EOF, then the
+    lost connection) while a worker thread creates the spool file or decodes an attachment:
+    what the thread writes is removed once it is done, not left behind until the next start."""
     cfg = graph_config(tmp_path, demo_upstream,
                        graph={"save_to_sent_items": False, "mime_limit": 1024})  # the draft path
     tokens = TokenService(cfg, authorise(cfg, demo_upstream))
@@ -274,14 +275,19 @@ async def test_a_transaction_cancelled_while_a_thread_writes_leaves_no_file(
 
     monkeypatch.setattr(module, name, gated)
     raw, _, _ = big_message(100_000)
-    task = asyncio.create_task(send(env.sink(), raw, ["bob@example.com"], step=65536))
-    assert await asyncio.to_thread(entered.wait, 30)
-    task.cancel()
-    release.set()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-    assert await asyncio.to_thread(finished.wait, 30)
-    assert not [n for n in os.listdir(spool_dir(cfg.state_dir)) if n.startswith("msg-")]
-    assert demo_upstream.mailbox("bob@example.com") == []
-    await env.client.close()
-    await tokens.aclose()
+    try:
+        task = asyncio.create_task(send(env.sink(), raw, ["bob@example.com"], step=65536))
+        assert await asyncio.to_thread(entered.wait, 30)
+        for _ in range(cancels):
+            task.cancel()
+            await asyncio.sleep(0)
+        release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert await asyncio.to_thread(finished.wait, 30)
+        assert not [n for n in os.listdir(spool_dir(cfg.state_dir)) if n.startswith("msg-")]
+        assert demo_upstream.mailbox("bob@example.com") == []
+    finally:
+        release.set()
+        await env.client.close()
+        await tokens.aclose()

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from proxy.auth.gate import GATE
 from proxy.demo.process import DemoUpstream
 from proxy.server import logins, session, smtp
 from proxy.server.daemon import ListenerRuntime
@@ -107,15 +108,25 @@ async def test_pop_relay_keeps_no_login_state(env: ProxyEnv,
 
 async def test_smtp_session_keeps_no_login_attempt(tmp_path: Path, demo_upstream: DemoUpstream,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The attempt is let go once the login is decided; the session's later token requests (an
+    upstream reconnect) pass a gate for a proven password instead."""
     env = await start_proxy(tmp_path, demo_upstream, password=PASSWORD, protocols=("smtp",))
     attempts: list[weakref.ref[Any]] = []
+    gates: list[str] = []
 
     class RecordedAttempt(logins.LoginAttempt):
         def __init__(self, *args: Any, **kw: Any) -> None:
             super().__init__(*args, **kw)
             attempts.append(weakref.ref(self))
 
+    real = env.daemon.tokens.access_token
+
+    async def access_token(*args: Any, **kw: Any) -> str:
+        gates.append(type(GATE.get()).__name__)
+        return await real(*args, **kw)
+
     monkeypatch.setattr(smtp, "LoginAttempt", RecordedAttempt)
+    monkeypatch.setattr(env.daemon.tokens, "access_token", access_token)
 
     def logged_in() -> smtplib.SMTP:
         client = smtplib.SMTP("127.0.0.1", env.ports["smtp"], timeout=30)  # loopback: no TLS
@@ -123,13 +134,20 @@ async def test_smtp_session_keeps_no_login_attempt(tmp_path: Path, demo_upstream
         assert client.noop()[0] == 250  # through the upstream session
         return client
 
-    client = await asyncio.to_thread(logged_in)
+    def send(subject: str) -> dict[str, Any]:
+        return client.sendmail(USER, ["bob@example.com"],
+                               f"Subject: {subject}\r\n\r\nbody\r\n".encode())
+
     try:
+        client = await asyncio.to_thread(logged_in)
         gc.collect()
         assert len(attempts) == 1
         assert attempts[0]() is None, "the login attempt outlives the login"
-        assert (await asyncio.to_thread(client.sendmail, USER, ["bob@example.com"],
-                                        b"Subject: after the login\r\n\r\nbody\r\n")) == {}
-    finally:
+        demo_upstream.configure(smtp_extra_reply_after_data=True)  # that session is closed
+        assert await asyncio.to_thread(send, "one") == {}
+        demo_upstream.configure(smtp_extra_reply_after_data=False)
+        assert await asyncio.to_thread(send, "two") == {}  # through a new upstream session
+        assert gates == ["_Gate", "ProvenGate"]
         await asyncio.to_thread(client.quit)
+    finally:
         await env.daemon.stop(grace=1)
