@@ -98,6 +98,12 @@ class StoreUnavailable(TokenError):
         return "The proxy's token store is unavailable right now; try again in a minute."
 
 
+class KeyReplaced(StoreUnavailable):
+    """Found under the refresh lock: the token file's data key changed since this login opened
+    it (``passwd --rotate`` or a new login). The login opens the file again and goes on; a
+    second change in a row is answered as temporary."""
+
+
 class AuthConfigError(TokenError):
     failure, result = Failure.CONTACT_ADMIN, "config_error"
     client_text = "The proxy is not configured correctly for this account; contact the administrator."

@@ -88,8 +88,9 @@ def save_signed_in(config: Config, account: Account, token_store: store.TokenSto
     tokens under a data key already unlocked, so that every device slot stays (blocking)."""
     msal_client.check_result(account.name, result)
     identity = check_identity(account, result)
-    token_store.save(unlocked, cache.serialize().encode("utf-8"),
-                     signed_in_meta(config, account, cache, identity))
+    with token_store.refresh_lock(account.name):  # never under a refresh in flight
+        token_store.save(unlocked, cache.serialize().encode("utf-8"),
+                         signed_in_meta(config, account, cache, identity))
 
 
 def check_identity(account: Account, result: dict[str, Any]) -> str | None:
@@ -114,19 +115,22 @@ def login(config: Config, account: Account, token_store: store.TokenStore, passw
     meta = signed_in_meta(config, account, cache, identity)
     expiry, has_rt = meta.access_token_expires_at, meta.refresh_token_present
     payload = cache.serialize().encode("utf-8")
-    replaced = False
-    existing = None
-    if token_store.exists(account.name):
-        try:
-            existing = token_store.unlock(account.name, password)
-        except (store.WrongPassword, store.CorruptTokenFile):
-            replaced = True
-    if existing is None:  # one write: both slots, or none
-        token_store.create(account.name, payload, meta, password=password,
-                           service_key=service_key, replace=replaced)
-        return LoginResult(account.name, identity, expiry, has_rt, replaced)
-    unlocked = token_store.save(existing, payload, meta)
-    if service_key is not None:
-        if not any(s.kind == "keyfile" for s in token_store.info(account.name).slots):
-            token_store.add_service_key_slot(unlocked, service_key)
+    # Under the refresh lock: a daemon's refresh in flight saves first and then finds this
+    # grant, instead of writing its refresh of the old one over it.
+    with token_store.refresh_lock(account.name):
+        replaced = False
+        existing = None
+        if token_store.exists(account.name):
+            try:
+                existing = token_store.unlock(account.name, password)
+            except (store.WrongPassword, store.CorruptTokenFile):
+                replaced = True
+        if existing is None:  # one write: both slots, or none
+            token_store.create(account.name, payload, meta, password=password,
+                               service_key=service_key, replace=replaced)
+            return LoginResult(account.name, identity, expiry, has_rt, replaced)
+        unlocked = token_store.save(existing, payload, meta)
+        if service_key is not None:
+            if not any(s.kind == "keyfile" for s in token_store.info(account.name).slots):
+                token_store.add_service_key_slot(unlocked, service_key)
     return LoginResult(account.name, identity, expiry, has_rt, replaced)

@@ -27,7 +27,7 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
@@ -38,6 +38,7 @@ from proxy.auth import msal_client
 from proxy.auth.errors import (
     AuthConfigError,
     AuthorisationNeeded,
+    KeyReplaced,
     NoUsableTokenFile,
     ProviderUnavailable,
     StoreUnavailable,
@@ -127,10 +128,16 @@ class TokenService:
             await self._unlocked_by(unknown, password, gate,
                                     lambda derive: self._absent(unknown, password, derive))
             raise
-        unlocked = await self._unlocked_by(
-            account.name, password, gate, lambda derive: self._unlock(account, password, derive))
+        def unlock() -> Awaitable[store.Unlocked]:
+            return self._unlocked_by(account.name, password, gate,
+                                     lambda derive: self._unlock(account, password, derive))
+        unlocked = await unlock()
         try:
-            return await self._token(account, unlocked, protocol, rejected)
+            try:
+                return await self._token(account, unlocked, protocol, rejected)
+            except KeyReplaced:  # rotated or signed in anew meanwhile: open it again
+                unlocked = await unlock()
+                return await self._token(account, unlocked, protocol, rejected)
         except AuthorisationNeeded as exc:  # refused: a device code if the account allows it
             raise await self.reauth.needed(account, unlocked, exc) from None
 
@@ -185,7 +192,11 @@ class TokenService:
         if account.service_key_file is None:
             raise AuthConfigError(account.name, "no service_key_file configured")
         unlocked = await asyncio.to_thread(self._unlock_service, account)
-        return await self._token(account, unlocked, protocol, rejected)
+        try:
+            return await self._token(account, unlocked, protocol, rejected)
+        except KeyReplaced:  # rotated or signed in anew meanwhile: open it again
+            unlocked = await asyncio.to_thread(self._unlock_service, account)
+            return await self._token(account, unlocked, protocol, rejected)
 
     def reconfigure(self, config: Config) -> None:
         """Use a reloaded config from the next login on: every account starts afresh (its
@@ -321,6 +332,10 @@ class TokenService:
         started = time.monotonic()
         try:
             token, fetched = await asyncio.to_thread(self._acquire, state, scopes, force)
+        except KeyReplaced:  # no refresh was tried; the login opens the file again
+            logs.event(log, logging.INFO, "token_file_replaced", account=state.account.name,
+                       action="opening it again")
+            raise
         except TokenError as exc:
             metrics.TOKEN_REFRESHES.labels(exc.result).inc()
             metrics.TOKEN_REFRESH_SECONDS.observe(time.monotonic() - started)
@@ -352,7 +367,8 @@ class TokenService:
         with state.lock:
             assert state.cache is not None
             if not force and cached_token(state.cache, scopes):
-                return self._call(state, scopes, force=False)
+                # No lock: an unsaved refresh waits for the next one to be saved under it.
+                return self._call(state, scopes, force=False, persist=False)
             with contextlib.ExitStack() as held:
                 try:
                     held.enter_context(self.store.refresh_lock(state.account.name))
@@ -373,18 +389,16 @@ class TokenService:
         if state.unsaved:  # ours is the newest: save it first (if the store still refuses,
             self._persist(state)  # go on from memory, as with one process and a full disk)
             return False
-        try:
-            with store_errors(state.account):
-                fresh = self.store.reload(state.unlocked)
-        except store.FileReplaced:
-            return False  # a new login: the next unlock adopts it; _persist will not overwrite it
+        with store_errors(state.account):  # a new data key: KeyReplaced, the login opens the
+            fresh = self.store.reload(state.unlocked)  # file again (ours would spend its token)
         changed = fresh.payload != state.unlocked.payload
         if changed:
             self._use(state, fresh)
         state.unlocked = fresh
         return changed
 
-    def _call(self, state: _AccountState, scopes: Scopes, force: bool) -> tuple[_Token, bool]:
+    def _call(self, state: _AccountState, scopes: Scopes, force: bool, *,
+              persist: bool = True) -> tuple[_Token, bool]:
         account = state.account
         assert state.cache is not None
         if state.app is None:
@@ -416,7 +430,7 @@ class TokenService:
             if exc.code != NO_CONSENT:
                 self._mark_needs_reauth(state, exc)
             raise
-        if state.cache.has_state_changed:
+        if persist and state.cache.has_state_changed:
             self._persist(state)
         lifetime = max(1.0, checked.expires_at - time.time())
         return _Token(checked.access_token, checked.expires_at, lifetime), not checked.from_cache

@@ -13,6 +13,7 @@ from proxy import store
 from proxy.auth.errors import (
     AuthConfigError,
     AuthorisationNeeded,
+    KeyReplaced,
     NoUsableTokenFile,
     StoreUnavailable,
     WrongPassword,
@@ -64,6 +65,9 @@ class store_errors:
         name = self.account.name
         if isinstance(exc, store.StoreUnavailable | store.LockTimeout):
             raise StoreUnavailable(name, str(exc)) from None
+        if isinstance(exc, store.FileReplaced):  # rotated or signed in anew since it was opened
+            raise KeyReplaced(name, "the token file's data key changed during this login") \
+                from None
         if isinstance(exc, store.DerivationNeeded):
             raise NeedsDerivation from None
         if isinstance(exc, store.WrongPassword):

@@ -225,6 +225,11 @@ class TokenStore(StoreCore):
         able to write the file (``slots.rewrap_all``).
         """
         self._check_unlocked(unlocked)
+        with self.refresh_lock(unlocked.account):  # a refresh in flight saves its token first
+            return self._rotate(unlocked, password, generate, service_key, reissue)
+
+    def _rotate(self, unlocked: Unlocked, password: Secret, generate: Callable[[], Secret],
+                service_key: bytes | None, reissue: bool) -> tuple[Unlocked, dict[str, Secret]]:
         keep = password_bytes(password)
         path, doc = self._load(unlocked.account)
         if not same_key_id(doc.key_id, unlocked.key_id):
