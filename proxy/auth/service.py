@@ -367,8 +367,7 @@ class TokenService:
         with state.lock:
             assert state.cache is not None
             if not force and cached_token(state.cache, scopes):
-                # No lock: an unsaved refresh waits for the next one to be saved under it.
-                return self._call(state, scopes, force=False, persist=False)
+                return self._call(state, scopes, force=False)
             with contextlib.ExitStack() as held:
                 try:
                     held.enter_context(self.store.refresh_lock(state.account.name))
@@ -397,8 +396,7 @@ class TokenService:
         state.unlocked = fresh
         return changed
 
-    def _call(self, state: _AccountState, scopes: Scopes, force: bool, *,
-              persist: bool = True) -> tuple[_Token, bool]:
+    def _call(self, state: _AccountState, scopes: Scopes, force: bool) -> tuple[_Token, bool]:
         account = state.account
         assert state.cache is not None
         if state.app is None:
@@ -430,7 +428,7 @@ class TokenService:
             if exc.code != NO_CONSENT:
                 self._mark_needs_reauth(state, exc)
             raise
-        if persist and state.cache.has_state_changed:
+        if state.cache.has_state_changed:
             self._persist(state)
         lifetime = max(1.0, checked.expires_at - time.time())
         return _Token(checked.access_token, checked.expires_at, lifetime), not checked.from_cache
