@@ -88,7 +88,7 @@ def save_signed_in(config: Config, account: Account, token_store: store.TokenSto
     tokens under a data key already unlocked, so that every device slot stays (blocking)."""
     msal_client.check_result(account.name, result)
     identity = check_identity(account, result)
-    with token_store.refresh_lock(account.name):  # never under a refresh in flight
+    with token_store.refresh_lock(account.name, store.WRITER_LOCK_WAIT):  # not mid-refresh
         token_store.save(unlocked, cache.serialize().encode("utf-8"),
                          signed_in_meta(config, account, cache, identity))
 
@@ -117,7 +117,7 @@ def login(config: Config, account: Account, token_store: store.TokenStore, passw
     payload = cache.serialize().encode("utf-8")
     # Under the refresh lock: a daemon's refresh in flight saves first and then finds this
     # grant, instead of writing its refresh of the old one over it.
-    with token_store.refresh_lock(account.name):
+    with token_store.refresh_lock(account.name, store.WRITER_LOCK_WAIT):
         replaced = False
         existing = None
         if token_store.exists(account.name):

@@ -276,7 +276,7 @@ class TokenService:
                      protocol: Protocol | GraphResource, rejected: str | None) -> str:
         state = self._adopt(account, unlocked)
         meta = state.unlocked.meta if state.unlocked is not None else unlocked.meta  # ours if unsaved
-        self._set_needs_reauth(account, bool(meta.needs_reauth))
+        metrics.ACCOUNTS.set_needs_reauth(account.name, bool(meta.needs_reauth))
         if meta.needs_reauth:
             raise AuthorisationNeeded(account.name, meta.needs_reauth)
         scopes = _scopes(self.config, account, protocol)
@@ -467,12 +467,9 @@ class TokenService:
         except (store.StoreError, OSError) as err:
             logs.event(log, logging.ERROR, "token_file_write_failed", account=state.account.name,
                        reason=str(err))
-        self._set_needs_reauth(state.account, True)
+        metrics.ACCOUNTS.set_needs_reauth(state.account.name, True)
         logs.event(log, logging.ERROR, "authorisation_needed", account=state.account.name,
                    reason=reason, action=f"run: xoauth2-proxy login {state.account.name}")
-
-    def _set_needs_reauth(self, account: Account, flag: bool) -> None:
-        metrics.ACCOUNTS.set_needs_reauth(account.name, flag)
 
     def _spawn(self, coro: asyncio.Future[_Token], name: str) -> None:
         async def run() -> None:

@@ -3,6 +3,7 @@
 The public API is re-exported here; everything else in the package is internal.
 """
 
+from proxy.store.core import WRITER_LOCK_WAIT
 from proxy.store.errors import (
     CorruptTokenFile,
     DerivationNeeded,
@@ -42,6 +43,7 @@ __all__ = [
     "TokenFileMissing",
     "TokenStore",
     "Unlocked",
+    "WRITER_LOCK_WAIT",
     "WrongPassword",
     "generate_key_file",
     "open_store",

@@ -77,6 +77,9 @@ from proxy.store.slots import (
 log = logging.getLogger("proxy.store")
 
 REFRESH_LOCK_TIMEOUT = 30.0  # how long a refresh waits for another process's refresh
+# How long a sign-in or a rotation, already done by a person, waits for a refresh in flight
+# (a provider timeout is at most 120 s, an MSAL call may retry once) rather than lose its work.
+WRITER_LOCK_WAIT = 300.0
 CAS_ATTEMPTS = 20  # a write that keeps losing the version race gives up (temporary)
 
 Where = Path | str

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 
 from proxy.secret import Secret
-from proxy.store.core import StoreCore, Where, same_key_id, slot_label
+from proxy.store.core import WRITER_LOCK_WAIT, StoreCore, Where, same_key_id, slot_label
 from proxy.store.errors import CorruptTokenFile, FileReplaced, SlotError, WrongPassword
 from proxy.store.format import (
     KIND_KEYFILE,
@@ -225,8 +225,7 @@ class TokenStore(StoreCore):
         able to write the file (``slots.rewrap_all``).
         """
         self._check_unlocked(unlocked)
-        with self.refresh_lock(unlocked.account):  # a refresh in flight saves its token first
-            return self._rotate(unlocked, password, generate, service_key, reissue)
+        return self._rotate(unlocked, password, generate, service_key, reissue)
 
     def _rotate(self, unlocked: Unlocked, password: Secret, generate: Callable[[], Secret],
                 service_key: bytes | None, reissue: bool) -> tuple[Unlocked, dict[str, Secret]]:
@@ -258,7 +257,10 @@ class TokenStore(StoreCore):
             return TokenDocument(doc.account, key_id, meta, tuple(made.slots), nonce, ciphertext,
                                  sealed)
 
-        new = self._rewrite(unlocked.account, change, key_id=unlocked.key_id)
+        # Under the refresh lock: a refresh in flight saves its rotated token first, and
+        # ``change`` re-encrypts what is there then (the slow key derivations are done).
+        with self.refresh_lock(unlocked.account, WRITER_LOCK_WAIT):
+            new = self._rewrite(unlocked.account, change, key_id=unlocked.key_id)
         kept_salts = {slot_cache_key(s) for s in made.slots if s.kind == KIND_PASSWORD}
         for slot in doc.slots:
             if slot.kind == KIND_PASSWORD and slot_cache_key(slot) not in kept_salts:

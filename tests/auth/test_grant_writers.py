@@ -65,6 +65,7 @@ async def test_a_rotation_during_a_refresh_keeps_the_rotated_refresh_token(
     task = await refresh_held(demo_upstream, service, first)
     cli = store.TokenStore(cfg.state_dir)  # as the passwd command does, in its own store
     unlocked = await asyncio.to_thread(cli.unlock, USER, Secret(PASSWORD))
+    assert not task.done()  # the rotation starts while the refresh is held
     await asyncio.to_thread(cli.rotate, unlocked, Secret(PASSWORD),
                             generate=lambda: Secret(secrets.token_urlsafe(18)))
     second = await task
@@ -85,7 +86,7 @@ async def test_a_login_during_a_refresh_is_not_overwritten(
     first = await service.access_token(USER, Secret(PASSWORD), "imap")
     task = await refresh_held(demo_upstream, service, first)
     account = cfg.account(USER)
-    assert account is not None
+    assert account is not None and not task.done()  # the sign-in starts during the refresh
     await asyncio.to_thread(flows.login, cfg, account, store.TokenStore(cfg.state_dir),
                             Secret(PASSWORD), out=io.StringIO())
     signed_in = refresh_tokens(cfg)
@@ -104,7 +105,7 @@ async def test_a_login_during_a_refused_refresh_is_not_marked(
     demo_upstream.revoke(USER)
     task = await refresh_held(demo_upstream, service, first)
     account = cfg.account(USER)
-    assert account is not None
+    assert account is not None and not task.done()  # the sign-in starts during the refresh
     await asyncio.to_thread(flows.login, cfg, account, store.TokenStore(cfg.state_dir),
                             Secret(PASSWORD), out=io.StringIO())
     with pytest.raises(AuthorisationNeeded):
