@@ -395,10 +395,11 @@ class ProxySMTP(AdaptedSMTP):
 
     async def message_chunks(self) -> AsyncGenerator[tuple[bytes, bool], None]:
         """The client's message after ``354`` as it arrives, as sent (dot-stuffed), with whether
-        it is the last chunk (which ends with the end-of-data line). Bytes after that
-        (pipelined commands) are left to aiosmtpd's command loop. ``data_scanner.size`` is
-        the message size. A bare line ending (unless the listener normalises them) raises
-        ``BareLineEndingRefused`` before any byte from its chunk on is yielded."""
+        it is the last chunk (the end-of-data line came: its ``.CRLF`` is not in the chunk,
+        which may be empty). Bytes after that (pipelined commands) are left to the command
+        loop. ``data_scanner.size`` is the message size. A bare line ending (unless the
+        listener normalises them) raises ``BareLineEndingRefused`` before any byte from its
+        chunk on is yielded."""
         reader = self.reader
         normalise = self.event_handler.normalise_line_endings
         scanner = self.data_scanner = DataScanner(normalise=normalise)

@@ -142,6 +142,29 @@ async def poll(check: Callable[[], Any], timeout: float = 20.0, interval: float 
         await asyncio.sleep(interval)
 
 
+def _proc_address(host: str, port: int) -> str:
+    """An IPv4 socket address as ``/proc/net/tcp`` writes it."""
+    return f"{socket.inet_aton(host)[::-1].hex().upper()}:{port:04X}"
+
+
+def wait_until_read(sock: socket.socket, timeout: float = 10.0) -> None:
+    """Poll until the peer of ``sock`` (a loopback IPv4 connection to the proxy) has read
+    everything sent on it: its receive queue in ``/proc/net/tcp`` is empty. So the next bytes
+    sent reach the proxy in a read of their own."""
+    local, remote = sock.getsockname(), sock.getpeername()
+    peer_side = (_proc_address(*remote[:2]), _proc_address(*local[:2]))
+    deadline = time.monotonic() + timeout
+    while True:
+        with open("/proc/net/tcp") as table:
+            for row in table.readlines()[1:]:
+                fields = row.split()
+                if (fields[1], fields[2]) == peer_side and fields[4].endswith(":00000000"):
+                    return
+        if time.monotonic() > deadline:
+            pytest.fail(f"the proxy did not read the bytes sent within {timeout}s")
+        time.sleep(0.01)
+
+
 class ScriptedUpstream:
     """A tiny SMTP submission server with implicit TLS and scripted misbehaviour.
 
