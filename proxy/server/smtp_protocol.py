@@ -6,7 +6,7 @@ keeps aiosmtpd's own logger from logging commands and message lines.
 Every reply the proxy itself gives carries an enhanced status code (RFC 2034/3463; EHLO
 advertises ENHANCEDSTATUSCODES). Command lines, MAIL and RCPT are checked by
 ``proxy.protocol.smtp_syntax`` (strict, never raising); what aiosmtpd still answers itself is
-reworded on the way out (``_AIOSMTPD_REPLIES``).
+reworded on the way out (``smtp_syntax.aiosmtpd_reply``).
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import re
 from base64 import b64decode, b64encode
 from collections.abc import AsyncGenerator, Callable
 from typing import Any, AnyStr, Protocol, TypeVar
@@ -26,11 +25,13 @@ from proxy.protocol.smtp_data import BareLineEnding, DataScanner
 from proxy.protocol.smtp_syntax import (
     AUTH_LINE_TOO_LONG,
     EMPTY_LINE,
+    HELP,
     LINE_TOO_LONG,
     TOO_MANY_UNKNOWN,
     Mail,
     Rcpt,
     Refused,
+    aiosmtpd_reply,
     command_line,
     line_too_long,
     parse_mail,
@@ -255,7 +256,7 @@ class ProxySMTP(AdaptedSMTP):
     async def push(self, status: AnyStr) -> None:
         """A reply line; aiosmtpd's own are given an enhanced status code on the way."""
         if isinstance(status, str):
-            await super().push(_enhanced(status))
+            await super().push(aiosmtpd_reply(status))
         else:
             await super().push(status)
 
@@ -328,7 +329,7 @@ class ProxySMTP(AdaptedSMTP):
                             "will try to deliver it")
 
     async def smtp_HELP(self, arg: str | None) -> None:
-        commands = {verb: usage for verb, usage in _HELP.items()
+        commands = {verb: usage for verb, usage in HELP.items()
                     if verb != "STARTTLS" or (self.tls_context and not self.tls_started)}
         if not arg:
             await self.push("214 2.0.0 Commands: " + " ".join(commands))
@@ -458,44 +459,7 @@ _READ_ALL = 1 << 24  # more than a StreamReader with aiosmtpd's line limit ever 
 _AUTH_RESPONSE_LIMIT = 12288 + 2  # RFC 4954 4: a SASL response line, with its CR LF
 _PARSER_FAILED = Refused(501, "5.5.4", "Syntax error: the proxy could not read this command")
 _T = TypeVar("_T")
-_HELP = {
-    "AUTH": "AUTH mechanism [initial-response]", "DATA": "DATA", "EHLO": "EHLO hostname",
-    "HELO": "HELO hostname", "HELP": "HELP [command]", "MAIL": "MAIL FROM:<address> [parameters]",
-    "NOOP": "NOOP", "QUIT": "QUIT", "RCPT": "RCPT TO:<address>", "RSET": "RSET",
-    "STARTTLS": "STARTTLS", "VRFY": "VRFY address",
-}
-# What aiosmtpd still says itself (HELO, EHLO, QUIT, RSET, STARTTLS, AUTH, EXPN), reworded with
-# an enhanced status code. Anything else of its own at 4xx/5xx without one gets X.0.0.
-_AIOSMTPD_REPLIES = {
-    "503 Error: send HELO first": "503 5.5.1 Send EHLO or HELO first",
-    "503 Error: send EHLO first": "503 5.5.1 Send EHLO first",
-    "501 Syntax: HELO hostname": "501 5.5.4 Syntax: HELO hostname",
-    "501 Syntax: EHLO hostname": "501 5.5.4 Syntax: EHLO hostname",
-    "501 Syntax: QUIT": "501 5.5.4 Syntax: QUIT takes no arguments",
-    "501 Syntax: RSET": "501 5.5.4 Syntax: RSET takes no arguments",
-    "501 Syntax: STARTTLS": "501 5.5.4 Syntax: STARTTLS takes no arguments",
-    "454 TLS not available": "502 5.5.1 STARTTLS is not offered on this port",
-    "220 Ready to start TLS": "220 2.0.0 Ready to start TLS",
-    "500 Error: command 'AUTH' not recognized": "503 5.5.1 AUTH needs EHLO, not HELO",
-    "503 Already authenticated": "503 5.5.1 Already authenticated",
-    "501 Not enough value": "501 5.5.4 Syntax: AUTH mechanism [initial-response]",
-    "501 Too many values": "501 5.5.4 Syntax: AUTH mechanism [initial-response]",
-    "502 EXPN not implemented": "502 5.5.1 EXPN is not implemented",
-    "250 OK": "250 2.0.0 OK",
-    "221 Bye": "221 2.0.0 Bye",
-}
-_HAS_STATUS = re.compile(r"\d{3}[ -][245]\.\d{1,3}\.\d{1,3}(?: |$)")
-
 log = logging.getLogger("proxy.smtp")
-
-
-def _enhanced(status: str) -> str:
-    reworded = _AIOSMTPD_REPLIES.get(status)
-    if reworded is not None:
-        return reworded
-    if status[:1] in ("4", "5") and not _HAS_STATUS.match(status):
-        return f"{status[:3]} {status[0]}.0.0{status[3:]}"
-    return status
 
 
 __all__ = ["ProxySMTP", "BareLineEndingRefused", "quiet_aiosmtpd"]
