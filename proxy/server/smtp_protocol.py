@@ -143,6 +143,18 @@ class ProxySMTP(AdaptedSMTP):
             self.event_handler.lost()
             self.retrieve_reset()
 
+    def eof_received(self) -> bool:
+        """The client sends no more (a FIN; it may still read). aiosmtpd cancels the command
+        task here, even in the middle of a command, and a reply the client waits for was
+        lost: the one to a message's end, after the upstream accepted it (so the client sent
+        the message again). Here the end of the stream is the command loop's to find: every
+        command before it is answered, then the loop closes. A TLS transport cannot stay half
+        open: it closes, and the lost connection ends the task."""
+        if self._refused:
+            return False
+        keep_open = asyncio.StreamReaderProtocol.eof_received(self)  # the reader's EOF
+        return bool(keep_open) and (self.session is None or self.session.ssl is None)
+
     def data_received(self, data: bytes) -> None:
         if self._refused:
             return
@@ -406,7 +418,7 @@ class ProxySMTP(AdaptedSMTP):
         scanner = self.data_scanner = DataScanner(normalise=normalise)
         while True:
             chunk = await reader.read(_READ_ALL)
-            if not chunk:  # EOF: aiosmtpd cancels this task as well
+            if not chunk:  # the client's end of stream
                 raise ConnectionResetError("the client closed the connection during DATA")
             forward, rest = scanner.feed(chunk)
             if scanner.bare is not None:
@@ -415,11 +427,11 @@ class ProxySMTP(AdaptedSMTP):
                 if forward:
                     yield forward, False
                 continue
-            if rest and not reader.at_eof():
+            if rest:
                 # read() emptied the reader (its buffer never holds _READ_ALL bytes: the
-                # transport pauses at twice its limit), so feeding the rest back keeps
-                # the order of the bytes.
-                reader.feed_data(rest)
+                # transport pauses at twice its limit), so putting the rest back keeps the
+                # order of the bytes.
+                self.unread(rest)
             yield forward, True
             return
 
