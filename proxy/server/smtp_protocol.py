@@ -376,6 +376,10 @@ class ProxySMTP(AdaptedSMTP):
             return MISSING
 
     async def smtp_AUTH(self, arg: str) -> None:
+        if self.envelope is not None and self.envelope.mail_from:  # RFC 4954 4
+            await self.push("503 5.5.1 AUTH is not allowed in a mail transaction; finish the "
+                            "message or send RSET first")
+            return
         if arg:  # mechanism names are case-insensitive (RFC 4954); aiosmtpd matches them exactly
             mechanism, sep, rest = arg.partition(" ")
             arg = mechanism.upper() + sep + rest
