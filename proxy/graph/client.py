@@ -58,11 +58,18 @@ class GraphClient:
 
     async def submit(self, spool: Path, mailbox: str, envelope: list[str],
                      token: TokenSource) -> str:
-        """Send the message in ``spool`` from ``mailbox`` to exactly ``envelope``."""
+        """Send the message in ``spool`` from ``mailbox`` to exactly ``envelope``. A damaged
+        message (found reading its header, outlining its parts or decoding an attachment on
+        the way) is a ``554 5.6.0`` for the client, wherever it shows."""
         try:
-            prepared = await asyncio.to_thread(message.prepare, spool, envelope)
+            return await self._submit(spool, mailbox, envelope, token)
         except mime.MessageProblem as exc:
             raise errors.problem(str(exc)) from None
+
+    async def _submit(self, spool: Path, mailbox: str, envelope: list[str],
+                      token: TokenSource) -> str:
+        try:
+            prepared = await asyncio.to_thread(message.prepare, spool, envelope)
         except (UnicodeError, ValueError) as exc:  # a header the parsers cannot take
             raise errors.problem(f"the message's header cannot be read: {exc}") from None
         if prepared.size > self.upstream.max_message_size:
@@ -72,10 +79,7 @@ class GraphClient:
         if small and self.upstream.save_to_sent_items:
             return await self._send_mime(prepared, mailbox, token)
         small = prepared.size <= self.upstream.mime_limit * 9 // 10  # JSON and base64: < 4 MB
-        try:
-            outline = await asyncio.to_thread(message.draft, prepared)
-        except mime.MessageProblem as exc:
-            raise errors.problem(str(exc)) from None
+        outline = await asyncio.to_thread(message.draft, prepared)
         if small:
             return await self._send_json(prepared, outline, mailbox, token)
         return await self._send_draft(prepared, outline, mailbox, token)

@@ -340,6 +340,46 @@ def _params(rest: str, extended: bool, usage: str) -> list[tuple[str, str | None
     return params
 
 
+HELP = {  # the commands HELP lists, with their syntax
+    "AUTH": "AUTH mechanism [initial-response]", "DATA": "DATA", "EHLO": "EHLO hostname",
+    "HELO": "HELO hostname", "HELP": "HELP [command]", "MAIL": "MAIL FROM:<address> [parameters]",
+    "NOOP": "NOOP", "QUIT": "QUIT", "RCPT": "RCPT TO:<address>", "RSET": "RSET",
+    "STARTTLS": "STARTTLS", "VRFY": "VRFY address",
+}
+# What aiosmtpd still says itself (HELO, EHLO, QUIT, RSET, STARTTLS, AUTH, EXPN), reworded with
+# an enhanced status code. Anything else of its own at 4xx/5xx without one gets X.0.0.
+_AIOSMTPD_REPLIES = {
+    "503 Error: send HELO first": "503 5.5.1 Send EHLO or HELO first",
+    "503 Error: send EHLO first": "503 5.5.1 Send EHLO first",
+    "501 Syntax: HELO hostname": "501 5.5.4 Syntax: HELO hostname",
+    "501 Syntax: EHLO hostname": "501 5.5.4 Syntax: EHLO hostname",
+    "501 Syntax: QUIT": "501 5.5.4 Syntax: QUIT takes no arguments",
+    "501 Syntax: RSET": "501 5.5.4 Syntax: RSET takes no arguments",
+    "501 Syntax: STARTTLS": "501 5.5.4 Syntax: STARTTLS takes no arguments",
+    "454 TLS not available": "502 5.5.1 STARTTLS is not offered on this port",
+    "220 Ready to start TLS": "220 2.0.0 Ready to start TLS",
+    "500 Error: command 'AUTH' not recognized": "503 5.5.1 AUTH needs EHLO, not HELO",
+    "503 Already authenticated": "503 5.5.1 Already authenticated",
+    "501 Not enough value": "501 5.5.4 Syntax: AUTH mechanism [initial-response]",
+    "501 Too many values": "501 5.5.4 Syntax: AUTH mechanism [initial-response]",
+    "502 EXPN not implemented": "502 5.5.1 EXPN is not implemented",
+    "250 OK": "250 2.0.0 OK",
+    "221 Bye": "221 2.0.0 Bye",
+}
+_HAS_STATUS = re.compile(r"\d{3}[ -][245]\.\d{1,3}\.\d{1,3}(?: |$)")
+
+
+def aiosmtpd_reply(status: str) -> str:
+    """A reply aiosmtpd words itself, reworded, or given an enhanced status code."""
+    reworded = _AIOSMTPD_REPLIES.get(status)
+    if reworded is not None:
+        return reworded
+    if status[:1] in ("4", "5") and not _HAS_STATUS.match(status):
+        return f"{status[:3]} {status[0]}.0.0{status[3:]}"
+    return status
+
+
 __all__ = ["Refused", "Path", "BadPath", "Mail", "Rcpt", "command_line", "split_command",
            "unknown_command", "line_too_long", "parse_path", "parse_mail", "parse_rcpt",
-           "EMPTY_LINE", "LINE_TOO_LONG", "AUTH_LINE_TOO_LONG", "TOO_MANY_UNKNOWN"]
+           "EMPTY_LINE", "LINE_TOO_LONG", "AUTH_LINE_TOO_LONG", "TOO_MANY_UNKNOWN", "HELP",
+           "aiosmtpd_reply"]

@@ -137,6 +137,19 @@ class AdaptedSMTP(SMTP):
         """A STARTTLS handshake has completed on this connection."""
         return self._tls_protocol is not None
 
+    def unread(self, data: bytes) -> None:
+        """Put ``data`` back where the next read starts; the reader must be empty (a read took
+        all it held). After the client's end of stream a reader takes no more bytes, so a new
+        one holds ``data`` and the end."""
+        reader = self.reader
+        if not reader.at_eof():
+            reader.feed_data(data)
+            return
+        fresh = asyncio.StreamReader(limit=self.line_length_limit, loop=self.loop)
+        fresh.feed_data(data)
+        fresh.feed_eof()
+        self._reader = fresh
+
     def command_method(self, verb: str) -> Callable[[str | None], Awaitable[None]] | None:
         """aiosmtpd's ``smtp_VERB`` method for ``verb``, None for an unknown command."""
         method: Callable[[str | None], Awaitable[None]] | None = self._smtp_methods.get(verb)

@@ -6,7 +6,7 @@ keeps aiosmtpd's own logger from logging commands and message lines.
 Every reply the proxy itself gives carries an enhanced status code (RFC 2034/3463; EHLO
 advertises ENHANCEDSTATUSCODES). Command lines, MAIL and RCPT are checked by
 ``proxy.protocol.smtp_syntax`` (strict, never raising); what aiosmtpd still answers itself is
-reworded on the way out (``_AIOSMTPD_REPLIES``).
+reworded on the way out (``smtp_syntax.aiosmtpd_reply``).
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import re
 from base64 import b64decode, b64encode
 from collections.abc import AsyncGenerator, Callable
 from typing import Any, AnyStr, Protocol, TypeVar
@@ -26,11 +25,13 @@ from proxy.protocol.smtp_data import BareLineEnding, DataScanner
 from proxy.protocol.smtp_syntax import (
     AUTH_LINE_TOO_LONG,
     EMPTY_LINE,
+    HELP,
     LINE_TOO_LONG,
     TOO_MANY_UNKNOWN,
     Mail,
     Rcpt,
     Refused,
+    aiosmtpd_reply,
     command_line,
     line_too_long,
     parse_mail,
@@ -141,6 +142,18 @@ class ProxySMTP(AdaptedSMTP):
         finally:
             self.event_handler.lost()
             self.retrieve_reset()
+
+    def eof_received(self) -> bool:
+        """The client sends no more (a FIN; it may still read). aiosmtpd cancels the command
+        task here, even in the middle of a command, and a reply the client waits for was
+        lost: the one to a message's end, after the upstream accepted it (so the client sent
+        the message again). Here the end of the stream is the command loop's to find: every
+        command before it is answered, then the loop closes. A TLS transport cannot stay half
+        open: it closes, and the lost connection ends the task."""
+        if self._refused:
+            return False
+        keep_open = asyncio.StreamReaderProtocol.eof_received(self)  # the reader's EOF
+        return bool(keep_open) and (self.session is None or self.session.ssl is None)
 
     def data_received(self, data: bytes) -> None:
         if self._refused:
@@ -255,7 +268,7 @@ class ProxySMTP(AdaptedSMTP):
     async def push(self, status: AnyStr) -> None:
         """A reply line; aiosmtpd's own are given an enhanced status code on the way."""
         if isinstance(status, str):
-            await super().push(_enhanced(status))
+            await super().push(aiosmtpd_reply(status))
         else:
             await super().push(status)
 
@@ -328,7 +341,7 @@ class ProxySMTP(AdaptedSMTP):
                             "will try to deliver it")
 
     async def smtp_HELP(self, arg: str | None) -> None:
-        commands = {verb: usage for verb, usage in _HELP.items()
+        commands = {verb: usage for verb, usage in HELP.items()
                     if verb != "STARTTLS" or (self.tls_context and not self.tls_started)}
         if not arg:
             await self.push("214 2.0.0 Commands: " + " ".join(commands))
@@ -363,6 +376,10 @@ class ProxySMTP(AdaptedSMTP):
             return MISSING
 
     async def smtp_AUTH(self, arg: str) -> None:
+        if self.envelope is not None and self.envelope.mail_from:  # RFC 4954 4
+            await self.push("503 5.5.1 AUTH is not allowed in a mail transaction; finish the "
+                            "message or send RSET first")
+            return
         if arg:  # mechanism names are case-insensitive (RFC 4954); aiosmtpd matches them exactly
             mechanism, sep, rest = arg.partition(" ")
             arg = mechanism.upper() + sep + rest
@@ -395,16 +412,17 @@ class ProxySMTP(AdaptedSMTP):
 
     async def message_chunks(self) -> AsyncGenerator[tuple[bytes, bool], None]:
         """The client's message after ``354`` as it arrives, as sent (dot-stuffed), with whether
-        it is the last chunk (which ends with the end-of-data line). Bytes after that
-        (pipelined commands) are left to aiosmtpd's command loop. ``data_scanner.size`` is
-        the message size. A bare line ending (unless the listener normalises them) raises
-        ``BareLineEndingRefused`` before any byte from its chunk on is yielded."""
+        it is the last chunk (the end-of-data line came: its ``.CRLF`` is not in the chunk,
+        which may be empty). Bytes after that (pipelined commands) are left to the command
+        loop. ``data_scanner.size`` is the message size. A bare line ending (unless the
+        listener normalises them) raises ``BareLineEndingRefused`` before any byte from its
+        chunk on is yielded."""
         reader = self.reader
         normalise = self.event_handler.normalise_line_endings
         scanner = self.data_scanner = DataScanner(normalise=normalise)
         while True:
             chunk = await reader.read(_READ_ALL)
-            if not chunk:  # EOF: aiosmtpd cancels this task as well
+            if not chunk:  # the client's end of stream
                 raise ConnectionResetError("the client closed the connection during DATA")
             forward, rest = scanner.feed(chunk)
             if scanner.bare is not None:
@@ -413,11 +431,11 @@ class ProxySMTP(AdaptedSMTP):
                 if forward:
                     yield forward, False
                 continue
-            if rest and not reader.at_eof():
+            if rest:
                 # read() emptied the reader (its buffer never holds _READ_ALL bytes: the
-                # transport pauses at twice its limit), so feeding the rest back keeps
-                # the order of the bytes.
-                reader.feed_data(rest)
+                # transport pauses at twice its limit), so putting the rest back keeps the
+                # order of the bytes.
+                self.unread(rest)
             yield forward, True
             return
 
@@ -457,44 +475,7 @@ _READ_ALL = 1 << 24  # more than a StreamReader with aiosmtpd's line limit ever 
 _AUTH_RESPONSE_LIMIT = 12288 + 2  # RFC 4954 4: a SASL response line, with its CR LF
 _PARSER_FAILED = Refused(501, "5.5.4", "Syntax error: the proxy could not read this command")
 _T = TypeVar("_T")
-_HELP = {
-    "AUTH": "AUTH mechanism [initial-response]", "DATA": "DATA", "EHLO": "EHLO hostname",
-    "HELO": "HELO hostname", "HELP": "HELP [command]", "MAIL": "MAIL FROM:<address> [parameters]",
-    "NOOP": "NOOP", "QUIT": "QUIT", "RCPT": "RCPT TO:<address>", "RSET": "RSET",
-    "STARTTLS": "STARTTLS", "VRFY": "VRFY address",
-}
-# What aiosmtpd still says itself (HELO, EHLO, QUIT, RSET, STARTTLS, AUTH, EXPN), reworded with
-# an enhanced status code. Anything else of its own at 4xx/5xx without one gets X.0.0.
-_AIOSMTPD_REPLIES = {
-    "503 Error: send HELO first": "503 5.5.1 Send EHLO or HELO first",
-    "503 Error: send EHLO first": "503 5.5.1 Send EHLO first",
-    "501 Syntax: HELO hostname": "501 5.5.4 Syntax: HELO hostname",
-    "501 Syntax: EHLO hostname": "501 5.5.4 Syntax: EHLO hostname",
-    "501 Syntax: QUIT": "501 5.5.4 Syntax: QUIT takes no arguments",
-    "501 Syntax: RSET": "501 5.5.4 Syntax: RSET takes no arguments",
-    "501 Syntax: STARTTLS": "501 5.5.4 Syntax: STARTTLS takes no arguments",
-    "454 TLS not available": "502 5.5.1 STARTTLS is not offered on this port",
-    "220 Ready to start TLS": "220 2.0.0 Ready to start TLS",
-    "500 Error: command 'AUTH' not recognized": "503 5.5.1 AUTH needs EHLO, not HELO",
-    "503 Already authenticated": "503 5.5.1 Already authenticated",
-    "501 Not enough value": "501 5.5.4 Syntax: AUTH mechanism [initial-response]",
-    "501 Too many values": "501 5.5.4 Syntax: AUTH mechanism [initial-response]",
-    "502 EXPN not implemented": "502 5.5.1 EXPN is not implemented",
-    "250 OK": "250 2.0.0 OK",
-    "221 Bye": "221 2.0.0 Bye",
-}
-_HAS_STATUS = re.compile(r"\d{3}[ -][245]\.\d{1,3}\.\d{1,3}(?: |$)")
-
 log = logging.getLogger("proxy.smtp")
-
-
-def _enhanced(status: str) -> str:
-    reworded = _AIOSMTPD_REPLIES.get(status)
-    if reworded is not None:
-        return reworded
-    if status[:1] in ("4", "5") and not _HAS_STATUS.match(status):
-        return f"{status[:3]} {status[0]}.0.0{status[3:]}"
-    return status
 
 
 __all__ = ["ProxySMTP", "BareLineEndingRefused", "quiet_aiosmtpd"]

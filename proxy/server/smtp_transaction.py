@@ -175,12 +175,10 @@ class TransactionRelay:
                 too_big = too_big or bool(limit and server.data_scanner.size > limit)
                 if too_big:
                     continue  # read to the end of the message, forward nothing more
-                if not last:
+                if chunk:  # never the end-of-data line's ".CRLF": that is the sink's to send
                     await sink.write(chunk)
+                if not last:
                     continue
-                body = chunk[:-3]  # the end-of-data line's ".CRLF" is the sink's to send
-                if body:
-                    await sink.write(body)
                 server.hold_idle_timer(END_TIMEOUT + 60)  # the client awaits the sink
                 return await sink.end()
         return None

@@ -291,3 +291,36 @@ async def test_a_transaction_cancelled_while_a_thread_writes_leaves_no_file(
         release.set()
         await env.client.close()
         await tokens.aclose()
+
+
+DAMAGED = (b"From: alice@contoso.example\r\nTo: bob@example.com\r\nSubject: bad base64\r\n"
+           b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"B\"\r\n\r\n"
+           b"--B\r\nContent-Type: text/plain\r\n\r\nhello\r\n"
+           b"--B\r\nContent-Type: application/pdf; name=\"x.pdf\"\r\n"
+           b"Content-Disposition: attachment; filename=\"x.pdf\"\r\n"
+           b"Content-Transfer-Encoding: base64\r\n\r\n"
+           + b"QUJD\r\n" * 400 + b"QUJDRA\r\nQQQ\r\n--B--\r\n")  # 4n + 1 base64 characters
+
+
+@pytest.mark.parametrize("graph", [{"save_to_sent_items": False}, {"mime_limit": 1024}],
+                         ids=["json sendMail", "draft"])
+async def test_a_damaged_attachment_is_a_permanent_refusal(
+        tmp_path: Path, demo_upstream: DemoUpstream, caplog: pytest.LogCaptureFixture,
+        graph: dict[str, Any]) -> None:
+    """An attachment whose base64 cannot be decoded is found only while it is read for the
+    JSON ``sendMail`` or the draft: the client hears ``554 5.6.0`` (not a ``421`` it would
+    retry for ever), and nothing is sent (a draft made for it is deleted)."""
+    cfg = graph_config(tmp_path, demo_upstream, graph=graph)
+    tokens = TokenService(cfg, authorise(cfg, demo_upstream))
+    env = Env(cfg, tokens, GraphClient(cfg.graph.upstreams["graph"]), demo_upstream)
+    try:
+        code, text = await send(env.sink(), DAMAGED, ["bob@example.com"], step=4096)
+        assert code == 554 and text.startswith("5.6.0 "), text
+        assert "base64" in text
+        assert demo_upstream.mailbox("bob@example.com") == []
+        stats = demo_upstream.graph_stats()
+        assert stats.get("sendMail", 0) == stats.get("send", 0) == 0
+        assert not [r for r in caplog.records if r.exc_info]
+    finally:
+        await env.client.close()
+        await tokens.aclose()

@@ -15,8 +15,9 @@ from proxy.protocol.smtp_data import DataScanner
 
 @dataclass(frozen=True)
 class Scan:
-    """What the scanner made of a stream: the bytes it passed on, whether (and where) the
-    message ended, what came after it, and the bare line ending it refused."""
+    """What the scanner made of a stream: the bytes it passed on (never the end-of-data
+    line's ``.CRLF``), whether (and where) the message ended, and the bare line ending it
+    refused."""
     forwarded: bytes
     end: int | None = None  # offset in the stream just past the end-of-data line
     size: int | None = None
@@ -59,7 +60,7 @@ def reference(stream: bytes) -> Scan:
         if stream[j + 1] != 10:
             return Scan(stream[:j], bare="CR")
         if stream[at:j] == b".":
-            return Scan(stream[:j + 2], j + 2, at)
+            return Scan(stream[:at], j + 2, at)
         at = j + 2
 
 
@@ -74,15 +75,16 @@ def reference_normalised(stream: bytes) -> Scan:
         if brk.group() == b"\r" and brk.end() == len(stream):
             return Scan(out + stream[at:brk.start()])
         line = stream[at:brk.start()]
-        out += line + b"\r\n"
         if line == b".":
-            return Scan(out, brk.end(), len(out) - 3)
+            return Scan(out, brk.end(), len(out))
+        out += line + b"\r\n"
         at = brk.end()
 
 
 def prefix_ok(got: Scan, want: Scan) -> bool:
     """An ended message is passed on whole; otherwise what the scanner passed on is a prefix
-    of the most it may (it passes on chunks, not lines, and holds back a CR at a chunk's end)."""
+    of the most it may (it passes on chunks, not lines, and holds back a chunk's last bytes
+    while they could begin the end-of-data line or a CR LF)."""
     if want.end is not None:
         return got == want
     return (got.end is None and got.bare == want.bare
@@ -135,7 +137,7 @@ def test_normalised_markers_end_where_the_upstream_would() -> None:
         stream = head + marker + SMUGGLED
         for cuts in ([], list(range(len(stream)))):
             got = scan(stream, cuts, normalise=True)
-            assert got.forwarded == b"Subject: hi\r\n\r\nbody\r\n.\r\n"
+            assert got.forwarded == b"Subject: hi\r\n\r\nbody\r\n"
             assert got.end == len(head + marker)
             assert got.size == len(b"Subject: hi\r\n\r\nbody\r\n")
 
@@ -178,5 +180,47 @@ def test_size_counts_a_large_message_across_chunks() -> None:
     scanner = DataScanner()
     for _ in range(1000):
         assert scanner.feed(body) == (body, None)
-    assert scanner.feed(b".\r\nQUIT\r\n") == (b".\r\n", b"QUIT\r\n")
+    assert scanner.feed(b".\r\nQUIT\r\n") == (b"", b"QUIT\r\n")
     assert scanner.size == 1000 * len(body)
+
+
+LINES = [b"", b"x", b"..", b"..x", b". ", b"Subject: hi", b"\x00", b"\xff" * 3, b"-" * 70]
+
+
+def whole_message(lines: list[bytes]) -> bytes:
+    """A dot-stuffed message of ``lines``, its end-of-data line, and a pipelined command."""
+    return b"".join(line + b"\r\n" for line in lines) + b".\r\nQUIT\r\n"
+
+
+@pytest.mark.parametrize("normalise", [False, True])
+@given(st.lists(st.sampled_from(LINES), max_size=12),
+       st.lists(st.integers(min_value=0, max_value=400), max_size=8))
+@example([b"x"], [3])  # "x\r\n." | "\r\n": the dot line's CR LF in the next chunk
+@example([b"x"], [4])  # "x\r\n.\r" | "\n"
+@example([b"x"], [2])  # "x\r" | "\n.\r\n"
+@example([b"x"], [3, 4])
+@example([], [1])  # an empty message: "." | "\r\n"
+def test_a_message_split_anywhere_is_passed_on_as_unsplit(
+        normalise: bool, lines: list[bytes], cuts: list[int]) -> None:
+    """Whatever the chunks, the bytes passed on are the message without its end-of-data
+    line, the end is found once, at the same place, and the pipelined command is left over;
+    at random cuts, and byte by byte."""
+    stream = whole_message(lines)
+    whole = scan(stream, [], normalise=normalise)
+    body = stream[:len(stream) - len(b".\r\nQUIT\r\n")]
+    assert whole == Scan(body, len(stream) - len(b"QUIT\r\n"), len(body))
+    cuts = [c for c in cuts if c < len(stream)]
+    assert scan(stream, cuts, normalise=normalise) == whole
+    assert scan(stream, list(range(len(stream))), normalise=normalise) == whole
+
+
+def test_the_dot_line_split_from_its_line_break_is_not_passed_on() -> None:
+    """The review's case: ``<message>CRLF.`` then, later, ``CRLF``. The dot waits; the next
+    chunk ends the message, and nothing of the end-of-data line is passed on."""
+    scanner = DataScanner()
+    assert scanner.feed(b"Subject: x\r\n\r\nhi\r\n.") == (b"Subject: x\r\n\r\nhi\r\n", None)
+    assert scanner.feed(b"\r\n") == (b"", b"")
+    assert scanner.size == len(b"Subject: x\r\n\r\nhi\r\n")
+    scanner = DataScanner()
+    assert scanner.feed(b"hi\r\n.\r") == (b"hi\r\n", None)
+    assert scanner.feed(b"\nQUIT\r\n") == (b"", b"QUIT\r\n")

@@ -142,16 +142,57 @@ async def poll(check: Callable[[], Any], timeout: float = 20.0, interval: float 
         await asyncio.sleep(interval)
 
 
+def _proc_address(host: str, port: int) -> str:
+    """An IPv4 socket address as ``/proc/net/tcp`` writes it."""
+    return f"{socket.inet_aton(host)[::-1].hex().upper()}:{port:04X}"
+
+
+def _wait_for_row(sock: socket.socket, ready: Callable[[list[str]], bool], what: str,
+                  timeout: float, *, peer: bool = True) -> None:
+    """Poll ``/proc/net/tcp`` until the row of the proxy's side of ``sock`` (a loopback IPv4
+    connection to the proxy; ``peer=False``: the client's side) is ``ready``."""
+    local, remote = (_proc_address(*a[:2]) for a in (sock.getsockname(), sock.getpeername()))
+    row_key = (remote, local) if peer else (local, remote)
+    deadline = time.monotonic() + timeout
+    while True:
+        with open("/proc/net/tcp") as table:
+            for row in table.readlines()[1:]:
+                fields = row.split()
+                if (fields[1], fields[2]) == row_key and ready(fields):
+                    return
+        if time.monotonic() > deadline:
+            pytest.fail(f"the proxy {what} within {timeout}s")
+        time.sleep(0.01)
+
+
+def wait_until_read(sock: socket.socket, timeout: float = 10.0) -> None:
+    """Until the proxy has read everything sent on ``sock`` (its receive queue is empty), so
+    the next bytes sent reach it in a read of their own."""
+    _wait_for_row(sock, lambda row: row[4].endswith(":00000000"),
+                  "did not read the bytes sent", timeout)
+
+
+def wait_until_eof_seen(sock: socket.socket, timeout: float = 10.0) -> None:
+    """After ``shutdown(SHUT_WR)``: until the proxy's system has the client's FIN (the
+    client's side is in FIN_WAIT2 or later), so the proxy's event loop's next poll reports
+    the end of the stream."""
+    _wait_for_row(sock, lambda row: row[3] in ("05", "06", "07"),
+                  "did not acknowledge the end of the stream", timeout, peer=False)
+
+
 class ScriptedUpstream:
     """A tiny SMTP submission server with implicit TLS and scripted misbehaviour.
 
     ``auth_replies``: replies to successive AUTH commands (then 235). ``drop_on``: a verb on
     which the connection is cut without a reply. ``close_after_data``: the server closes the
-    session after each message. ``commands`` records the verbs seen."""
+    session after each message. ``hold_end``: the reply to a message's end waits for this
+    event (``messages`` has the message meanwhile). ``commands`` records the verbs seen."""
 
     def __init__(self, workdir: Path, *, auth_replies: list[bytes] | None = None,
-                 drop_on: bytes | None = None, close_after_data: bool = False) -> None:
+                 drop_on: bytes | None = None, close_after_data: bool = False,
+                 hold_end: asyncio.Event | None = None) -> None:
         self.paths = certs.generate(workdir)
+        self.hold_end = hold_end
         self.close_after_data = close_after_data
         self.connections = 0
         self.auth_replies = list(auth_replies or [])
@@ -195,6 +236,8 @@ class ScriptedUpstream:
                     writer.write(b"354 go ahead\r\n")
                     data = await reader.readuntil(b"\r\n.\r\n")
                     self.messages.append(data)
+                    if self.hold_end is not None:
+                        await self.hold_end.wait()
                     writer.write(b"250 2.0.0 Ok: queued as SCRIPTED42\r\n")
                     if self.close_after_data:  # like a server ending an idle session
                         await writer.drain()

@@ -195,6 +195,32 @@ async def test_allowed_device_relays_without_auth_sender_forced(
         ("printers", "sender not allowed"), (None, "source not allowed by any relay rule")}
 
 
+async def test_auth_in_a_relayed_transaction_is_refused(
+        demo_upstream: DemoUpstream, start: Callable[..., Any]) -> None:
+    """RFC 4954 4: AUTH during a mail transaction is a 503. A device's relayed transaction
+    goes on as it was (no login happened); after RSET the login works."""
+    env = await start(demo_upstream, [PRINTERS_RULE])
+    logins = login_count("ok")
+
+    def run() -> None:
+        with device(env.ports["smtp"], ALLOWED) as s:
+            assert s.ehlo()[0] == 250
+            assert s.mail(PRINTER)[0] == 250
+            # smtplib's login takes a 503 for "already authenticated" and returns it
+            assert s.login(USER, DEVICE_PASSWORD) == (
+                503, b"5.5.1 AUTH is not allowed in a mail transaction; finish the message or "
+                     b"send RSET first")
+            assert s.rcpt(RCPT)[0] == 250
+            assert s.data(message("relayed", sender=PRINTER))[0] == 250
+            assert s.rset()[0] == 250
+            s.login(USER, DEVICE_PASSWORD)
+            assert s.sendmail(USER, [RCPT], message("logged in")) == {}
+
+    await in_thread(run)
+    assert len(await in_thread(lambda: demo_upstream.mailbox(RCPT))) == 2
+    assert login_count("ok") == logins + 1
+
+
 @pytest.mark.skipif(shutil.which("swaks") is None, reason="swaks is not installed")
 async def test_swaks_devices(demo_upstream: DemoUpstream, start: Callable[..., Any]) -> None:
     env = await start(demo_upstream, [PRINTERS_RULE])

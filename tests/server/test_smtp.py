@@ -10,6 +10,7 @@ import base64
 import logging
 import shutil
 import smtplib
+import socket
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -46,6 +47,7 @@ from tests.server.smtp_util import (
     secret_forms,
     start_smtp_proxy,
     trust,
+    wait_until_eof_seen,
 )
 
 WRONG_PASSWORD = "Not-The-Password-123"
@@ -600,6 +602,43 @@ async def test_upstream_dropping_mid_transaction(tmp_path: Path, demo_upstream: 
     await in_thread(run)
     fake.drop_on = None
     await in_thread(lambda: send_ok(port, "next client"))
+    await fake.close()
+
+
+async def test_a_half_closed_client_hears_the_reply_to_its_message(
+        tmp_path: Path, demo_upstream: DemoUpstream, proxies: list[ProxyEnv]) -> None:
+    """The client sends its message's end and QUIT, half-closes (SHUT_WR) and reads on. The
+    proxy sees the end of the stream while the upstream still holds its reply to the message:
+    the client hears that reply and QUIT's, then the close (the end of the stream used to
+    cancel the command, so the upstream took the message and the client heard nothing, and
+    would send it again)."""
+    held = asyncio.Event()
+    env, fake = await scripted_proxy(tmp_path, demo_upstream, proxies, hold_end=held)
+    s = await in_thread(lambda: client(env.ports["smtp"]))
+
+    def send() -> None:
+        s.login(USER, DEVICE_PASSWORD)
+        assert s.mail(USER)[0] == 250 and s.rcpt(RCPT)[0] == 250
+        assert s.docmd("DATA")[0] == 354
+        s.send(message("half-closed") + b".\r\nQUIT\r\n")
+        s.sock.shutdown(socket.SHUT_WR)
+        wait_until_eof_seen(s.sock)
+
+    try:
+        await in_thread(send)
+        await poll(lambda: fake.messages, interval=0.01)  # the upstream holds its reply
+        await asyncio.sleep(0)  # the proxy's loop is this one: let it take the EOF first
+        held.set()
+
+        def replies() -> tuple[int, int, bytes]:
+            s.sock.settimeout(10)
+            end, bye = s.getreply()[0], s.getreply()[0]
+            return end, bye, s.sock.recv(1)
+
+        assert await in_thread(replies) == (250, 221, b"")
+    finally:
+        s.close()
+    assert fake.messages == [message("half-closed") + b".\r\n"]
     await fake.close()
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import smtplib
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from tests.server.smtp_util import (
     message,
     message_count,
     start_smtp_proxy,
+    wait_until_read,
 )
 
 
@@ -125,3 +127,33 @@ async def test_an_extra_upstream_reply_closes_that_upstream_session(
     events = [r.getMessage() for r in caplog.records]
     assert "upstream_out_of_step" in events
     assert events.index("upstream_reconnected") > events.index("upstream_out_of_step")
+
+
+@pytest.mark.parametrize("cut", [1, 2, 3, 4], ids=["CRLF.CR|LF", "CRLF.|CRLF", "CRLF|.CRLF",
+                                                   "CR|LF.CRLF"])
+async def test_an_end_of_data_split_across_reads_ends_the_message_once(
+        cut: int, proxy: ProxyEnv) -> None:
+    """The client sends its message with the end-of-data line cut ``cut`` bytes before its
+    end, and the rest only once the proxy has read the first part: the message is sent
+    upstream as it was, without a stuffed dot, and the client hears the upstream's 250 at
+    once (it used to hear a 421 after the 10-minute end-of-data timeout)."""
+    whole = message("split") + b".\r\n"
+
+    def run() -> tuple[int, bytes]:
+        with client(proxy.ports["smtp"]) as s:
+            s.login(USER, DEVICE_PASSWORD)
+            assert s.mail(USER)[0] == 250 and s.rcpt(RCPT)[0] == 250
+            s.putcmd("DATA")
+            assert s.getreply()[0] == 354
+            s.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            s.send(whole[:-cut])
+            wait_until_read(s.sock)
+            s.sock.settimeout(10)
+            s.send(whole[-cut:])
+            reply = s.getreply()
+            assert s.noop()[0] == 250
+            return reply
+
+    code, text = await in_thread(run)
+    assert code == 250 and queue_id(text.decode()) is not None
+    assert await in_thread(lambda: proxy.upstream.mailbox(RCPT)) == [message("split")]
