@@ -209,6 +209,7 @@ async def test_postgresql_restarted_mid_run(daemons: Daemons, demo_upstream: Dem
         demo_upstream.revoke(USER, access_tokens=True, refresh_tokens=False)
         refused = await imap_login(daemons.port(1))
         assert refused.startswith(b"a1 NO [UNAVAILABLE]"), refused
+        assert b"token store is unavailable right now; try again in a minute" in refused
         # The same answer, as temporary, in POP3 and SMTP.
         pop, smtp = await asyncio.to_thread(pop_and_smtp_logins, daemons.procs[0])
         assert pop.startswith("-ERR [SYS/TEMP]"), pop
