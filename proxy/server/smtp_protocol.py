@@ -340,6 +340,14 @@ class ProxySMTP(AdaptedSMTP):
             await self.push("252 2.5.0 Cannot VRFY user; send the message and the mail server "
                             "will try to deliver it")
 
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        await super().smtp_STARTTLS(arg)
+        if self._tls_protocol is not None and self.session is not None and self.session.ssl is None:
+            # Closed during the handshake (the idle timer, a client that only sent its FIN):
+            # asyncio wakes the waiter without an error, and the TLS layer never passes the
+            # lost connection on. Ended here as a failed handshake, the connection is freed.
+            raise TLSSetupException() from ConnectionAbortedError("closed during the TLS handshake")
+
     async def smtp_HELP(self, arg: str | None) -> None:
         commands = {verb: usage for verb, usage in HELP.items()
                     if verb != "STARTTLS" or (self.tls_context and not self.tls_started)}

@@ -16,8 +16,8 @@ from proxy.config import Limits
 from proxy.demo.process import DemoUpstream
 from proxy.server.limits import MIN_FAILURE_DELAY, PreauthLimiter, Reservation, Throttle
 from proxy.server.logins import ProvenGate
-from tests.proxyenv import PASSWORD, USER, imap_login_reply, start_proxy
-from tests.server.smtp_util import closed_port, plain_b64
+from tests.proxyenv import PASSWORD, USER, imap_login_reply, local_tls, start_proxy
+from tests.server.smtp_util import closed_port, plain_b64, start_smtp_proxy
 
 
 class Clock:
@@ -282,5 +282,36 @@ async def test_preauth_idle_timeout(tmp_path: Path, demo_upstream: DemoUpstream,
 
         greeting, bye, rest = await asyncio.to_thread(idle)
         assert greeting.startswith(b"* OK") and bye.startswith(b"* BYE") and rest == b""
+    finally:
+        await env.daemon.stop(grace=1)
+
+
+@pytest.mark.parametrize("fin", [False, True], ids=["silent", "fin"])
+async def test_a_starttls_handshake_that_never_comes_frees_the_connection(
+        tmp_path: Path, demo_upstream: DemoUpstream, fin: bool) -> None:
+    """A client sends STARTTLS and then nothing, or only its FIN: the idle timer closes the
+    connection in the middle of the handshake, and its pre-login place is given back (the
+    command loop used to go on as if the handshake had worked, and the connection was never
+    counted as gone). A byte-level client: a real one always goes on with the handshake."""
+    listener, _ = local_tls(tmp_path, "starttls")
+    env = await start_smtp_proxy(tmp_path, demo_upstream, listener_extra={"smtp": listener},
+                                 limits={"preauth_idle": 0.5})
+    try:
+        def stall() -> bytes:
+            with socket.create_connection(("127.0.0.1", env.ports["smtp"]), timeout=10) as sock:
+                reader = sock.makefile("rb")
+                assert reader.readline().startswith(b"220 ")
+                sock.sendall(b"EHLO device\r\nSTARTTLS\r\n")
+                while not (line := reader.readline()).startswith(b"220 "):
+                    assert line.startswith(b"250"), line
+                if fin:
+                    sock.shutdown(socket.SHUT_WR)
+                return reader.read()  # until the proxy closes
+
+        assert await asyncio.to_thread(stall) == b""
+        deadline = time.monotonic() + 10
+        while env.daemon.preauth.total:
+            assert time.monotonic() < deadline, "the connection still holds its place"
+            await asyncio.sleep(0.02)
     finally:
         await env.daemon.stop(grace=1)
