@@ -3,10 +3,12 @@ and a running daemon on the test's own event loop (listeners on 127.0.0.1, port 
 
 from __future__ import annotations
 
+import asyncio
 import imaplib
 import io
 import os
 import ssl
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -193,3 +195,12 @@ def imap_login_reply(port: int, user: str, password: str) -> str:
     finally:
         client.shutdown()
     return "OK"
+
+
+async def until_token_request_held(upstream: DemoUpstream, task: asyncio.Future[Any]) -> None:
+    """Until the fake Entra holds a token request (``token_endpoint_delay``): the refresh
+    ``task`` runs is then in flight at the token endpoint."""
+    deadline = time.monotonic() + 60
+    while not (await asyncio.to_thread(upstream.stats))["delayed_token_requests"]:
+        assert time.monotonic() < deadline and not task.done()
+        await asyncio.sleep(0.02)

@@ -83,9 +83,9 @@ class _Gate:
 
 
 class ProvenGate:
-    """The gate for a session whose password was proven already (an SMTP upstream reconnect
-    later in the session): its key derivation, if any, still takes its turn, but counts no
-    failure."""
+    """The gate for a session whose password was proven already (an SMTP session's later
+    token requests: an upstream reconnect, a Graph submission): its key derivation, if any,
+    still takes its turn, but counts no failure."""
 
     __slots__ = ("throttle", "user", "peer_host")
 

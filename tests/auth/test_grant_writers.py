@@ -9,7 +9,6 @@ import asyncio
 import io
 import json
 import secrets
-import time
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,7 @@ from proxy.auth.errors import AuthorisationNeeded
 from proxy.auth.service import TokenService
 from proxy.demo.process import DemoUpstream
 from proxy.secret import Secret
-from tests.proxyenv import PASSWORD, USER, authorise, make_config
+from tests.proxyenv import PASSWORD, USER, authorise, make_config, until_token_request_held
 
 HELD = 3.0  # seconds the fake Entra holds the daemon's token request
 
@@ -38,10 +37,7 @@ async def refresh_held(upstream: DemoUpstream, service: TokenService,
     upstream.configure(token_endpoint_delay=HELD)
     task = asyncio.create_task(service.access_token(USER, Secret(PASSWORD), "imap",
                                                     rejected=first))
-    deadline = time.monotonic() + 60
-    while not (await asyncio.to_thread(upstream.stats))["delayed_token_requests"]:
-        assert time.monotonic() < deadline and not task.done()
-        await asyncio.sleep(0.02)
+    await until_token_request_held(upstream, task)
     upstream.configure(token_endpoint_delay=0.0)  # the other writer's requests go at once
     return task
 

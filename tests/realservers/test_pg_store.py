@@ -29,7 +29,7 @@ from proxy.store.format import TokenDocument
 from proxy.store.pg import PostgresBackend, SchemaError
 from proxy.store.settings import StoreSettings, dsn_problem
 from tests.proxyenv import PASSWORD as PASSWORD_TEXT
-from tests.proxyenv import USER, config_dict
+from tests.proxyenv import USER, config_dict, until_token_request_held
 from tests.store.storetools import ACCOUNT, FAST_N, META, PASSWORD, PAYLOAD
 
 from .postgres import Postgres
@@ -276,10 +276,7 @@ async def test_a_refresh_that_could_not_be_saved_is_saved_before_the_next(
                             token_endpoint_delay=10.0)  # far longer than a fast shutdown
     service = TokenService(cfg, token_store)
     login = asyncio.create_task(service.access_token(USER, Secret(PASSWORD_TEXT), "imap"))
-    deadline = time.monotonic() + 60  # halt only once the refresh reached the token endpoint
-    while not (await asyncio.to_thread(demo_upstream.stats))["delayed_token_requests"]:
-        assert time.monotonic() < deadline and not login.done()
-        await asyncio.sleep(0.02)
+    await until_token_request_held(demo_upstream, login)  # halted only mid-refresh
     assert await asyncio.to_thread(pg_store.advisory_locks)  # held across the refresh
     await asyncio.to_thread(pg_store.halt)
     assert (await asyncio.to_thread(demo_upstream.stats))["token_requests"] == 1  # held still
